@@ -1,0 +1,272 @@
+//! The plan: for each service port of one IP family, kube-proxy's decisions — which endpoint
+//! set each kind of traffic uses, and DROP or REJECT where there is none (§9 of the
+//! reference). Dataplanes render the plan; they make no policy decision of their own, so
+//! nftables and iptables cannot disagree about a packet.
+//!
+//! The plan is updated per Service: a change to one Service (or its slices) recomputes only
+//! that Service's ports, which is what keeps a sync cheap at 50k Services.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use crate::endpoints::{merge_slices, Endpoint};
+use crate::names::{IpFamily, NamespacedName, ServicePortName};
+use crate::service::ServicePort;
+use crate::state::ClusterState;
+use crate::topology::{categorize_endpoints, NodeTopology, SelectionGates, TopologyMode};
+
+/// Which categorised endpoint list a kind of traffic is sent to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum EndpointSet {
+    /// `cluster` endpoints: cluster-wide, topology-filtered.
+    Cluster,
+    /// `local` endpoints: on this node only.
+    Local,
+}
+
+/// Where one kind of traffic goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Target {
+    /// DNAT to a random endpoint of this set (never empty when chosen).
+    Endpoints(EndpointSet),
+    /// The Service has usable endpoints, but none for this traffic (a Local policy with no
+    /// local endpoint): the packet is dropped.
+    Drop,
+    /// The Service has no usable endpoint at all: ICMP port unreachable.
+    Reject,
+}
+
+/// How external traffic (NodePort, externalIPs, load-balancer VIPs) is handled.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ExternalPlan {
+    /// `externalTrafficPolicy: Local`.
+    pub policy_local: bool,
+    /// For clients that are neither local pods nor this node. With eTP Cluster this is the
+    /// cluster set, masqueraded; with eTP Local the local set, not masqueraded, or DROP/REJECT.
+    pub from_outside: Target,
+    /// For local pods (when a local-traffic detector is configured) and for this node: with
+    /// eTP Local they short-circuit to the cluster set (the node's own traffic masqueraded);
+    /// with eTP Cluster they are handled as outside clients.
+    pub from_pods_and_node: Target,
+}
+
+/// Decisions for one service port in one family.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServicePortPlan {
+    pub port: Arc<ServicePort>,
+    pub cluster_endpoints: Vec<Arc<Endpoint>>,
+    pub local_endpoints: Vec<Arc<Endpoint>>,
+    /// `cluster ∪ local`: endpoints traffic can reach (conntrack cleanup, hairpin).
+    pub reachable_endpoints: Vec<Arc<Endpoint>>,
+    /// Any usable endpoint anywhere in the cluster (REJECT versus DROP).
+    pub has_endpoints: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology: Option<TopologyMode>,
+    /// ClusterIP traffic (from anywhere).
+    pub internal: Target,
+    /// `None` when the port has no NodePort, external IP or load-balancer VIP.
+    pub external: Option<ExternalPlan>,
+}
+
+impl ServicePortPlan {
+    /// Decides every kind of traffic for one port from its categorised endpoints.
+    pub fn decide(
+        port: Arc<ServicePort>,
+        endpoints: &[Arc<Endpoint>],
+        node: NodeTopology<'_>,
+        gates: SelectionGates,
+    ) -> ServicePortPlan {
+        let categorized = categorize_endpoints(endpoints, &port, node, gates);
+        let has_endpoints = categorized.has_any;
+        let set_or = |set: EndpointSet, list: &[Arc<Endpoint>], otherwise: Target| {
+            if list.is_empty() {
+                otherwise
+            } else {
+                Target::Endpoints(set)
+            }
+        };
+        // No usable endpoint anywhere: REJECT; endpoints elsewhere only: DROP.
+        let empty = if has_endpoints {
+            Target::Drop
+        } else {
+            Target::Reject
+        };
+        let internal = if port.internal_policy_local {
+            set_or(EndpointSet::Local, &categorized.local, empty)
+        } else {
+            set_or(EndpointSet::Cluster, &categorized.cluster, Target::Reject)
+        };
+        let external = port.externally_accessible().then(|| {
+            let cluster = set_or(EndpointSet::Cluster, &categorized.cluster, Target::Reject);
+            if port.external_traffic_local() {
+                ExternalPlan {
+                    policy_local: true,
+                    from_outside: set_or(EndpointSet::Local, &categorized.local, empty),
+                    from_pods_and_node: cluster,
+                }
+            } else {
+                ExternalPlan {
+                    policy_local: false,
+                    from_outside: cluster,
+                    from_pods_and_node: cluster,
+                }
+            }
+        });
+        ServicePortPlan {
+            cluster_endpoints: categorized.cluster,
+            local_endpoints: categorized.local,
+            reachable_endpoints: categorized.all_reachable,
+            has_endpoints,
+            topology: categorized.topology,
+            internal,
+            external,
+            port,
+        }
+    }
+
+    /// The endpoints behind a target (empty for DROP/REJECT).
+    pub fn endpoints_for(&self, target: Target) -> &[Arc<Endpoint>] {
+        match target {
+            Target::Endpoints(EndpointSet::Cluster) => &self.cluster_endpoints,
+            Target::Endpoints(EndpointSet::Local) => &self.local_endpoints,
+            Target::Drop | Target::Reject => &[],
+        }
+    }
+
+    /// eTP Local without local endpoints while endpoints exist elsewhere (the
+    /// `sync_proxy_rules_no_local_endpoints_total{traffic_policy="external"}` condition).
+    pub fn external_without_local_endpoints(&self) -> bool {
+        self.has_endpoints
+            && self
+                .external
+                .as_ref()
+                .is_some_and(|e| e.policy_local && self.local_endpoints.is_empty())
+    }
+
+    /// iTP Local without local endpoints while endpoints exist elsewhere.
+    pub fn internal_without_local_endpoints(&self) -> bool {
+        self.has_endpoints && self.port.internal_policy_local && self.local_endpoints.is_empty()
+    }
+}
+
+/// The desired state of one IP family: every service port's plan, in a stable order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FamilyPlan {
+    pub services: BTreeMap<ServicePortName, Arc<ServicePortPlan>>,
+}
+
+/// Settings the planner needs besides the cluster state.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlanContext {
+    pub gates: SelectionGates,
+}
+
+impl FamilyPlan {
+    /// Recomputes the ports of `services` (all Services when `full`) from `state`, and returns
+    /// the names of the ports whose plan was added, changed or removed.
+    pub fn update(
+        &mut self,
+        state: &ClusterState,
+        family: IpFamily,
+        services: &BTreeSet<NamespacedName>,
+        full: bool,
+        ctx: PlanContext,
+    ) -> BTreeSet<ServicePortName> {
+        let mut changed = BTreeSet::new();
+        if full {
+            let mut fresh = FamilyPlan::default();
+            for name in state.service_names() {
+                fresh.insert_service(state, family, name, ctx);
+            }
+            for (name, plan) in &fresh.services {
+                if self.services.get(name) != Some(plan) {
+                    changed.insert(name.clone());
+                }
+            }
+            for name in self.services.keys() {
+                if !fresh.services.contains_key(name) {
+                    changed.insert(name.clone());
+                }
+            }
+            *self = fresh;
+            return changed;
+        }
+        for service in services {
+            let old = self.remove_service(service);
+            self.insert_service(state, family, service, ctx);
+            for (name, plan) in &old {
+                if self.services.get(name) != Some(plan) {
+                    changed.insert(name.clone());
+                }
+            }
+            for (name, plan) in self.ports_of(service) {
+                if old.get(name) != Some(plan) {
+                    changed.insert(name.clone());
+                }
+            }
+        }
+        changed
+    }
+
+    fn ports_of<'a>(
+        &'a self,
+        service: &'a NamespacedName,
+    ) -> impl Iterator<Item = (&'a ServicePortName, &'a Arc<ServicePortPlan>)> + 'a {
+        self.services
+            .range(service_range_start(service)..)
+            .take_while(move |(name, _)| &name.service == service)
+    }
+
+    fn remove_service(
+        &mut self,
+        service: &NamespacedName,
+    ) -> BTreeMap<ServicePortName, Arc<ServicePortPlan>> {
+        let keys: Vec<ServicePortName> = self.ports_of(service).map(|(k, _)| k.clone()).collect();
+        keys.into_iter()
+            .filter_map(|k| self.services.remove(&k).map(|v| (k, v)))
+            .collect()
+    }
+
+    fn insert_service(
+        &mut self,
+        state: &ClusterState,
+        family: IpFamily,
+        service: &NamespacedName,
+        ctx: PlanContext,
+    ) {
+        let ports: Vec<&Arc<ServicePort>> = state
+            .service_ports(service)
+            .iter()
+            .filter(|p| p.family == family)
+            .collect();
+        if ports.is_empty() {
+            return;
+        }
+        let node_name = state.node_name();
+        let endpoints = merge_slices(
+            state.slices_of(service).filter(|s| s.family == family),
+            node_name,
+        );
+        let node = NodeTopology {
+            node_name,
+            zone: state.node().and_then(|n| n.zone.as_deref()),
+        };
+        for port in ports {
+            let eps = endpoints.get(&port.name).map(Vec::as_slice).unwrap_or(&[]);
+            let plan = ServicePortPlan::decide(port.clone(), eps, node, ctx.gates);
+            self.services.insert(port.name.clone(), Arc::new(plan));
+        }
+    }
+}
+
+/// The smallest `ServicePortName` of a Service, to range over its ports.
+fn service_range_start(service: &NamespacedName) -> ServicePortName {
+    ServicePortName {
+        service: service.clone(),
+        port: "".into(),
+        protocol: crate::names::Protocol::Tcp,
+    }
+}
+
+#[cfg(test)]
+mod tests;

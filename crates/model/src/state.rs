@@ -1,0 +1,424 @@
+//! The proxy's view of the cluster: converted Services, EndpointSlices and its Node, plus what
+//! changed since the last checkout. One owner (the event loop) mutates it; it does no I/O.
+//!
+//! Updates that do not change anything kube-proxy uses (a status write, a label the proxy does
+//! not read, an identical relist) are discarded here, so they never trigger a sync. Relists
+//! ("replace everything") are diffed against what is stored.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::endpoints::{convert_slice, slice_key, ConvertedSlice, SliceInfo};
+use crate::names::NamespacedName;
+use crate::node::NodeInfo;
+use crate::service::{
+    convert_service, service_key, ConvertedService, Ignored, ServiceError, ServicePort,
+};
+
+/// What applying one object did; the caller logs the interesting ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Changed,
+    /// Applied, but parts of the object were unusable and skipped (named in the message).
+    ChangedWithWarnings(String),
+    Unchanged,
+    /// Not handled by kube-proxy (headless, ExternalName, FQDN, another proxy's).
+    Ignored(String),
+    /// Invalid: skipped (and anything stored under its key removed). Carries the reason.
+    Invalid(String),
+}
+
+/// Which kinds have been listed completely at least once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Synced {
+    pub services: bool,
+    pub endpoint_slices: bool,
+    pub node: bool,
+}
+
+/// What changed since the last checkout.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Services whose definition or endpoints changed.
+    pub services: BTreeSet<NamespacedName>,
+    /// Something every Service depends on changed (the node's zone or IPs): replan all.
+    pub full: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && !self.full
+    }
+    /// Folds `other` into `self` (used to keep changes of a failed sync for the retry).
+    pub fn merge(&mut self, other: Changes) {
+        self.services.extend(other.services);
+        self.full |= other.full;
+    }
+}
+
+/// Counters of pending changes, for metrics and logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChangeCounts {
+    pub service_changes: u64,
+    pub endpoint_slice_changes: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct ClusterState {
+    node_name: String,
+    services: HashMap<NamespacedName, Vec<Arc<ServicePort>>>,
+    slices: HashMap<NamespacedName, BTreeMap<Arc<str>, SliceInfo>>,
+    node: Option<NodeInfo>,
+    pending: Changes,
+    counts: ChangeCounts,
+    synced: Synced,
+}
+
+impl ClusterState {
+    pub fn new(node_name: impl Into<String>) -> Self {
+        ClusterState {
+            node_name: node_name.into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+    pub fn node(&self) -> Option<&NodeInfo> {
+        self.node.as_ref()
+    }
+    pub fn synced(&self) -> Synced {
+        self.synced
+    }
+    /// Both Services and EndpointSlices have been listed: syncing may start.
+    pub fn ready_to_sync(&self) -> bool {
+        self.synced.services && self.synced.endpoint_slices
+    }
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+    pub fn endpoint_slice_count(&self) -> usize {
+        self.slices.values().map(BTreeMap::len).sum()
+    }
+    pub fn service_names(&self) -> impl Iterator<Item = &NamespacedName> {
+        self.services.keys()
+    }
+    pub fn service_ports(&self, service: &NamespacedName) -> &[Arc<ServicePort>] {
+        self.services.get(service).map(Vec::as_slice).unwrap_or(&[])
+    }
+    pub fn slices_of(&self, service: &NamespacedName) -> impl Iterator<Item = &SliceInfo> {
+        self.slices
+            .get(service)
+            .into_iter()
+            .flat_map(|m| m.values())
+    }
+
+    /// Changes since the last checkout; the state starts accumulating anew.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.pending)
+    }
+    /// Whether anything is waiting for a sync.
+    pub fn has_pending_changes(&self) -> bool {
+        !self.pending.is_empty()
+    }
+    /// Totals of accepted changes (monotonic), for the `*_changes_total` metrics.
+    pub fn change_counts(&self) -> ChangeCounts {
+        self.counts
+    }
+    /// Marks everything for replanning (periodic full sync, dataplane failure).
+    pub fn mark_full(&mut self) {
+        self.pending.full = true;
+    }
+
+    // ---- Services ----
+
+    pub fn apply_service(&mut self, service: &Service) -> Outcome {
+        let Some(key) = service_key(service) else {
+            return Outcome::Invalid(ServiceError::MissingName.to_string());
+        };
+        match convert_service(service) {
+            Ok(ConvertedService::Ports { ports, warnings }) => {
+                let outcome = self.store_service(key, ports);
+                if outcome == Outcome::Changed && !warnings.is_empty() {
+                    return Outcome::ChangedWithWarnings(warnings.join("; "));
+                }
+                outcome
+            }
+            Ok(ConvertedService::Ignored(reason)) => {
+                self.delete_service(&key);
+                Outcome::Ignored(match reason {
+                    Ignored::Headless => "headless Service".into(),
+                    Ignored::ExternalName => "ExternalName Service".into(),
+                    Ignored::OtherProxy(p) => format!("handled by service proxy {p:?}"),
+                })
+            }
+            Err(error) => {
+                self.delete_service(&key);
+                Outcome::Invalid(error.to_string())
+            }
+        }
+    }
+
+    fn store_service(&mut self, key: NamespacedName, ports: Vec<Arc<ServicePort>>) -> Outcome {
+        if self.services.get(&key) == Some(&ports) {
+            return Outcome::Unchanged;
+        }
+        self.services.insert(key.clone(), ports);
+        self.mark_service(key, false);
+        Outcome::Changed
+    }
+
+    pub fn delete_service(&mut self, key: &NamespacedName) -> Outcome {
+        if self.services.remove(key).is_some() {
+            self.mark_service(key.clone(), false);
+            Outcome::Changed
+        } else {
+            Outcome::Unchanged
+        }
+    }
+
+    /// A complete list of Services (initial list or relist): stores them, removes the
+    /// missing ones, and marks Services synced. Returns each object's outcome.
+    pub fn replace_services<'a>(
+        &mut self,
+        services: impl IntoIterator<Item = &'a Service>,
+    ) -> Vec<(String, Outcome)> {
+        let mut seen = BTreeSet::new();
+        let mut outcomes = Vec::new();
+        for service in services {
+            let label = service_key(service)
+                .map(|k| k.to_string())
+                .unwrap_or_else(|| "<unnamed>".into());
+            if let Some(key) = service_key(service) {
+                seen.insert(key);
+            }
+            outcomes.push((label, self.apply_service(service)));
+        }
+        let stale: Vec<NamespacedName> = self
+            .services
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for key in stale {
+            self.delete_service(&key);
+        }
+        self.synced.services = true;
+        outcomes
+    }
+
+    // ---- EndpointSlices ----
+
+    pub fn apply_slice(&mut self, slice: &EndpointSlice) -> Outcome {
+        match convert_slice(slice) {
+            Ok(ConvertedSlice::Slice {
+                slice: info,
+                warnings,
+            }) => {
+                let service = info.service.clone();
+                let entry = self.slices.entry(service.clone()).or_default();
+                if entry.get(&info.name) == Some(&info) {
+                    return Outcome::Unchanged;
+                }
+                entry.insert(info.name.clone(), info);
+                self.mark_service(service, true);
+                if warnings.is_empty() {
+                    Outcome::Changed
+                } else {
+                    Outcome::ChangedWithWarnings(warnings.join("; "))
+                }
+            }
+            Ok(ConvertedSlice::Ignored(reason)) => {
+                if let Some((service, name)) = slice_key(slice) {
+                    self.delete_slice(&service, &name);
+                }
+                Outcome::Ignored(reason.into())
+            }
+            Err(error) => {
+                if let Some((service, name)) = slice_key(slice) {
+                    self.delete_slice(&service, &name);
+                }
+                Outcome::Invalid(error.to_string())
+            }
+        }
+    }
+
+    pub fn delete_slice(&mut self, service: &NamespacedName, name: &str) -> Outcome {
+        let Some(entry) = self.slices.get_mut(service) else {
+            return Outcome::Unchanged;
+        };
+        if entry.remove(name).is_none() {
+            return Outcome::Unchanged;
+        }
+        if entry.is_empty() {
+            self.slices.remove(service);
+        }
+        self.mark_service(service.clone(), true);
+        Outcome::Changed
+    }
+
+    /// Deletes a slice given the object (its service label names the owner).
+    pub fn delete_slice_object(&mut self, slice: &EndpointSlice) -> Outcome {
+        match slice_key(slice) {
+            Some((service, name)) => self.delete_slice(&service, &name),
+            None => Outcome::Unchanged,
+        }
+    }
+
+    /// A complete list of EndpointSlices (initial list or relist).
+    pub fn replace_slices<'a>(
+        &mut self,
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    ) -> Vec<(String, Outcome)> {
+        let mut seen: BTreeSet<(NamespacedName, Arc<str>)> = BTreeSet::new();
+        let mut outcomes = Vec::new();
+        for slice in slices {
+            let label = match (&slice.metadata.namespace, &slice.metadata.name) {
+                (ns, Some(name)) => format!("{}/{}", ns.as_deref().unwrap_or("default"), name),
+                _ => "<unnamed>".into(),
+            };
+            if let Some(key) = slice_key(slice) {
+                seen.insert(key);
+            }
+            outcomes.push((label, self.apply_slice(slice)));
+        }
+        let stale: Vec<(NamespacedName, Arc<str>)> = self
+            .slices
+            .iter()
+            .flat_map(|(svc, m)| m.keys().map(move |n| (svc.clone(), n.clone())))
+            .filter(|k| !seen.contains(k))
+            .collect();
+        for (service, name) in stale {
+            self.delete_slice(&service, &name);
+        }
+        self.synced.endpoint_slices = true;
+        outcomes
+    }
+
+    // ---- Node ----
+
+    /// Sets (or with `None`, forgets) this proxy's Node. A change of what routing depends on
+    /// (zone label, node IPs) replans everything; eligibility changes only matter to health.
+    pub fn set_node(&mut self, node: Option<&Node>) -> Outcome {
+        let info = node.map(NodeInfo::from_api);
+        self.synced.node = true;
+        if self.node == info {
+            return Outcome::Unchanged;
+        }
+        let routing = |n: &Option<NodeInfo>| {
+            n.as_ref()
+                .map(|n| (n.zone.clone(), n.addresses.clone(), n.pod_cidrs.clone()))
+        };
+        if routing(&self.node) != routing(&info) {
+            self.pending.full = true;
+        }
+        self.node = info;
+        Outcome::Changed
+    }
+
+    fn mark_service(&mut self, key: NamespacedName, endpoints: bool) {
+        if endpoints {
+            self.counts.endpoint_slice_changes += 1;
+        } else {
+            self.counts.service_changes += 1;
+        }
+        self.pending.services.insert(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn service(name: &str, ip: &str) -> Service {
+        serde_json::from_value(
+            json!({"metadata": {"namespace": "ns", "name": name, "resourceVersion": "1"},
+            "spec": {"clusterIP": ip, "ports": [{"name": "p", "port": 80}]}}),
+        )
+        .unwrap()
+    }
+
+    fn slice(name: &str, svc: &str, ip: &str) -> EndpointSlice {
+        serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": name, "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4", "ports": [{"name": "p", "port": 8080}], "endpoints": [{"addresses": [ip]}]}))
+        .unwrap()
+    }
+
+    #[test]
+    fn no_op_updates_are_discarded() {
+        let mut state = ClusterState::new("node-a");
+        assert_eq!(
+            state.apply_service(&service("a", "198.19.0.1")),
+            Outcome::Changed
+        );
+        state.take_changes();
+        let mut same = service("a", "198.19.0.1");
+        same.metadata.resource_version = Some("2".into());
+        same.metadata.annotations = Some([("x".to_string(), "y".to_string())].into());
+        assert_eq!(state.apply_service(&same), Outcome::Unchanged);
+        assert!(!state.has_pending_changes());
+    }
+
+    #[test]
+    fn relist_removes_missing_objects_and_marks_synced() {
+        let mut state = ClusterState::new("node-a");
+        state.apply_service(&service("a", "198.19.0.1"));
+        state.apply_service(&service("b", "198.19.0.2"));
+        state.apply_slice(&slice("a-1", "a", "198.18.0.1"));
+        state.take_changes();
+        assert!(!state.ready_to_sync());
+        state.replace_services([&service("a", "198.19.0.1")]);
+        state.replace_slices(std::iter::empty());
+        assert!(state.ready_to_sync());
+        let changes = state.take_changes();
+        let names: Vec<String> = changes.services.iter().map(|n| n.to_string()).collect();
+        assert_eq!(names, vec!["ns/a", "ns/b"], "b deleted, a lost its slice");
+        assert_eq!(state.service_count(), 1);
+        assert_eq!(state.endpoint_slice_count(), 0);
+    }
+
+    #[test]
+    fn invalid_object_is_skipped_and_replaces_nothing_else() {
+        let mut state = ClusterState::new("node-a");
+        state.apply_service(&service("good", "198.19.0.1"));
+        state.apply_service(&service("bad", "198.19.0.2"));
+        let outcome = state.apply_service(&service("bad", "not-an-ip"));
+        assert!(
+            matches!(outcome, Outcome::Invalid(ref m) if m.contains("spec.clusterIPs[0]")),
+            "{outcome:?}"
+        );
+        assert_eq!(
+            state
+                .service_ports(&NamespacedName::new("ns", "good"))
+                .len(),
+            1
+        );
+        assert!(state
+            .service_ports(&NamespacedName::new("ns", "bad"))
+            .is_empty());
+    }
+
+    #[test]
+    fn node_zone_change_requests_full_replan_but_taint_does_not() {
+        let mut state = ClusterState::new("node-a");
+        let node = |zone: &str, tainted: bool| -> Node {
+            let taints = if tainted {
+                json!([{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}])
+            } else {
+                json!([])
+            };
+            serde_json::from_value(json!({"metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": zone}}, "spec": {"taints": taints}})).unwrap()
+        };
+        state.set_node(Some(&node("z1", false)));
+        assert!(state.take_changes().full);
+        assert_eq!(state.set_node(Some(&node("z1", true))), Outcome::Changed);
+        assert!(!state.take_changes().full);
+        state.set_node(Some(&node("z2", true)));
+        assert!(state.take_changes().full);
+    }
+}
