@@ -311,8 +311,12 @@ pub enum DecodeError {
 /// reported (as upstream's lenient v1alpha1 decoding does), so files written for newer
 /// versions keep working. Defaults are not applied here.
 pub fn decode(text: &str) -> Result<Decoded, DecodeError> {
-    let value: serde_json::Value =
-        serde_saphyr::from_str(text).map_err(|e| DecodeError::Syntax(e.to_string()))?;
+    // YAML 1.2 booleans only, so that a string field such as `hostnameOverride: n` stays a
+    // string; a YAML 1.1 `yes` in a boolean field is reported with its field name.
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    let value: serde_json::Value = serde_saphyr::from_str_with_options(text, options)
+        .map_err(|e| DecodeError::Syntax(e.to_string()))?;
     let value = match value {
         serde_json::Value::Null => serde_json::Value::Object(Default::default()),
         other => other,
@@ -508,6 +512,14 @@ winkernel:
             decode("kind: KubeletConfiguration\n"),
             Err(DecodeError::Kind { .. })
         ));
+    }
+
+    #[test]
+    fn yaml_1_1_words_stay_strings() {
+        let decoded = decode("hostnameOverride: n\nmode: nftables\n").unwrap();
+        assert_eq!(decoded.config.hostname_override, "n");
+        let err = decode("enableProfiling: yes\n").unwrap_err().to_string();
+        assert!(err.contains("enableProfiling"), "{err}");
     }
 
     #[test]

@@ -190,7 +190,8 @@ fn external_ips_make_a_cluster_ip_service_external() {
 fn incremental_updates_equal_full_rebuild() {
     let mut state = ClusterState::new(NODE);
     let mut incremental = FamilyPlan::default();
-    let steps: Vec<Box<dyn Fn(&mut ClusterState)>> = vec![
+    type Step = Box<dyn Fn(&mut ClusterState)>;
+    let steps: Vec<Step> = vec![
         Box::new(|s| {
             s.apply_service(&service("a", json!({"clusterIP": "198.19.0.1"})));
         }),

@@ -1,0 +1,248 @@
+//! Process start-up, in upstream's order: parse flags, read and validate the configuration
+//! (failing before anything else happens), `--write-config-to`, logging, then the sources of
+//! cluster state, the sync loop and the signal handlers.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use kube_proxy_config::{EffectiveConfig, Flags, ProxyMode};
+use kube_proxy_model::{IpFamily, PlanContext, SelectionGates};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::dataplane::{Dataplane, PrintFormat, StatePrinter};
+use crate::event_loop::EventLoop;
+use crate::scheduler::SchedulerConfig;
+use crate::source;
+use crate::sync_status::SharedSyncStatus;
+
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    let flags = match Flags::try_parse_from(args) {
+        Ok(flags) => flags,
+        Err(e) => {
+            // --help prints and exits 0; a bad flag prints the flag, the value and usage.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    if let Some(version) = &flags.version {
+        match version.as_str() {
+            "false" => {}
+            "raw" => {
+                println!(
+                    "kube-proxy-rs {} (compatible with Kubernetes kube-proxy {})",
+                    env!("CARGO_PKG_VERSION"),
+                    crate::KUBERNETES_VERSION
+                );
+                return ExitCode::SUCCESS;
+            }
+            _ => {
+                println!(
+                    "Kubernetes {}-kube-proxy-rs.{}",
+                    crate::KUBERNETES_VERSION,
+                    env!("CARGO_PKG_VERSION")
+                );
+                return ExitCode::SUCCESS;
+            }
+        }
+    }
+    let effective = match load_config(&flags) {
+        Ok(effective) => effective,
+        Err(message) => {
+            eprintln!("kube-proxy: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(path) = &flags.write_config_to {
+        return match std::fs::write(path, effective.document.to_yaml()) {
+            Ok(()) => {
+                eprintln!("Wrote configuration to: {}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "kube-proxy: failed to write configuration to {}: {e}",
+                    path.display()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let print_format = match flags.print_state.as_deref() {
+        None => None,
+        Some(value) => match PrintFormat::parse(value) {
+            Some(format) => Some(format),
+            None => {
+                eprintln!("kube-proxy: --print-state: invalid value {value:?}: must be \"text\" or \"json\"");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+
+    crate::logging::init(effective.settings.verbosity);
+    for warning in &effective.warnings {
+        warn!("{warning}");
+    }
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        mode = effective.settings.mode.as_str(),
+        "Starting kube-proxy-rs"
+    );
+    if flags.cleanup == Some(true) {
+        info!("--cleanup: no dataplane has programmed any rule in this version; nothing to remove");
+        return ExitCode::SUCCESS;
+    }
+    if flags.init_only == Some(true) {
+        info!("--init-only: no privileged start-up step is needed by this version");
+        return ExitCode::SUCCESS;
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!(error = %e, "Cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(flags, effective, print_format)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads `--config` (if any) and builds the validated configuration.
+fn load_config(flags: &Flags) -> Result<EffectiveConfig, String> {
+    let text = match &flags.config {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("failed to read config file {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    kube_proxy_config::build(flags, text.as_deref()).map_err(|e| e.to_string())
+}
+
+/// This node's name: `--hostname-override`, else the OS host name, lower-cased.
+pub fn node_name(effective: &EffectiveConfig) -> String {
+    if let Some(name) = &effective.settings.hostname_override {
+        return name.clone();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|s| s.trim().to_lowercase())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+async fn run(
+    flags: Flags,
+    effective: EffectiveConfig,
+    print_format: Option<PrintFormat>,
+) -> anyhow::Result<()> {
+    let settings = &effective.settings;
+    let node_name = node_name(&effective);
+    info!(node = %node_name, "Using node name");
+    let (tx, rx) = mpsc::channel(4096);
+
+    match &flags.manifests {
+        Some(dir) => {
+            info!(path = %dir.display(), "Standalone mode: reading Services, EndpointSlices and Nodes from manifests");
+            tokio::spawn(source::manifests::run(
+                dir.clone(),
+                node_name.clone(),
+                Duration::from_millis(500),
+                tx,
+            ));
+        }
+        None => {
+            let client = source::api::client(&source::api::ClientSettings {
+                kubeconfig: settings.kubeconfig.clone(),
+                master: settings.master.clone(),
+                qps: settings.qps,
+                burst: settings.burst,
+                content_type: settings.content_type.clone(),
+            })
+            .await?;
+            tokio::spawn(source::api::run(client, node_name.clone(), tx));
+        }
+    }
+
+    let dataplane: Box<dyn Dataplane> = match (settings.mode, print_format) {
+        (_, Some(format)) => Box::new(StatePrinter::new(format, Box::new(std::io::stdout()))),
+        (mode, None) => {
+            warn!(
+                mode = mode.as_str(),
+                "No kernel dataplane is implemented for this mode yet; printing the computed state instead"
+            );
+            Box::new(StatePrinter::new(
+                PrintFormat::Text,
+                Box::new(std::io::stdout()),
+            ))
+        }
+    };
+    if settings.mode == ProxyMode::Ipvs {
+        warn!("IPVS mode is deprecated upstream and not implemented here; consider --proxy-mode nftables");
+    }
+    let gates = SelectionGates {
+        prefer_same_traffic_distribution: settings
+            .feature_gates
+            .get("PreferSameTrafficDistribution")
+            .copied()
+            .unwrap_or(true),
+    };
+    let status: SharedSyncStatus = Arc::default();
+    let event_loop = EventLoop::new(
+        &node_name,
+        &IpFamily::ALL,
+        SchedulerConfig::new(settings.min_sync_period, settings.sync_period),
+        PlanContext { gates },
+        dataplane,
+        status,
+    );
+    // The loop owns all state and blocks while a dataplane applies rules, so it gets its own
+    // thread and runtime; sources and servers stay responsive on the main runtime.
+    let loop_thread = std::thread::Builder::new()
+        .name("sync-loop".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match runtime {
+                Ok(runtime) => runtime.block_on(event_loop.run(rx)),
+                Err(e) => error!(error = %e, "Cannot start the sync loop runtime"),
+            }
+        })?;
+
+    shutdown_signal().await;
+    // Rules stay in place, so traffic keeps flowing while the proxy restarts.
+    info!("Received termination signal; exiting and leaving the programmed rules in place");
+    drop(loop_thread);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,286 @@
+//! The single owner of mutable state: applies source events to the cluster state, decides
+//! when to sync (via the scheduler), updates the per-family plans and hands them, with what
+//! changed since the last successful sync, to the dataplane.
+//!
+//! It never syncs before both Services and EndpointSlices have been listed once, so on a
+//! restart the rules already in the kernel keep serving until fresh state replaces them.
+//! Changes of a failed sync are kept and retried, with a full rewrite.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Instant, SystemTime};
+
+use kube_proxy_model::state::{ClusterState, Outcome};
+use kube_proxy_model::{FamilyPlan, IpFamily, PlanContext, ServicePortName};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, trace, warn};
+
+use crate::dataplane::Dataplane;
+use crate::scheduler::{Scheduler, SchedulerConfig, SyncKind};
+use crate::source::{ObjectEvent, SourceEvent};
+use crate::sync_status::SharedSyncStatus;
+
+/// What a family still has to program: changes since its last successful sync.
+#[derive(Debug, Default)]
+struct Pending {
+    changed: BTreeSet<ServicePortName>,
+    full: bool,
+}
+
+pub struct EventLoop {
+    state: ClusterState,
+    plans: BTreeMap<IpFamily, FamilyPlan>,
+    pending: BTreeMap<IpFamily, Pending>,
+    scheduler: Scheduler,
+    dataplane: Box<dyn Dataplane>,
+    status: SharedSyncStatus,
+    ctx: PlanContext,
+    syncs: u64,
+    announced_ready: bool,
+}
+
+impl EventLoop {
+    pub fn new(
+        node_name: &str,
+        families: &[IpFamily],
+        scheduler: SchedulerConfig,
+        ctx: PlanContext,
+        dataplane: Box<dyn Dataplane>,
+        status: SharedSyncStatus,
+    ) -> Self {
+        EventLoop {
+            state: ClusterState::new(node_name),
+            plans: families
+                .iter()
+                .map(|f| (*f, FamilyPlan::default()))
+                .collect(),
+            pending: families
+                .iter()
+                .map(|f| {
+                    (
+                        *f,
+                        Pending {
+                            full: true,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect(),
+            scheduler: Scheduler::new(scheduler),
+            dataplane,
+            status,
+            ctx,
+            syncs: 0,
+            announced_ready: false,
+        }
+    }
+
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    pub fn plan(&self, family: IpFamily) -> Option<&FamilyPlan> {
+        self.plans.get(&family)
+    }
+
+    pub fn sync_count(&self) -> u64 {
+        self.syncs
+    }
+
+    /// Runs until every sender is gone.
+    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) {
+        {
+            // Upstream marks every family updated when the sync loop starts.
+            let mut status = self.status.lock().unwrap();
+            for family in self.plans.keys() {
+                status.updated(*family, SystemTime::now());
+            }
+        }
+        loop {
+            let now = Instant::now();
+            if self.state.ready_to_sync() {
+                if let Some(kind) = self.scheduler.due(now) {
+                    self.sync(kind);
+                    continue;
+                }
+            }
+            let deadline = self.scheduler.next_due(now);
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => {
+                        self.handle(event);
+                        // Drain what is already queued so a burst becomes one sync.
+                        while let Ok(event) = events.try_recv() {
+                            self.handle(event);
+                        }
+                    }
+                    None => {
+                        info!("All sources stopped; the sync loop ends");
+                        return;
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+            }
+        }
+    }
+
+    /// Applies one source event to the state and requests a sync if anything changed.
+    pub fn handle(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Services(ObjectEvent::Replace(list)) => {
+                let outcomes = self.state.replace_services(list.iter());
+                log_outcomes("Service", outcomes);
+            }
+            SourceEvent::Services(ObjectEvent::Apply(obj)) => {
+                let name = object_name(&obj.metadata);
+                log_outcome("Service", &name, self.state.apply_service(&obj));
+            }
+            SourceEvent::Services(ObjectEvent::Delete(obj)) => {
+                if let Some(key) = kube_proxy_model::service::service_key(&obj) {
+                    self.state.delete_service(&key);
+                    trace!(service = %key, "Service deleted");
+                }
+            }
+            SourceEvent::EndpointSlices(ObjectEvent::Replace(list)) => {
+                let outcomes = self.state.replace_slices(list.iter());
+                log_outcomes("EndpointSlice", outcomes);
+            }
+            SourceEvent::EndpointSlices(ObjectEvent::Apply(obj)) => {
+                let name = object_name(&obj.metadata);
+                log_outcome("EndpointSlice", &name, self.state.apply_slice(&obj));
+            }
+            SourceEvent::EndpointSlices(ObjectEvent::Delete(obj)) => {
+                self.state.delete_slice_object(&obj);
+            }
+            SourceEvent::Node(ObjectEvent::Replace(list)) => {
+                let outcome = self.state.set_node(list.first());
+                if list.is_empty() {
+                    info!(
+                        node = self.state.node_name(),
+                        "This proxy's Node object is not known (yet)"
+                    );
+                } else if outcome == Outcome::Changed {
+                    info!(node = self.state.node_name(), "Node object updated");
+                }
+            }
+            SourceEvent::Node(ObjectEvent::Apply(obj)) => {
+                if self.state.set_node(Some(&obj)) == Outcome::Changed {
+                    debug!(node = self.state.node_name(), "Node object updated");
+                }
+            }
+            SourceEvent::Node(ObjectEvent::Delete(_)) => {
+                self.state.set_node(None);
+                warn!(
+                    node = self.state.node_name(),
+                    "This proxy's Node object was deleted"
+                );
+            }
+        }
+        if self.state.ready_to_sync() {
+            if !self.announced_ready {
+                self.announced_ready = true;
+                info!(
+                    services = self.state.service_count(),
+                    endpoint_slices = self.state.endpoint_slice_count(),
+                    "Services and EndpointSlices listed; starting to sync"
+                );
+                self.scheduler.request_full(Instant::now());
+            }
+            if self.state.has_pending_changes() {
+                self.scheduler.request(Instant::now());
+                let mut status = self.status.lock().unwrap();
+                for family in self.plans.keys() {
+                    status.queued(*family, SystemTime::now());
+                }
+            }
+        }
+    }
+
+    /// One sync: replan what changed, then program each family.
+    pub fn sync(&mut self, kind: SyncKind) {
+        let started = Instant::now();
+        self.scheduler.started(started);
+        let changes = self.state.take_changes();
+        let full = kind == SyncKind::Full;
+        let mut all_ok = true;
+        for (family, plan) in self.plans.iter_mut() {
+            let plan_started = Instant::now();
+            let changed = plan.update(
+                &self.state,
+                *family,
+                &changes.services,
+                changes.full,
+                self.ctx,
+            );
+            let plan_elapsed = plan_started.elapsed();
+            let pending = self.pending.entry(*family).or_default();
+            pending.changed.extend(changed);
+            pending.full |= full;
+            let apply_started = Instant::now();
+            match self
+                .dataplane
+                .sync(*family, plan, &pending.changed, pending.full)
+            {
+                Ok(report) => {
+                    debug!(
+                        family = %family,
+                        dataplane = self.dataplane.name(),
+                        full = report.full,
+                        service_ports = report.service_ports,
+                        changed = report.changed,
+                        plan_elapsed = ?plan_elapsed,
+                        apply_elapsed = ?apply_started.elapsed(),
+                        "Synced"
+                    );
+                    *pending = Pending::default();
+                    self.status
+                        .lock()
+                        .unwrap()
+                        .updated(*family, SystemTime::now());
+                }
+                Err(err) => {
+                    all_ok = false;
+                    pending.full = true;
+                    error!(error = %err, changed = pending.changed.len(), "Sync failed; will retry with a full sync");
+                }
+            }
+        }
+        self.syncs += 1;
+        self.scheduler.finished(started, kind, all_ok);
+        if !all_ok {
+            debug!(retry_in = ?self.scheduler.current_backoff(), "Sync retry scheduled");
+        }
+    }
+}
+
+fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("<unnamed>")
+    )
+}
+
+fn log_outcome(kind: &str, name: &str, outcome: Outcome) {
+    match outcome {
+        Outcome::Invalid(reason) => {
+            warn!(kind, object = name, reason = %reason, "Skipping invalid object")
+        }
+        Outcome::ChangedWithWarnings(reason) => {
+            warn!(kind, object = name, reason = %reason, "Object applied, with parts ignored")
+        }
+        Outcome::Ignored(reason) => {
+            trace!(kind, object = name, reason = %reason, "Object not handled by kube-proxy")
+        }
+        Outcome::Changed => trace!(kind, object = name, "Object changed"),
+        Outcome::Unchanged => {}
+    }
+}
+
+fn log_outcomes(kind: &str, outcomes: Vec<(String, Outcome)>) {
+    for (name, outcome) in outcomes {
+        log_outcome(kind, &name, outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests;
