@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p kube-proxy
-exec ./target/release/kube-proxy --manifests examples/manifests --hostname-override node-a \
-  --print-state "$@"
+args=("$@")
+case " ${args[*]-} " in *" --print-state"*) ;; *) args+=(--print-state=text) ;; esac
+exec ./target/release/kube-proxy --manifests examples/manifests --hostname-override node-a "${args[@]}"

@@ -53,7 +53,9 @@ fn list(kind: &str, rv: &str, items: Vec<Value>) -> Value {
 }
 
 fn body_of(value: &Value) -> Body {
-    Full::new(Bytes::from(value.to_string())).map_err(|never: Infallible| match never {}).boxed()
+    Full::new(Bytes::from(value.to_string()))
+        .map_err(|never: Infallible| match never {})
+        .boxed()
 }
 
 fn streaming(fake: &Arc<Mutex<Fake>>, reply: WatchReply) -> Body {
@@ -63,17 +65,23 @@ fn streaming(fake: &Arc<Mutex<Fake>>, reply: WatchReply) -> Body {
         WatchReply::Events(events) => {
             tokio::spawn(async move {
                 for e in events {
-                    let _ = tx.send(Ok(Frame::data(Bytes::from(format!("{e}\n"))))).await;
+                    let _ = tx
+                        .send(Ok(Frame::data(Bytes::from(format!("{e}\n")))))
+                        .await;
                 }
             });
         }
         WatchReply::EventsThenCut(events) => {
             tokio::spawn(async move {
                 for e in events {
-                    let _ = tx.send(Ok(Frame::data(Bytes::from(format!("{e}\n"))))).await;
+                    let _ = tx
+                        .send(Ok(Frame::data(Bytes::from(format!("{e}\n")))))
+                        .await;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                let _ = tx.send(Err(std::io::Error::other("connection cut by the test"))).await;
+                let _ = tx
+                    .send(Err(std::io::Error::other("connection cut by the test")))
+                    .await;
             });
         }
     }
@@ -87,26 +95,46 @@ fn tokio_stream_from(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-async fn handle(fake: Arc<Mutex<Fake>>, req: Request<hyper::body::Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    fake: Arc<Mutex<Fake>>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let uri = req.uri().clone();
     let path = uri.path().to_string();
     let query = uri.query().unwrap_or("").to_string();
-    fake.lock().unwrap().requests.push(format!("{path}?{query}"));
+    fake.lock()
+        .unwrap()
+        .requests
+        .push(format!("{path}?{query}"));
     let watching = query.split('&').any(|kv| kv == "watch=true");
     let body = match (path.as_str(), watching) {
         ("/api/v1/services", false) => {
-            let (rv, items) = fake.lock().unwrap().service_lists.pop_front().expect("unexpected extra Service list");
+            let (rv, items) = fake
+                .lock()
+                .unwrap()
+                .service_lists
+                .pop_front()
+                .expect("unexpected extra Service list");
             body_of(&list("ServiceList", &rv, items))
         }
         ("/api/v1/services", true) => {
-            let reply = fake.lock().unwrap().service_watches.pop_front().unwrap_or(WatchReply::Hang);
+            let reply = fake
+                .lock()
+                .unwrap()
+                .service_watches
+                .pop_front()
+                .unwrap_or(WatchReply::Hang);
             streaming(&fake, reply)
         }
-        ("/apis/discovery.k8s.io/v1/endpointslices", false) => body_of(&list("EndpointSliceList", "5", vec![])),
+        ("/apis/discovery.k8s.io/v1/endpointslices", false) => {
+            body_of(&list("EndpointSliceList", "5", vec![]))
+        }
         ("/api/v1/nodes", false) => body_of(&list(
             "NodeList",
             "7",
-            vec![json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "resourceVersion": "7"}})],
+            vec![
+                json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "resourceVersion": "7"}}),
+            ],
         )),
         (_, true) => streaming(&fake, WatchReply::Hang),
         _ => {
@@ -116,7 +144,8 @@ async fn handle(fake: Arc<Mutex<Fake>>, req: Request<hyper::body::Incoming>) -> 
         }
     };
     let mut resp = Response::new(body);
-    resp.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    resp.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
     Ok(resp)
 }
 
@@ -125,18 +154,25 @@ async fn serve(fake: Arc<Mutex<Fake>>) -> String {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let fake = fake.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| handle(fake.clone(), req));
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             });
         }
     });
     format!("http://{addr}")
 }
 
-async fn next_service_event(rx: &mut mpsc::Receiver<SourceEvent>, seen: &mut Vec<SourceEvent>) -> ObjectEvent<k8s_openapi::api::core::v1::Service> {
+async fn next_service_event(
+    rx: &mut mpsc::Receiver<SourceEvent>,
+    seen: &mut Vec<SourceEvent>,
+) -> ObjectEvent<k8s_openapi::api::core::v1::Service> {
     loop {
         let event = tokio::time::timeout(Duration::from_secs(20), rx.recv())
             .await
@@ -150,7 +186,9 @@ async fn next_service_event(rx: &mut mpsc::Receiver<SourceEvent>, seen: &mut Vec
 }
 
 fn names(list: &[k8s_openapi::api::core::v1::Service]) -> Vec<String> {
-    list.iter().map(|s| s.metadata.name.clone().unwrap()).collect()
+    list.iter()
+        .map(|s| s.metadata.name.clone().unwrap())
+        .collect()
 }
 
 #[tokio::test]
@@ -158,14 +196,23 @@ async fn list_watch_disconnect_and_410_gone() {
     let fake = Arc::new(Mutex::new(Fake::default()));
     {
         let mut f = fake.lock().unwrap();
-        f.service_lists.push_back(("10".into(), vec![service("a", "198.19.0.1", "10")]));
+        f.service_lists
+            .push_back(("10".into(), vec![service("a", "198.19.0.1", "10")]));
         f.service_watches.push_back(WatchReply::EventsThenCut(vec![
             json!({"type": "ADDED", "object": service("b", "198.19.0.2", "11")}),
         ]));
-        f.service_watches.push_back(WatchReply::Events(vec![json!({"type": "ERROR", "object": {
+        f.service_watches.push_back(WatchReply::Events(vec![
+            json!({"type": "ERROR", "object": {
             "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": "too old resource version: 11 (15)", "reason": "Expired", "code": 410}})]));
-        f.service_lists.push_back(("20".into(), vec![service("a", "198.19.0.1", "10"), service("c", "198.19.0.3", "19")]));
+            "message": "too old resource version: 11 (15)", "reason": "Expired", "code": 410}}),
+        ]));
+        f.service_lists.push_back((
+            "20".into(),
+            vec![
+                service("a", "198.19.0.1", "10"),
+                service("c", "198.19.0.3", "19"),
+            ],
+        ));
     }
     let url = serve(fake.clone()).await;
     let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
@@ -176,7 +223,14 @@ async fn list_watch_disconnect_and_410_gone() {
     match next_service_event(&mut rx, &mut seen).await {
         ObjectEvent::Replace(list) => {
             assert_eq!(names(&list), vec!["a"]);
-            assert!(list[0].metadata.managed_fields.as_ref().is_none_or(|m| m.is_empty()), "managedFields stripped");
+            assert!(
+                list[0]
+                    .metadata
+                    .managed_fields
+                    .as_ref()
+                    .is_none_or(|m| m.is_empty()),
+                "managedFields stripped"
+            );
         }
         other => panic!("expected the initial list, got {}", other.describe()),
     }
@@ -185,23 +239,43 @@ async fn list_watch_disconnect_and_410_gone() {
         other => panic!("expected b from the watch, got {}", other.describe()),
     }
     match next_service_event(&mut rx, &mut seen).await {
-        ObjectEvent::Replace(list) => assert_eq!(names(&list), vec!["a", "c"], "relisted after 410 Gone"),
+        ObjectEvent::Replace(list) => {
+            assert_eq!(names(&list), vec!["a", "c"], "relisted after 410 Gone")
+        }
         other => panic!("expected a relist, got {}", other.describe()),
     }
 
     let requests = fake.lock().unwrap().requests.clone();
-    let service_watches: Vec<&String> = requests.iter().filter(|r| r.starts_with("/api/v1/services?") && r.contains("watch=true")).collect();
+    let service_watches: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.starts_with("/api/v1/services?") && r.contains("watch=true"))
+        .collect();
     assert!(service_watches.len() >= 2, "{requests:#?}");
-    assert!(service_watches[0].contains("resourceVersion=10"), "first watch starts at the list's version: {}", service_watches[0]);
-    assert!(service_watches[1].contains("resourceVersion=11"), "after the cut the watch resumes from b: {}", service_watches[1]);
-    let service_lists = requests.iter().filter(|r| r.starts_with("/api/v1/services?") && !r.contains("watch=true")).count();
-    assert_eq!(service_lists, 2, "one list at start, one relist after 410: {requests:#?}");
+    assert!(
+        service_watches[0].contains("resourceVersion=10"),
+        "first watch starts at the list's version: {}",
+        service_watches[0]
+    );
+    assert!(
+        service_watches[1].contains("resourceVersion=11"),
+        "after the cut the watch resumes from b: {}",
+        service_watches[1]
+    );
+    let service_lists = requests
+        .iter()
+        .filter(|r| r.starts_with("/api/v1/services?") && !r.contains("watch=true"))
+        .count();
+    assert_eq!(
+        service_lists, 2,
+        "one list at start, one relist after 410: {requests:#?}"
+    );
     assert!(
         requests.iter().any(|r| r.starts_with("/api/v1/services?") && r.contains("labelSelector=%21service.kubernetes.io%2Fservice-proxy-name%2C%21service.kubernetes.io%2Fheadless")),
         "upstream's label selector is used: {requests:#?}"
     );
     assert!(
-        requests.iter().any(|r| r.starts_with("/api/v1/nodes?") && r.contains("fieldSelector=metadata.name%3Dnode-a")),
+        requests.iter().any(|r| r.starts_with("/api/v1/nodes?")
+            && r.contains("fieldSelector=metadata.name%3Dnode-a")),
         "only this proxy's Node is watched: {requests:#?}"
     );
 
@@ -212,9 +286,13 @@ async fn list_watch_disconnect_and_410_gone() {
     let mut state = ClusterState::new("node-a");
     for event in seen {
         match event {
-            SourceEvent::Services(ObjectEvent::Replace(list)) => drop(state.replace_services(list.iter())),
+            SourceEvent::Services(ObjectEvent::Replace(list)) => {
+                drop(state.replace_services(list.iter()))
+            }
             SourceEvent::Services(ObjectEvent::Apply(svc)) => drop(state.apply_service(&svc)),
-            SourceEvent::EndpointSlices(ObjectEvent::Replace(list)) => drop(state.replace_slices(list.iter())),
+            SourceEvent::EndpointSlices(ObjectEvent::Replace(list)) => {
+                drop(state.replace_slices(list.iter()))
+            }
             SourceEvent::Node(ObjectEvent::Replace(list)) => drop(state.set_node(list.first())),
             _ => {}
         }
