@@ -34,6 +34,11 @@ enum WatchReply {
     Hang,
 }
 
+enum ReplyKind {
+    Cut,
+    End,
+}
+
 #[derive(Default)]
 struct Fake {
     requests: Vec<String>,
@@ -60,28 +65,26 @@ fn body_of(value: &Value) -> Body {
 
 fn streaming(fake: &Arc<Mutex<Fake>>, reply: WatchReply) -> Body {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(16);
+    let reply_kind = match &reply {
+        WatchReply::EventsThenCut(_) => ReplyKind::Cut,
+        _ => ReplyKind::End,
+    };
     match reply {
         WatchReply::Hang => fake.lock().unwrap().hanging.push(tx),
-        WatchReply::Events(events) => {
+        WatchReply::Events(events) | WatchReply::EventsThenCut(events) => {
+            let cut = matches!(reply_kind, ReplyKind::Cut);
             tokio::spawn(async move {
                 for e in events {
                     let _ = tx
                         .send(Ok(Frame::data(Bytes::from(format!("{e}\n")))))
                         .await;
                 }
-            });
-        }
-        WatchReply::EventsThenCut(events) => {
-            tokio::spawn(async move {
-                for e in events {
+                if cut {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     let _ = tx
-                        .send(Ok(Frame::data(Bytes::from(format!("{e}\n")))))
+                        .send(Err(std::io::Error::other("connection cut by the test")))
                         .await;
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let _ = tx
-                    .send(Err(std::io::Error::other("connection cut by the test")))
-                    .await;
             });
         }
     }
