@@ -213,6 +213,10 @@ async fn run(
         PlanContext { gates },
         dataplane,
         status,
+        crate::event_loop::NodeAddressing {
+            bind_address: settings.bind_address,
+            local_addresses: Box::new(crate::host::local_addresses),
+        },
     );
     // The loop owns all state and blocks while a dataplane applies rules, so it gets its own
     // thread and runtime; sources and servers stay responsive on the main runtime.

@@ -1,45 +1,14 @@
-//! The interface every dataplane implements, and the state printer.
-//!
-//! A dataplane is handed, per IP family, the complete desired state (the plan) and the service
-//! ports whose plan changed since its last *successful* sync, so it can apply only the
-//! difference. `full` asks it to rewrite everything (first sync, after a failure, hourly).
-//! It must apply atomically and report failure without having half-applied anything.
+//! The state printer: a dataplane (see `kube_proxy_model::dataplane`) that programs nothing
+//! and prints the computed state.
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+pub use kube_proxy_model::dataplane::{Dataplane, NodeView, SyncError, SyncInput, SyncReport};
 use kube_proxy_model::plan::{EndpointSet, FamilyPlan, ServicePortPlan, Target};
 use kube_proxy_model::{IpFamily, ServicePortName};
-
-/// What one successful sync did, for logs and metrics.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SyncReport {
-    pub service_ports: usize,
-    pub changed: usize,
-    pub full: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("{family} sync failed: {message}")]
-pub struct SyncError {
-    pub family: IpFamily,
-    pub message: String,
-}
-
-pub trait Dataplane: Send {
-    /// The dataplane's name for logs (`nftables`, `state printer`, ...).
-    fn name(&self) -> &'static str;
-
-    fn sync(
-        &mut self,
-        family: IpFamily,
-        plan: &FamilyPlan,
-        changed: &BTreeSet<ServicePortName>,
-        full: bool,
-    ) -> Result<SyncReport, SyncError>;
-}
 
 /// Output format of the state printer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,18 +51,20 @@ impl Dataplane for StatePrinter {
         "state printer"
     }
 
-    fn sync(
-        &mut self,
-        family: IpFamily,
-        plan: &FamilyPlan,
-        changed: &BTreeSet<ServicePortName>,
-        full: bool,
-    ) -> Result<SyncReport, SyncError> {
+    fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, SyncError> {
+        let SyncInput {
+            family,
+            plan,
+            changed,
+            full,
+            ..
+        } = input;
         let index = family as usize;
         let report = SyncReport {
             service_ports: plan.services.len(),
             changed: changed.len(),
             full,
+            statements: 0,
         };
         if changed.is_empty() && self.printed_once[index] {
             return Ok(report);

@@ -14,7 +14,7 @@ use kube_proxy_model::{FamilyPlan, IpFamily, PlanContext, ServicePortName};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, trace, warn};
 
-use crate::dataplane::Dataplane;
+use crate::dataplane::{Dataplane, NodeView, SyncInput};
 use crate::scheduler::{Scheduler, SchedulerConfig, SyncKind};
 use crate::source::{ObjectEvent, SourceEvent};
 use crate::sync_status::SharedSyncStatus;
@@ -26,8 +26,26 @@ struct Pending {
     full: bool,
 }
 
+/// Where node addresses come from: the `bindAddress` override and the host's interfaces.
+pub struct NodeAddressing {
+    /// `bindAddress` when not unspecified: overrides the Node's primary IP (as upstream).
+    pub bind_address: Option<std::net::IpAddr>,
+    /// Returns this host's interface addresses of a family (I/O, injected for tests).
+    pub local_addresses: Box<dyn Fn(IpFamily) -> Vec<std::net::IpAddr> + Send>,
+}
+
+impl Default for NodeAddressing {
+    fn default() -> Self {
+        NodeAddressing {
+            bind_address: None,
+            local_addresses: Box::new(|_| Vec::new()),
+        }
+    }
+}
+
 pub struct EventLoop {
     state: ClusterState,
+    addressing: NodeAddressing,
     plans: BTreeMap<IpFamily, FamilyPlan>,
     pending: BTreeMap<IpFamily, Pending>,
     scheduler: Scheduler,
@@ -46,9 +64,11 @@ impl EventLoop {
         ctx: PlanContext,
         dataplane: Box<dyn Dataplane>,
         status: SharedSyncStatus,
+        addressing: NodeAddressing,
     ) -> Self {
         EventLoop {
             state: ClusterState::new(node_name),
+            addressing,
             plans: families
                 .iter()
                 .map(|f| (*f, FamilyPlan::default()))
@@ -215,11 +235,16 @@ impl EventLoop {
             let pending = self.pending.entry(*family).or_default();
             pending.changed.extend(changed);
             pending.full |= full;
+            let node = node_view(&self.state, &self.addressing, *family);
             let apply_started = Instant::now();
-            match self
-                .dataplane
-                .sync(*family, plan, &pending.changed, pending.full)
-            {
+            let input = SyncInput {
+                family: *family,
+                plan,
+                changed: &pending.changed,
+                full: pending.full,
+                node: &node,
+            };
+            match self.dataplane.sync(input) {
                 Ok(report) => {
                     debug!(
                         family = %family,
@@ -249,6 +274,37 @@ impl EventLoop {
         if !all_ok {
             debug!(retry_in = ?self.scheduler.current_backoff(), "Sync retry scheduled");
         }
+    }
+}
+
+/// One family's view of this node: IPs (bindAddress override first), pod CIDRs, addresses.
+fn node_view(state: &ClusterState, addressing: &NodeAddressing, family: IpFamily) -> NodeView {
+    let of_family = |ip: &std::net::IpAddr| IpFamily::of(ip) == family;
+    let mut node_ips: Vec<std::net::IpAddr> = addressing
+        .bind_address
+        .into_iter()
+        .filter(of_family)
+        .collect();
+    if let Some(node) = state.node() {
+        for ip in node.addresses.iter().filter(|ip| of_family(ip)) {
+            if !node_ips.contains(ip) {
+                node_ips.push(*ip);
+            }
+        }
+    }
+    NodeView {
+        node_ips,
+        pod_cidrs: state
+            .node()
+            .map(|n| {
+                n.pod_cidrs
+                    .iter()
+                    .filter(|c| IpFamily::of_net(c) == family)
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default(),
+        local_addresses: (addressing.local_addresses)(family),
     }
 }
 

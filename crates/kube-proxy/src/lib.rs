@@ -7,6 +7,7 @@
 pub mod app;
 pub mod dataplane;
 pub mod event_loop;
+pub mod host;
 pub mod logging;
 pub mod scheduler;
 pub mod source;

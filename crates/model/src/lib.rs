@@ -5,6 +5,7 @@
 //! `tokio` or anything that does I/O, reads a clock or a global. Invalid objects are returned
 //! as values for the caller to log; nothing here panics on bad input.
 
+pub mod dataplane;
 pub mod endpoints;
 pub mod names;
 pub mod node;
@@ -13,6 +14,7 @@ pub mod service;
 pub mod state;
 pub mod topology;
 
+pub use dataplane::{Dataplane, NodeView, SyncError, SyncInput, SyncReport};
 pub use endpoints::Endpoint;
 pub use names::{IpFamily, NamespacedName, Protocol, ServicePortName};
 pub use node::NodeInfo;

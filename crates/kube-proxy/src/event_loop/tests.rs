@@ -6,7 +6,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 
 use super::*;
-use crate::dataplane::{SyncError, SyncReport};
+use crate::dataplane::{SyncError, SyncInput, SyncReport};
 
 /// Records every sync; fails while `fail` is set.
 /// One recorded sync: family, number of service ports, changed ports, full.
@@ -22,13 +22,14 @@ impl Dataplane for Recorder {
     fn name(&self) -> &'static str {
         "recorder"
     }
-    fn sync(
-        &mut self,
-        family: IpFamily,
-        plan: &FamilyPlan,
-        changed: &BTreeSet<ServicePortName>,
-        full: bool,
-    ) -> Result<SyncReport, SyncError> {
+    fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, SyncError> {
+        let SyncInput {
+            family,
+            plan,
+            changed,
+            full,
+            ..
+        } = input;
         self.calls.lock().unwrap().push((
             family,
             plan.services.len(),
@@ -45,6 +46,7 @@ impl Dataplane for Recorder {
             service_ports: plan.services.len(),
             changed: changed.len(),
             full,
+            statements: 0,
         })
     }
 }
@@ -65,6 +67,7 @@ fn event_loop(recorder: &Recorder) -> EventLoop {
         SchedulerConfig::new(Duration::from_millis(50), Duration::from_secs(30)),
         PlanContext::default(),
         Box::new(recorder.clone()),
+        Default::default(),
         Default::default(),
     )
 }

@@ -1,0 +1,60 @@
+//! The interface between the control plane and a dataplane (nftables, iptables, the state
+//! printer). Defined here, with the plan it consumes, so backends depend only on this crate.
+//!
+//! A dataplane is handed, per IP family, the complete desired state and the service ports
+//! whose plan changed since its last *successful* sync, so it can apply only the difference.
+//! `full` asks it to rewrite everything (first sync, after a failure, hourly). It must apply
+//! atomically and report failure without having half-applied anything.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::names::{IpFamily, ServicePortName};
+use crate::plan::FamilyPlan;
+
+/// Node facts a dataplane needs besides the plan (one family's view).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeView {
+    /// This node's IPs of the family, primary first (`bindAddress` override, else the Node's).
+    pub node_ips: Vec<IpAddr>,
+    /// The Node's `spec.podCIDRs` of the family (for `detectLocalMode: NodeCIDR`).
+    pub pod_cidrs: Vec<IpNet>,
+    /// Every address on this host's interfaces of the family (for `nodePortAddresses` CIDRs).
+    pub local_addresses: Vec<IpAddr>,
+}
+
+/// One sync request for one family.
+#[derive(Clone, Copy, Debug)]
+pub struct SyncInput<'a> {
+    pub family: IpFamily,
+    pub plan: &'a FamilyPlan,
+    pub changed: &'a BTreeSet<ServicePortName>,
+    pub full: bool,
+    pub node: &'a NodeView,
+}
+
+/// What one successful sync did, for logs and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub service_ports: usize,
+    pub changed: usize,
+    pub full: bool,
+    /// Size of what was sent to the kernel (e.g. nft transaction lines), 0 if nothing.
+    pub statements: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{family} sync failed: {message}")]
+pub struct SyncError {
+    pub family: IpFamily,
+    pub message: String,
+}
+
+pub trait Dataplane: Send {
+    /// The dataplane's name for logs (`nftables`, `state printer`, ...).
+    fn name(&self) -> &'static str;
+
+    fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, SyncError>;
+}
