@@ -82,6 +82,8 @@ pub enum Ignored {
 pub enum ServiceError {
     #[error("metadata.name and metadata.namespace are required")]
     MissingName,
+    #[error("{field} {value:?} is not a valid Kubernetes name (lower-case letters, digits, '-' and '.')")]
+    InvalidName { field: &'static str, value: String },
     #[error("spec.clusterIPs[{index}] {value:?} is not a valid IP address")]
     InvalidClusterIp { index: usize, value: String },
     #[error("spec.ports[{index}].protocol {value:?} is not TCP, UDP or SCTP")]
@@ -112,8 +114,47 @@ pub fn service_key(service: &Service) -> Option<NamespacedName> {
 }
 
 /// Converts one Service into its per-family ports.
+/// DNS-1123 subdomain, as the API server enforces for namespaces and Service names (manifest
+/// files are not validated by anyone else, and names end up in nftables object names).
+pub fn valid_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .last()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
+/// IANA_SVC_NAME (a port name), or empty.
+pub fn valid_port_name(name: &str) -> bool {
+    name.is_empty()
+        || (name.len() <= 15
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && name.bytes().any(|b| b.is_ascii_lowercase()))
+}
+
 pub fn convert_service(service: &Service) -> Result<ConvertedService, ServiceError> {
     let key = service_key(service).ok_or(ServiceError::MissingName)?;
+    for (field, value) in [
+        ("metadata.namespace", &key.namespace),
+        ("metadata.name", &key.name),
+    ] {
+        if !valid_dns_name(value) {
+            return Err(ServiceError::InvalidName {
+                field,
+                value: value.to_string(),
+            });
+        }
+    }
     if let Some(proxy) = service
         .metadata
         .labels
@@ -243,9 +284,16 @@ pub fn convert_service(service: &Service) -> Result<ConvertedService, ServiceErr
                 NonZeroU16::new(p)
             }
         };
+        let port_name = port.name.as_deref().unwrap_or("");
+        if !valid_port_name(port_name) {
+            return Err(ServiceError::InvalidName {
+                field: "spec.ports[].name",
+                value: port_name.to_string(),
+            });
+        }
         let name = ServicePortName {
             service: key.clone(),
-            port: port.name.as_deref().unwrap_or("").into(),
+            port: port_name.into(),
             protocol,
         };
         for cluster_ip in &cluster_ips {
@@ -414,6 +462,39 @@ mod tests {
             convert_service(&bad_port),
             Err(ServiceError::InvalidPort { .. })
         ));
+    }
+
+    #[test]
+    fn names_must_be_kubernetes_names() {
+        let bad = svc(
+            json!({"metadata": {"namespace": "ns", "name": "My Service"}, "spec": {"clusterIP": "198.19.0.3", "ports": [{"port": 80}]}}),
+        );
+        assert!(matches!(
+            convert_service(&bad),
+            Err(ServiceError::InvalidName {
+                field: "metadata.name",
+                ..
+            })
+        ));
+        let bad_port = svc(
+            json!({"metadata": {"namespace": "ns", "name": "s"}, "spec": {"clusterIP": "198.19.0.3", "ports": [{"name": "http port", "port": 80}]}}),
+        );
+        assert!(matches!(
+            convert_service(&bad_port),
+            Err(ServiceError::InvalidName { .. })
+        ));
+        assert!(
+            valid_dns_name("kube-system")
+                && valid_dns_name("a.b-c")
+                && !valid_dns_name("-a")
+                && !valid_dns_name("A")
+        );
+        assert!(
+            valid_port_name("")
+                && valid_port_name("http-2")
+                && !valid_port_name("8080")
+                && !valid_port_name("x".repeat(16).as_str())
+        );
     }
 
     #[test]

@@ -1,0 +1,222 @@
+//! The static part of the ruleset: base chains, the static chains with their rules, and the
+//! declarations of every set and map. Hooks and priorities are upstream's (1.36), so other
+//! components that order themselves around kube-proxy keep working.
+
+use std::collections::BTreeSet;
+
+use crate::context::{Context, NodePortMatch};
+use crate::elements::SetName;
+use crate::transaction::Transaction;
+
+pub const TABLE: &str = "kube-proxy";
+pub const DISPATCH_CHAIN: &str = "dnat-dispatch";
+
+/// Base chains: name, type, hook, priority. Priorities are upstream's `dstnat - 10`,
+/// `filter`, `dstnat` and `srcnat`, written as numbers because nft 1.0.6 does not accept the
+/// symbolic `dstnat` on the output hook.
+const BASE_CHAINS: &[(&str, &str, &str, &str)] = &[
+    ("filter-prerouting-pre-dnat", "filter", "prerouting", "-110"),
+    ("filter-output-pre-dnat", "filter", "output", "-110"),
+    ("filter-input", "filter", "input", "0"),
+    ("filter-forward", "filter", "forward", "0"),
+    ("filter-output", "filter", "output", "0"),
+    ("nat-prerouting", "nat", "prerouting", "-100"),
+    ("nat-output", "nat", "output", "-100"),
+    ("nat-postrouting", "nat", "postrouting", "100"),
+];
+
+/// Regular static chains (besides the dispatch chain).
+const STATIC_CHAINS: &[&str] = &[
+    "services",
+    "masquerading",
+    "cluster-ips-check",
+    "service-endpoints-check",
+    "nodeport-endpoints-check",
+    "firewall-check",
+];
+
+/// Sets and maps that always exist (`nodeport-ips` only when NodePorts are restricted).
+pub fn static_sets(ctx: &Context) -> Vec<SetName> {
+    let mut sets = vec![
+        SetName::ClusterIps,
+        SetName::Backends,
+        SetName::NodePortBackends,
+        SetName::ExternalMasquerade,
+        SetName::NodePortMasquerade,
+        SetName::NoEndpointReject,
+        SetName::NoEndpointDrop,
+        SetName::NodePortNoEndpointReject,
+        SetName::NodePortNoEndpointDrop,
+        SetName::FirewallIps,
+        SetName::FirewallAllow,
+        SetName::HairpinConnections,
+        SetName::ServiceIps,
+        SetName::ServiceNodePorts,
+    ];
+    if matches!(ctx.nodeports, NodePortMatch::Ips(_)) {
+        sets.push(SetName::NodePortIps);
+    }
+    sets
+}
+
+pub fn family_keyword(ctx: &Context) -> &'static str {
+    ctx.ip()
+}
+
+/// Declares the table, every set, base and static chain (idempotent `add`s).
+pub fn declare(tx: &mut Transaction, ctx: &Context, dnat_sets: &BTreeSet<SetName>) {
+    let fam = family_keyword(ctx);
+    tx.line(
+        None,
+        format!("add table {fam} {TABLE} {{ comment \"rules for kube-proxy\"; }}"),
+    );
+    for set in static_sets(ctx)
+        .into_iter()
+        .chain(dnat_sets.iter().copied())
+    {
+        tx.line(None, format!("add {}", set_declaration(ctx, set)));
+    }
+    for (name, kind, hook, priority) in BASE_CHAINS {
+        tx.line(
+            None,
+            format!(
+                "add chain {fam} {TABLE} {name} {{ type {kind} hook {hook} priority {priority}; }}"
+            ),
+        );
+    }
+    for name in STATIC_CHAINS.iter().chain(std::iter::once(&DISPATCH_CHAIN)) {
+        tx.line(None, format!("add chain {fam} {TABLE} {name}"));
+    }
+}
+
+/// `set|map NAME { ... }` prefixed with the family and table, for `add`.
+pub fn set_declaration(ctx: &Context, set: SetName) -> String {
+    let decl = set.declaration(ctx.family);
+    let (kind, rest) = decl
+        .split_once(' ')
+        .expect("declarations start with set or map");
+    format!("{kind} {} {TABLE} {rest}", family_keyword(ctx))
+}
+
+/// Flushes and rewrites every base and static chain (not the dispatch chain).
+pub fn write_static_rules(tx: &mut Transaction, ctx: &Context) {
+    let fam = family_keyword(ctx);
+    let ip = ctx.ip();
+    let mark = ctx.mark_text();
+    let np = ctx.nodeport_match();
+    let frontend = format!("{ip} daddr . meta l4proto . th dport");
+    let chain = |tx: &mut Transaction, name: &str, rules: Vec<String>| {
+        tx.line(None, format!("flush chain {fam} {TABLE} {name}"));
+        for rule in rules {
+            tx.line(None, format!("add rule {fam} {TABLE} {name} {rule}"));
+        }
+    };
+    chain(
+        tx,
+        "filter-prerouting-pre-dnat",
+        vec!["ct state new jump firewall-check".into()],
+    );
+    chain(
+        tx,
+        "filter-output-pre-dnat",
+        vec!["ct state new jump firewall-check".into()],
+    );
+    chain(
+        tx,
+        "filter-input",
+        vec![
+            "ct state new jump nodeport-endpoints-check".into(),
+            "ct state new jump service-endpoints-check".into(),
+        ],
+    );
+    chain(
+        tx,
+        "filter-forward",
+        vec![
+            "ct state new jump service-endpoints-check".into(),
+            "ct state new jump cluster-ips-check".into(),
+        ],
+    );
+    chain(
+        tx,
+        "filter-output",
+        vec![
+            "ct state new jump service-endpoints-check".into(),
+            "ct state new jump cluster-ips-check".into(),
+        ],
+    );
+    chain(tx, "nat-prerouting", vec!["jump services".into()]);
+    chain(tx, "nat-output", vec!["jump services".into()]);
+    chain(tx, "nat-postrouting", vec!["jump masquerading".into()]);
+
+    let mut services = Vec::new();
+    if ctx.masquerade_all {
+        services.push(format!("{ip} daddr @cluster-ips meta mark set meta mark or {mark} comment \"masquerade all clusterIP traffic\""));
+    } else if let Some(not_local) = ctx.local_match(true) {
+        services.push(format!(
+            "{ip} daddr @cluster-ips {not_local} meta mark set meta mark or {mark} comment \"masquerade clusterIP traffic from outside cluster\""
+        ));
+    }
+    services.push(format!("{frontend} @external-masquerade meta mark set meta mark or {mark} comment \"masquerade external traffic\""));
+    services.push(format!("{np} meta l4proto . th dport @nodeport-masquerade meta mark set meta mark or {mark} comment \"masquerade NodePort traffic\""));
+    services.push(format!("{frontend} vmap @service-ips"));
+    services.push(format!(
+        "{np} meta l4proto . th dport vmap @service-nodeports"
+    ));
+    services.push(format!("jump {DISPATCH_CHAIN}"));
+    chain(tx, "services", services);
+
+    chain(
+        tx,
+        "masquerading",
+        vec![
+            format!("meta mark and {mark} != 0 meta mark set meta mark xor {mark} masquerade fully-random"),
+            format!("ct status dnat {ip} saddr . {ip} daddr . meta l4proto . th dport @hairpin-connections masquerade fully-random"),
+        ],
+    );
+    chain(tx, "cluster-ips-check", vec![format!("{ip} daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"")]);
+    chain(
+        tx,
+        "service-endpoints-check",
+        vec![
+            format!("{frontend} @no-endpoint-reject reject"),
+            format!("{frontend} @no-endpoint-drop drop"),
+        ],
+    );
+    chain(
+        tx,
+        "nodeport-endpoints-check",
+        vec![
+            format!("{np} meta l4proto . th dport @nodeport-no-endpoint-reject reject"),
+            format!("{np} meta l4proto . th dport @nodeport-no-endpoint-drop drop"),
+        ],
+    );
+    chain(
+        tx,
+        "firewall-check",
+        vec![format!("{frontend} @firewall-ips {frontend} . {ip} saddr != @firewall-allow drop comment \"loadBalancerSourceRanges\"")],
+    );
+}
+
+/// Rewrites the dispatch chain: one DNAT rule per endpoint count in use.
+pub fn write_dispatch(tx: &mut Transaction, ctx: &Context, dnat_sets: &BTreeSet<SetName>) {
+    let fam = family_keyword(ctx);
+    let ip = ctx.ip();
+    let np = ctx.nodeport_match();
+    tx.line(None, format!("flush chain {fam} {TABLE} {DISPATCH_CHAIN}"));
+    for set in dnat_sets {
+        let rule = match set {
+            SetName::Dnat(n) => format!(
+                "{ip} daddr . meta l4proto . th dport @dnat-{n} dnat {ip} addr . port to {ip} daddr . meta l4proto . th dport . numgen random mod {n} map @backends"
+            ),
+            SetName::NodePortDnat(n) => format!(
+                "{np} meta l4proto . th dport @nodeport-dnat-{n} dnat {ip} addr . port to meta l4proto . th dport . numgen random mod {n} map @nodeport-backends"
+            ),
+            _ => continue,
+        };
+        tx.line(
+            None,
+            format!("add rule {fam} {TABLE} {DISPATCH_CHAIN} {rule}"),
+        );
+    }
+}

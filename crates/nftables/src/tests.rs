@@ -1,0 +1,342 @@
+//! Transactions the proxier writes, checked as text with a recording runner. (Whether the
+//! kernel accepts them and what packets do is proven in the binary's network-namespace tests.)
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube_proxy_config::DetectLocal;
+use kube_proxy_model::dataplane::{Dataplane, NodeView, SyncInput};
+use kube_proxy_model::{ClusterState, FamilyPlan, IpFamily, PlanContext, ServicePortName};
+use serde_json::{json, Value};
+
+use crate::{NftConfig, NftProxier, RecordingRunner};
+
+pub const NODE: &str = "node-a";
+
+pub fn service(name: &str, spec: Value) -> Service {
+    let mut spec = spec;
+    let obj = spec.as_object_mut().unwrap();
+    let status = obj.remove("status").unwrap_or(json!({}));
+    obj.entry("ports")
+        .or_insert(json!([{"name": "p", "port": 80}]));
+    serde_json::from_value(
+        json!({"metadata": {"namespace": "ns", "name": name}, "spec": spec, "status": status}),
+    )
+    .unwrap()
+}
+
+/// Endpoints as (ip, node).
+pub fn slice(svc: &str, eps: &[(&str, &str)]) -> EndpointSlice {
+    let endpoints: Vec<Value> = eps
+        .iter()
+        .map(|(ip, node)| json!({"addresses": [ip], "nodeName": node}))
+        .collect();
+    serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": format!("{svc}-1"), "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4", "ports": [{"name": "p", "port": 8080}], "endpoints": endpoints}))
+    .unwrap()
+}
+
+pub struct Harness {
+    pub state: ClusterState,
+    pub plan: FamilyPlan,
+    pub proxier: NftProxier<RecordingRunner>,
+    pub now: Arc<Mutex<Instant>>,
+    pub node: NodeView,
+}
+
+impl Harness {
+    pub fn new(config: NftConfig) -> Harness {
+        let now = Arc::new(Mutex::new(Instant::now()));
+        let clock_now = now.clone();
+        Harness {
+            state: ClusterState::new(NODE),
+            plan: FamilyPlan::default(),
+            proxier: NftProxier::new(
+                config,
+                RecordingRunner::default(),
+                Box::new(move || *clock_now.lock().unwrap()),
+            ),
+            now,
+            node: NodeView {
+                node_ips: vec!["192.0.2.10".parse().unwrap()],
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Plans what changed and syncs; returns the transaction text ("" when nothing was sent).
+    pub fn sync(&mut self, full: bool) -> String {
+        let changes = self.state.take_changes();
+        let changed: BTreeSet<ServicePortName> = self.plan.update(
+            &self.state,
+            IpFamily::V4,
+            &changes.services,
+            changes.full,
+            PlanContext::default(),
+        );
+        let before = self.proxier.runner().scripts.len();
+        let input = SyncInput {
+            family: IpFamily::V4,
+            plan: &self.plan,
+            changed: &changed,
+            full,
+            node: &self.node,
+        };
+        self.proxier.sync(input).unwrap();
+        let scripts = &self.proxier.runner().scripts;
+        // KP_DUMP_DIR=<dir>: keep every transaction, to feed them to a real nft by hand.
+        if let (Ok(dir), Some(last), true) = (
+            std::env::var("KP_DUMP_DIR"),
+            scripts.last(),
+            scripts.len() > before,
+        ) {
+            let n = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+            std::fs::write(
+                format!(
+                    "{dir}/{:03}-{}.nft",
+                    n,
+                    std::thread::current()
+                        .name()
+                        .unwrap_or("t")
+                        .replace("::", "_")
+                ),
+                last,
+            )
+            .unwrap();
+        }
+        if scripts.len() > before {
+            scripts.last().unwrap().clone()
+        } else {
+            String::new()
+        }
+    }
+
+    pub fn advance(&self, by: Duration) {
+        *self.now.lock().unwrap() += by;
+    }
+}
+
+fn config() -> NftConfig {
+    NftConfig {
+        detect_local: DetectLocal::ClusterCidr(vec!["198.18.0.0/16".parse().unwrap()]),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn first_sync_rebuilds_the_table_and_uses_data_elements() {
+    let mut h = Harness::new(config());
+    h.state.apply_service(&service("web", json!({"clusterIP": "198.19.0.10", "type": "NodePort", "ports": [{"name": "p", "port": 80, "nodePort": 30080}]})));
+    h.state.apply_slice(&slice(
+        "web",
+        &[("198.18.1.5", NODE), ("198.18.2.7", "node-b")],
+    ));
+    let tx = h.sync(true);
+    assert!(
+        tx.starts_with("add table ip kube-proxy\ndelete table ip kube-proxy\n"),
+        "{tx}"
+    );
+    for expected in [
+        "add element ip kube-proxy cluster-ips { 198.19.0.10 }",
+        "add element ip kube-proxy dnat-2 { 198.19.0.10 . tcp . 80 }",
+        "add element ip kube-proxy backends { 198.19.0.10 . tcp . 80 . 0 : 198.18.1.5 . 8080, 198.19.0.10 . tcp . 80 . 1 : 198.18.2.7 . 8080 }",
+        "add element ip kube-proxy nodeport-dnat-2 { tcp . 30080 }",
+        "add element ip kube-proxy nodeport-masquerade { tcp . 30080 }",
+        "add element ip kube-proxy hairpin-connections { 198.18.1.5 . 198.18.1.5 . tcp . 8080 }",
+        "add element ip kube-proxy nodeport-ips { 192.0.2.10 }",
+        "add rule ip kube-proxy services ip daddr @cluster-ips ip saddr != { 198.18.0.0/16 } meta mark set meta mark or 0x004000",
+        "add rule ip kube-proxy dnat-dispatch ip daddr . meta l4proto . th dport @dnat-2 dnat ip addr . port to ip daddr . meta l4proto . th dport . numgen random mod 2 map @backends",
+    ] {
+        assert!(tx.contains(expected), "missing {expected:?} in\n{tx}");
+    }
+    assert!(
+        !tx.contains("goto"),
+        "a plain service needs no verdicts:\n{tx}"
+    );
+}
+
+#[test]
+fn endpoint_change_is_a_small_element_diff() {
+    let mut h = Harness::new(config());
+    h.state
+        .apply_service(&service("web", json!({"clusterIP": "198.19.0.10"})));
+    h.state.apply_slice(&slice(
+        "web",
+        &[("198.18.1.5", "node-b"), ("198.18.2.7", "node-b")],
+    ));
+    h.sync(true);
+    h.state.apply_slice(&slice(
+        "web",
+        &[
+            ("198.18.1.5", "node-b"),
+            ("198.18.2.7", "node-b"),
+            ("198.18.3.9", "node-c"),
+        ],
+    ));
+    let tx = h.sync(false);
+    let expected = "add set ip kube-proxy dnat-3 { type ipv4_addr . inet_proto . inet_service; comment \"frontends DNATed to this many endpoints\"; }\n\
+flush chain ip kube-proxy dnat-dispatch\n\
+add rule ip kube-proxy dnat-dispatch ip daddr . meta l4proto . th dport @dnat-2 dnat ip addr . port to ip daddr . meta l4proto . th dport . numgen random mod 2 map @backends\n\
+add rule ip kube-proxy dnat-dispatch ip daddr . meta l4proto . th dport @dnat-3 dnat ip addr . port to ip daddr . meta l4proto . th dport . numgen random mod 3 map @backends\n\
+delete element ip kube-proxy dnat-2 { 198.19.0.10 . tcp . 80 }\n\
+add element ip kube-proxy dnat-3 { 198.19.0.10 . tcp . 80 }\n\
+add element ip kube-proxy backends { 198.19.0.10 . tcp . 80 . 2 : 198.18.3.9 . 8080 }\n";
+    assert_eq!(tx, expected);
+    // Removing it again reuses the existing dnat-2 set: elements only.
+    h.state.apply_slice(&slice(
+        "web",
+        &[("198.18.1.5", "node-b"), ("198.18.2.7", "node-b")],
+    ));
+    let tx = h.sync(false);
+    assert_eq!(
+        tx,
+        "delete element ip kube-proxy dnat-3 { 198.19.0.10 . tcp . 80 }\n\
+delete element ip kube-proxy backends { 198.19.0.10 . tcp . 80 . 2 }\n\
+add element ip kube-proxy dnat-2 { 198.19.0.10 . tcp . 80 }\n"
+    );
+    assert_eq!(h.sync(false), "", "no change, no transaction");
+}
+
+#[test]
+fn no_endpoints_and_policies_use_verdict_sets() {
+    let mut h = Harness::new(config());
+    h.state
+        .apply_service(&service("empty", json!({"clusterIP": "198.19.0.20"})));
+    h.state.apply_service(&service(
+        "itp",
+        json!({"clusterIP": "198.19.0.21", "internalTrafficPolicy": "Local"}),
+    ));
+    h.state
+        .apply_slice(&slice("itp", &[("198.18.2.1", "node-b")]));
+    let tx = h.sync(true);
+    assert!(
+        tx.contains("add element ip kube-proxy no-endpoint-reject { 198.19.0.20 . tcp . 80 }"),
+        "{tx}"
+    );
+    assert!(
+        tx.contains("add element ip kube-proxy no-endpoint-drop { 198.19.0.21 . tcp . 80 }"),
+        "{tx}"
+    );
+}
+
+#[test]
+fn external_local_and_affinity_use_upstream_chains() {
+    let mut h = Harness::new(config());
+    h.state.apply_service(&service("lb", json!({
+        "clusterIP": "198.19.0.30", "type": "LoadBalancer", "externalTrafficPolicy": "Local", "sessionAffinity": "ClientIP",
+        "loadBalancerSourceRanges": ["203.0.113.0/24"],
+        "ports": [{"name": "p", "port": 80, "nodePort": 30090}],
+        "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.30"}]}}})));
+    h.state.apply_slice(&slice(
+        "lb",
+        &[("198.18.1.5", NODE), ("198.18.2.7", "node-b")],
+    ));
+    let tx = h.sync(true);
+    let name = ServicePortName {
+        service: kube_proxy_model::NamespacedName::new("ns", "lb"),
+        port: "p".into(),
+        protocol: kube_proxy_model::Protocol::Tcp,
+    };
+    let service_chain = crate::elements::quote(&crate::names::service_chain(&name));
+    let external_chain = crate::elements::quote(&crate::names::external_chain(&name));
+    let local_chain = crate::elements::quote(&crate::names::local_chain(&name));
+    for expected in [
+        format!("add element ip kube-proxy service-ips {{ 198.19.0.30 . tcp . 80 : goto {service_chain}, 198.51.100.30 . tcp . 80 : goto {external_chain} }}"),
+        format!("add element ip kube-proxy service-nodeports {{ tcp . 30090 : goto {external_chain} }}"),
+        format!("add rule ip kube-proxy {external_chain} ip saddr {{ 198.18.0.0/16 }} goto {service_chain} comment \"short-circuit pod traffic\""),
+        format!("add rule ip kube-proxy {external_chain} goto {local_chain}"),
+        "timeout 10800s".to_string(),
+        "add element ip kube-proxy firewall-allow { 198.51.100.30 . tcp . 80 . 203.0.113.0/24 }".to_string(),
+    ] {
+        assert!(tx.contains(&expected), "missing {expected:?} in\n{tx}");
+    }
+    // The local endpoint goes away: the local chain is flushed now and deleted a second later.
+    h.state
+        .apply_slice(&slice("lb", &[("198.18.2.7", "node-b")]));
+    let tx = h.sync(false);
+    assert!(
+        tx.contains(&format!("flush chain ip kube-proxy {local_chain}")),
+        "{tx}"
+    );
+    assert!(
+        tx.contains("add element ip kube-proxy no-endpoint-drop { 198.51.100.30 . tcp . 80 }"),
+        "{tx}"
+    );
+    assert!(!tx.contains("delete chain"), "{tx}");
+    h.advance(Duration::from_secs(2));
+    h.state
+        .apply_service(&service("other", json!({"clusterIP": "198.19.0.31"})));
+    let tx = h.sync(false);
+    assert!(
+        tx.contains(&format!("delete chain ip kube-proxy {local_chain}")),
+        "{tx}"
+    );
+}
+
+#[test]
+fn conflicting_frontends_do_not_break_the_transaction() {
+    let mut h = Harness::new(config());
+    h.state.apply_service(&service(
+        "a",
+        json!({"clusterIP": "198.19.0.40", "externalIPs": ["198.51.100.40"]}),
+    ));
+    h.state.apply_service(&service(
+        "b",
+        json!({"clusterIP": "198.19.0.41", "externalIPs": ["198.51.100.40"]}),
+    ));
+    h.state
+        .apply_slice(&slice("a", &[("198.18.1.1", "node-b")]));
+    h.state
+        .apply_slice(&slice("b", &[("198.18.1.2", "node-b")]));
+    let tx = h.sync(true);
+    assert_eq!(
+        tx.matches("198.51.100.40 . tcp . 80 . 0 :").count(),
+        1,
+        "{tx}"
+    );
+    let warnings = h.proxier.take_warnings();
+    assert!(
+        warnings[0].contains("ns/b:p") && warnings[0].contains("ns/a:p"),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn failed_transaction_rebuilds_next_time() {
+    let mut h = Harness::new(config());
+    h.state
+        .apply_service(&service("a", json!({"clusterIP": "198.19.0.50"})));
+    h.sync(true);
+    h.state
+        .apply_service(&service("b", json!({"clusterIP": "198.19.0.51"})));
+    h.proxier.runner_mut().fail_next = Some("/dev/stdin:2:1-5: Error: boom".into());
+    let changes = h.state.take_changes();
+    let changed = h.plan.update(
+        &h.state,
+        IpFamily::V4,
+        &changes.services,
+        false,
+        PlanContext::default(),
+    );
+    let input = SyncInput {
+        family: IpFamily::V4,
+        plan: &h.plan,
+        changed: &changed,
+        full: false,
+        node: &h.node,
+    };
+    let err = h.proxier.sync(input).unwrap_err().to_string();
+    assert!(
+        err.contains("line 2 (written for service port ns/b:p)"),
+        "{err}"
+    );
+    let tx = h.sync(false);
+    assert!(
+        tx.starts_with("add table ip kube-proxy\ndelete table ip kube-proxy\n"),
+        "rebuilt after failure:\n{tx}"
+    );
+    assert!(tx.contains("198.19.0.51") && tx.contains("198.19.0.50"));
+}
