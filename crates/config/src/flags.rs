@@ -231,6 +231,14 @@ pub struct Flags {
     /// 'text' or 'json'.
     #[arg(long, value_name = "FORMAT", num_args = 0..=1, require_equals = true, default_missing_value = "text")]
     pub print_state: Option<String>,
+    /// [kube-proxy-rs] Print the nft transactions the proxy would apply instead of applying
+    /// them (no root needed). With --manifests and --once, prints the ruleset for a set of
+    /// manifests.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub dry_run: Option<bool>,
+    /// [kube-proxy-rs] Exit after the first successful sync.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub once: Option<bool>,
 }
 
 /// Parses `--feature-gates=A=true,B=false` as Go's `featuregate` flag does.

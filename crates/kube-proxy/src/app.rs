@@ -182,19 +182,7 @@ async fn run(
         }
     }
 
-    let dataplane: Box<dyn Dataplane> = match (settings.mode, print_format) {
-        (_, Some(format)) => Box::new(StatePrinter::new(format, Box::new(std::io::stdout()))),
-        (mode, None) => {
-            warn!(
-                mode = mode.as_str(),
-                "No kernel dataplane is implemented for this mode yet; printing the computed state instead"
-            );
-            Box::new(StatePrinter::new(
-                PrintFormat::Text,
-                Box::new(std::io::stdout()),
-            ))
-        }
-    };
+    let dataplane = build_dataplane(&flags, settings, print_format)?;
     if settings.mode == ProxyMode::Ipvs {
         warn!("IPVS mode is deprecated upstream and not implemented here; consider --proxy-mode nftables");
     }
@@ -218,9 +206,11 @@ async fn run(
             local_addresses: Box::new(crate::host::local_addresses),
         },
     );
+    let event_loop = event_loop.exit_after_first_sync(flags.once == Some(true));
     // The loop owns all state and blocks while a dataplane applies rules, so it gets its own
     // thread and runtime; sources and servers stay responsive on the main runtime.
-    let loop_thread = std::thread::Builder::new()
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
         .name("sync-loop".into())
         .spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -230,13 +220,68 @@ async fn run(
                 Ok(runtime) => runtime.block_on(event_loop.run(rx)),
                 Err(e) => error!(error = %e, "Cannot start the sync loop runtime"),
             }
+            let _ = done_tx.send(());
         })?;
 
-    shutdown_signal().await;
-    // Rules stay in place, so traffic keeps flowing while the proxy restarts.
-    info!("Received termination signal; exiting and leaving the programmed rules in place");
-    drop(loop_thread);
+    tokio::select! {
+        _ = shutdown_signal() => {
+            // Rules stay in place, so traffic keeps flowing while the proxy restarts.
+            info!("Received termination signal; exiting and leaving the programmed rules in place");
+        }
+        _ = done_rx => {}
+    }
     Ok(())
+}
+
+/// The dataplane for the configured mode: nftables programs the kernel (or prints its
+/// transactions with --dry-run); modes without a dataplane yet print the computed state.
+fn build_dataplane(
+    flags: &Flags,
+    settings: &kube_proxy_config::ProxyConfig,
+    print_format: Option<PrintFormat>,
+) -> anyhow::Result<Box<dyn Dataplane>> {
+    if let Some(format) = print_format {
+        return Ok(Box::new(StatePrinter::new(
+            format,
+            Box::new(std::io::stdout()),
+        )));
+    }
+    match settings.mode {
+        ProxyMode::Nftables => {
+            let config = kube_proxy_nftables::NftConfig {
+                masquerade_bit: settings.masquerade_bit,
+                masquerade_all: settings.masquerade_all,
+                detect_local: settings.detect_local.clone(),
+                node_port_addresses: settings.node_port_addresses.clone(),
+            };
+            let clock: kube_proxy_nftables::Clock = Box::new(std::time::Instant::now);
+            if flags.dry_run == Some(true) {
+                info!("--dry-run: printing nft transactions instead of applying them");
+                return Ok(Box::new(kube_proxy_nftables::NftProxier::new(
+                    config,
+                    crate::nft_runner::PrintTransactions,
+                    clock,
+                )));
+            }
+            let version = crate::nft_runner::check_nft().map_err(anyhow::Error::msg)?;
+            info!(nft = %version, "Using the nftables dataplane");
+            Ok(Box::new(kube_proxy_nftables::NftProxier::new(
+                config,
+                crate::nft_runner::NftCommand,
+                clock,
+            )))
+        }
+        mode => {
+            warn!(
+                mode = mode.as_str(),
+                "No kernel dataplane is implemented for this mode yet; printing the computed state instead (use --proxy-mode=nftables)"
+            );
+            Ok(Box::new(StatePrinter::new(
+                PrintFormat::Text,
+                Box::new(std::io::stdout()),
+            )))
+        }
+    }
 }
 
 async fn shutdown_signal() {

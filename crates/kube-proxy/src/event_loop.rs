@@ -54,6 +54,9 @@ pub struct EventLoop {
     ctx: PlanContext,
     syncs: u64,
     announced_ready: bool,
+    /// Return from `run` after the first sync in which every family succeeded (`--once`).
+    exit_after_first_sync: bool,
+    all_ok_once: bool,
 }
 
 impl EventLoop {
@@ -91,7 +94,15 @@ impl EventLoop {
             ctx,
             syncs: 0,
             announced_ready: false,
+            exit_after_first_sync: false,
+            all_ok_once: false,
         }
+    }
+
+    /// Makes `run` return after the first fully successful sync.
+    pub fn exit_after_first_sync(mut self, yes: bool) -> Self {
+        self.exit_after_first_sync = yes;
+        self
     }
 
     pub fn state(&self) -> &ClusterState {
@@ -120,6 +131,10 @@ impl EventLoop {
             if self.state.ready_to_sync() {
                 if let Some(kind) = self.scheduler.due(now) {
                     self.sync(kind);
+                    if self.exit_after_first_sync && self.all_ok_once {
+                        info!("First sync done; exiting as asked (--once)");
+                        return;
+                    }
                     continue;
                 }
             }
@@ -269,7 +284,11 @@ impl EventLoop {
                 }
             }
         }
+        for warning in self.dataplane.take_warnings() {
+            warn!("{warning}");
+        }
         self.syncs += 1;
+        self.all_ok_once |= all_ok;
         self.scheduler.finished(started, kind, all_ok);
         if !all_ok {
             debug!(retry_in = ?self.scheduler.current_backoff(), "Sync retry scheduled");

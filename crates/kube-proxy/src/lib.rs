@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod event_loop;
 pub mod host;
 pub mod logging;
+pub mod nft_runner;
 pub mod scheduler;
 pub mod source;
 pub mod sync_status;

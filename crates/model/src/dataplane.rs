@@ -57,4 +57,10 @@ pub trait Dataplane: Send {
     fn name(&self) -> &'static str;
 
     fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, SyncError>;
+
+    /// Non-fatal problems found by the last sync (e.g. two Services claiming one frontend),
+    /// for the caller to log.
+    fn take_warnings(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }

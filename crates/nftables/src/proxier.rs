@@ -84,11 +84,6 @@ impl<R: Runner> NftProxier<R> {
         &mut self.runner
     }
 
-    /// Conflicts found by the last sync (e.g. two Services claiming one external IP and port).
-    pub fn take_warnings(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.warnings)
-    }
-
     /// Builds and applies the transaction for one sync; returns the number of nft commands.
     pub fn sync_family(&mut self, input: SyncInput<'_>) -> Result<usize, SyncError> {
         let now = (self.clock)();
@@ -137,6 +132,10 @@ impl<R: Runner> Dataplane for NftProxier<R> {
             full: input.full,
             statements,
         })
+    }
+
+    fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
     }
 }
 

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube_proxy_config::DetectLocal;
 use kube_proxy_model::dataplane::{Dataplane, NodeView, SyncInput};
+
 use kube_proxy_model::{ClusterState, FamilyPlan, IpFamily, PlanContext, ServicePortName};
 use serde_json::{json, Value};
 
