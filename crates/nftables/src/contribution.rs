@@ -173,33 +173,22 @@ pub fn contribute(plan: &ServicePortPlan, ctx: &Context) -> Contribution {
     c
 }
 
-/// Data-path DNAT of `frontend` (an address frontend or a NodePort) to `endpoints`.
+/// Data-path DNAT of `frontend` (an address frontend or a NodePort) to `endpoints`: membership
+/// of `dnat-N` and the i-th endpoint in slot map i.
 fn push_dnat(c: &mut Contribution, frontend: &Key, endpoints: &[Arc<Endpoint>]) {
     let n = endpoints.len() as u32;
-    match frontend {
-        Key::Frontend(addr, proto, port) => {
-            c.elements
-                .push((SetName::Dnat(n), frontend.clone(), Value::None));
-            for (i, ep) in endpoints.iter().enumerate() {
-                c.elements.push((
-                    SetName::Backends,
-                    Key::Backend(*addr, *proto, *port, i as u32),
-                    Value::Endpoint(ep.ip, ep.port),
-                ));
-            }
-        }
-        Key::NodePort(proto, port) => {
-            c.elements
-                .push((SetName::NodePortDnat(n), frontend.clone(), Value::None));
-            for (i, ep) in endpoints.iter().enumerate() {
-                c.elements.push((
-                    SetName::NodePortBackends,
-                    Key::NodePortBackend(*proto, *port, i as u32),
-                    Value::Endpoint(ep.ip, ep.port),
-                ));
-            }
-        }
+    let (count_set, slot_set): (SetName, fn(u32) -> SetName) = match frontend {
+        Key::Frontend(..) => (SetName::Dnat(n), SetName::Backends),
+        Key::NodePort(..) => (SetName::NodePortDnat(n), SetName::NodePortBackends),
         _ => unreachable!("only frontends are DNATed"),
+    };
+    c.elements.push((count_set, frontend.clone(), Value::None));
+    for (i, ep) in endpoints.iter().enumerate() {
+        c.elements.push((
+            slot_set(i as u32),
+            frontend.clone(),
+            Value::Endpoint(ep.ip, ep.port),
+        ));
     }
 }
 

@@ -21,10 +21,10 @@ pub enum SetName {
     Dnat(u32),
     /// NodePorts (`proto . port`) DNATed to N endpoints.
     NodePortDnat(u32),
-    /// `frontend . index : endpoint` for the data path.
-    Backends,
-    /// `proto . nodePort . index : endpoint`.
-    NodePortBackends,
+    /// Slot i of the data path: `frontend : i-th endpoint` of every frontend with more than i.
+    Backends(u32),
+    /// Slot i for NodePorts: `proto . nodePort : i-th endpoint`.
+    NodePortBackends(u32),
     /// External IPs and load-balancer IPs whose traffic is masqueraded (eTP Cluster).
     ExternalMasquerade,
     /// NodePorts whose traffic is masqueraded (eTP Cluster).
@@ -53,8 +53,8 @@ impl SetName {
             SetName::NodePortIps => "nodeport-ips".into(),
             SetName::Dnat(n) => format!("dnat-{n}"),
             SetName::NodePortDnat(n) => format!("nodeport-dnat-{n}"),
-            SetName::Backends => "backends".into(),
-            SetName::NodePortBackends => "nodeport-backends".into(),
+            SetName::Backends(i) => format!("backends-{i}"),
+            SetName::NodePortBackends(i) => format!("nodeport-backends-{i}"),
             SetName::ExternalMasquerade => "external-masquerade".into(),
             SetName::NodePortMasquerade => "nodeport-masquerade".into(),
             SetName::NoEndpointReject => "no-endpoint-reject".into(),
@@ -75,35 +75,69 @@ impl SetName {
             IpFamily::V4 => "ipv4_addr",
             IpFamily::V6 => "ipv6_addr",
         };
-        let ip = match family {
-            IpFamily::V4 => "ip",
-            IpFamily::V6 => "ip6",
-        };
         let frontend = format!("{addr} . inet_proto . inet_service");
         let (kind, body, comment) = match self {
             SetName::ClusterIps => ("set", format!("type {addr}"), "Active ClusterIPs"),
-            SetName::NodePortIps => ("set", format!("type {addr}"), "IPs that accept NodePort traffic"),
-            SetName::Dnat(_) => ("set", format!("type {frontend}"), "frontends DNATed to this many endpoints"),
-            SetName::NodePortDnat(_) => ("set", "type inet_proto . inet_service".into(), "NodePorts DNATed to this many endpoints"),
-            SetName::Backends => (
-                "map",
-                // `tcp dport` (not `th dport`) in the data part: same type, and it avoids an
-                // nft 1.0.6 bug that rejects later `dnat ... map @backends` rules otherwise.
-                format!("typeof {ip} daddr . meta l4proto . th dport . numgen random mod 1 : {ip} daddr . tcp dport"),
-                "endpoint of each frontend and slot",
+            SetName::NodePortIps => (
+                "set",
+                format!("type {addr}"),
+                "IPs that accept NodePort traffic",
             ),
-            SetName::NodePortBackends => (
-                "map",
-                format!("typeof meta l4proto . th dport . numgen random mod 1 : {ip} daddr . tcp dport"),
-                "endpoint of each NodePort and slot",
+            SetName::Dnat(_) => (
+                "set",
+                format!("type {frontend}"),
+                "frontends DNATed to this many endpoints",
             ),
-            SetName::ExternalMasquerade => ("set", format!("type {frontend}"), "external IPs and LB IPs whose traffic is masqueraded"),
-            SetName::NodePortMasquerade => ("set", "type inet_proto . inet_service".into(), "NodePorts whose traffic is masqueraded"),
-            SetName::NoEndpointReject => ("set", format!("type {frontend}"), "frontends of services with no endpoints"),
-            SetName::NoEndpointDrop => ("set", format!("type {frontend}"), "frontends of services with no local endpoints"),
-            SetName::NodePortNoEndpointReject => ("set", "type inet_proto . inet_service".into(), "NodePorts of services with no endpoints"),
-            SetName::NodePortNoEndpointDrop => ("set", "type inet_proto . inet_service".into(), "NodePorts of services with no local endpoints"),
-            SetName::FirewallIps => ("set", format!("type {frontend}"), "destinations that are subject to LoadBalancerSourceRanges"),
+            SetName::NodePortDnat(_) => (
+                "set",
+                "type inet_proto . inet_service".into(),
+                "NodePorts DNATed to this many endpoints",
+            ),
+            SetName::Backends(_) => (
+                "map",
+                format!("type {frontend} : {addr} . inet_service"),
+                "endpoint slot of each frontend",
+            ),
+            SetName::NodePortBackends(_) => (
+                "map",
+                format!("type inet_proto . inet_service : {addr} . inet_service"),
+                "endpoint slot of each NodePort",
+            ),
+            SetName::ExternalMasquerade => (
+                "set",
+                format!("type {frontend}"),
+                "external IPs and LB IPs whose traffic is masqueraded",
+            ),
+            SetName::NodePortMasquerade => (
+                "set",
+                "type inet_proto . inet_service".into(),
+                "NodePorts whose traffic is masqueraded",
+            ),
+            SetName::NoEndpointReject => (
+                "set",
+                format!("type {frontend}"),
+                "frontends of services with no endpoints",
+            ),
+            SetName::NoEndpointDrop => (
+                "set",
+                format!("type {frontend}"),
+                "frontends of services with no local endpoints",
+            ),
+            SetName::NodePortNoEndpointReject => (
+                "set",
+                "type inet_proto . inet_service".into(),
+                "NodePorts of services with no endpoints",
+            ),
+            SetName::NodePortNoEndpointDrop => (
+                "set",
+                "type inet_proto . inet_service".into(),
+                "NodePorts of services with no local endpoints",
+            ),
+            SetName::FirewallIps => (
+                "set",
+                format!("type {frontend}"),
+                "destinations that are subject to LoadBalancerSourceRanges",
+            ),
             SetName::FirewallAllow => (
                 "set",
                 format!("type {frontend} . {addr}; flags interval"),
@@ -114,8 +148,16 @@ impl SetName {
                 format!("type {addr} . {addr} . inet_proto . inet_service"),
                 "service hairpin connections",
             ),
-            SetName::ServiceIps => ("map", format!("type {frontend} : verdict"), "ClusterIP, ExternalIP and LoadBalancer IP traffic handled by per-service chains"),
-            SetName::ServiceNodePorts => ("map", "type inet_proto . inet_service : verdict".into(), "NodePort traffic handled by per-service chains"),
+            SetName::ServiceIps => (
+                "map",
+                format!("type {frontend} : verdict"),
+                "ClusterIP, ExternalIP and LoadBalancer IP traffic handled by per-service chains",
+            ),
+            SetName::ServiceNodePorts => (
+                "map",
+                "type inet_proto . inet_service : verdict".into(),
+                "NodePort traffic handled by per-service chains",
+            ),
         };
         format!(
             "{kind} {} {{ {body}; comment \"{comment}\"; }}",
@@ -130,8 +172,6 @@ pub enum Key {
     Addr(IpAddr),
     Frontend(IpAddr, Protocol, u16),
     NodePort(Protocol, u16),
-    Backend(IpAddr, Protocol, u16, u32),
-    NodePortBackend(Protocol, u16, u32),
     Allow(IpAddr, Protocol, u16, IpNet),
     Hairpin(IpAddr, Protocol, u16),
 }
@@ -150,8 +190,6 @@ impl fmt::Display for Key {
             Key::Addr(a) => write!(f, "{a}"),
             Key::Frontend(a, p, port) => write!(f, "{a} . {} . {port}", p.lower()),
             Key::NodePort(p, port) => write!(f, "{} . {port}", p.lower()),
-            Key::Backend(a, p, port, i) => write!(f, "{a} . {} . {port} . {i}", p.lower()),
-            Key::NodePortBackend(p, port, i) => write!(f, "{} . {port} . {i}", p.lower()),
             Key::Allow(a, p, port, range) => {
                 // A host range is written as an address (nft normalises /32 that way).
                 if range.prefix_len() == range.max_prefix_len() {
@@ -200,10 +238,10 @@ mod tests {
         let mut out = String::new();
         write_element(
             &mut out,
-            &Key::Backend("198.19.0.1".parse().unwrap(), Protocol::Tcp, 80, 1),
+            &Key::Frontend("198.19.0.1".parse().unwrap(), Protocol::Tcp, 80),
             &Value::Endpoint("198.18.0.2".parse().unwrap(), 8080),
         );
-        assert_eq!(out, "198.19.0.1 . tcp . 80 . 1 : 198.18.0.2 . 8080");
+        assert_eq!(out, "198.19.0.1 . tcp . 80 : 198.18.0.2 . 8080");
         assert_eq!(
             Key::Allow(
                 "198.51.100.1".parse().unwrap(),

@@ -24,7 +24,7 @@ use kube_proxy_model::{IpFamily, ServicePortName};
 use crate::context::{Context, NftConfig, NodePortMatch};
 use crate::contribution::{contribute, AffinitySet, ChainDef, Contribution};
 use crate::elements::{quote, write_element, Key, SetName, Value};
-use crate::skeleton::{self, TABLE};
+use crate::skeleton::{self, Slots, TABLE};
 use crate::transaction::Transaction;
 
 /// Runs a transaction against the kernel (`nft -f -`), or anything that stands in for it.
@@ -52,6 +52,8 @@ struct FamilyState {
     /// Users of each `dnat-N`/`nodeport-dnat-N` set, and which of them exist in the kernel.
     dnat_users: BTreeMap<SetName, usize>,
     dnat_created: BTreeSet<SetName>,
+    /// Slot maps and chains that exist (never fewer than any `dnat-N` needs).
+    slots: Slots,
     chains: HashSet<Arc<str>>,
     affinity_sets: HashSet<Arc<str>>,
     stale_chains: Vec<(Arc<str>, Instant)>,
@@ -148,10 +150,7 @@ fn is_shared(set: SetName) -> bool {
 fn frontend_of(key: &Key) -> Option<Key> {
     match key {
         Key::Frontend(..) | Key::NodePort(..) => Some(key.clone()),
-        Key::Backend(a, p, port, _) | Key::Allow(a, p, port, _) => {
-            Some(Key::Frontend(*a, *p, *port))
-        }
-        Key::NodePortBackend(p, port, _) => Some(Key::NodePort(*p, *port)),
+        Key::Allow(a, p, port, _) => Some(Key::Frontend(*a, *p, *port)),
         Key::Addr(_) | Key::Hairpin(..) => None,
     }
 }
@@ -372,15 +371,24 @@ fn full_sync(
         tx.line(None, format!("add table {fam} {TABLE}"));
         tx.line(None, format!("delete table {fam} {TABLE}"));
     }
-    skeleton::declare(&mut tx, ctx, &dnat_sets);
+    let old_slots = if rebuild {
+        Slots::default()
+    } else {
+        state.slots
+    };
+    let slots = Slots::needed(&dnat_sets).max(old_slots);
+    skeleton::declare(&mut tx, ctx, &dnat_sets, Slots::default());
+    skeleton::declare_slots(&mut tx, ctx, old_slots, slots);
     if !rebuild {
-        for set in skeleton::static_sets(ctx)
+        skeleton::write_slot_rules(&mut tx, ctx, Slots::default(), old_slots, true);
+        let static_sets = skeleton::static_sets(ctx)
             .into_iter()
-            .chain(dnat_sets.iter().copied())
-        {
+            .chain(dnat_sets.iter().copied());
+        for set in static_sets.chain(skeleton::slot_sets(old_slots)) {
             tx.line(None, format!("flush set {fam} {TABLE} {}", set.name()));
         }
     }
+    state.slots = slots;
     // Affinity sets first (rules reference them), then every chain declared before any rule.
     for (_, c) in &contributions {
         for set in &c.affinity_sets {
@@ -570,6 +578,11 @@ fn partial_sync(
             );
             state.dnat_created.insert(*set);
         }
+        // Slot maps are declared with the other declarations (elements are added to them
+        // later in this transaction); slot chains and dispatch rules follow.
+        let slots = Slots::needed(&state.dnat_created).max(state.slots);
+        skeleton::declare_slots(&mut declarations, ctx, state.slots, slots);
+        state.slots = slots;
         skeleton::write_dispatch(&mut dispatch, ctx, &state.dnat_created);
     }
     for set in stale_affinity {

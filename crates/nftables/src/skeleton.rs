@@ -39,8 +39,6 @@ const STATIC_CHAINS: &[&str] = &[
 pub fn static_sets(ctx: &Context) -> Vec<SetName> {
     let mut sets = vec![
         SetName::ClusterIps,
-        SetName::Backends,
-        SetName::NodePortBackends,
         SetName::ExternalMasquerade,
         SetName::NodePortMasquerade,
         SetName::NoEndpointReject,
@@ -63,8 +61,37 @@ pub fn family_keyword(ctx: &Context) -> &'static str {
     ctx.ip()
 }
 
+/// How many endpoint slots (maps and chains) the data path has, for addresses and NodePorts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slots {
+    pub addresses: u32,
+    pub node_ports: u32,
+}
+
+impl Slots {
+    /// Slots needed for these `dnat-N` / `nodeport-dnat-N` sets: the largest N of each kind.
+    pub fn needed(dnat_sets: &BTreeSet<SetName>) -> Slots {
+        let mut slots = Slots::default();
+        for set in dnat_sets {
+            match set {
+                SetName::Dnat(n) => slots.addresses = slots.addresses.max(*n),
+                SetName::NodePortDnat(n) => slots.node_ports = slots.node_ports.max(*n),
+                _ => {}
+            }
+        }
+        slots
+    }
+
+    pub fn max(self, other: Slots) -> Slots {
+        Slots {
+            addresses: self.addresses.max(other.addresses),
+            node_ports: self.node_ports.max(other.node_ports),
+        }
+    }
+}
+
 /// Declares the table, every set, base and static chain (idempotent `add`s).
-pub fn declare(tx: &mut Transaction, ctx: &Context, dnat_sets: &BTreeSet<SetName>) {
+pub fn declare(tx: &mut Transaction, ctx: &Context, dnat_sets: &BTreeSet<SetName>, slots: Slots) {
     let fam = family_keyword(ctx);
     tx.line(
         None,
@@ -87,6 +114,52 @@ pub fn declare(tx: &mut Transaction, ctx: &Context, dnat_sets: &BTreeSet<SetName
     for name in STATIC_CHAINS.iter().chain(std::iter::once(&DISPATCH_CHAIN)) {
         tx.line(None, format!("add chain {fam} {TABLE} {name}"));
     }
+    declare_slots(tx, ctx, Slots::default(), slots);
+}
+
+/// Declares slot maps and chains from `from` (exclusive counts) up to `to`, with their rule.
+pub fn declare_slots(tx: &mut Transaction, ctx: &Context, from: Slots, to: Slots) {
+    let fam = family_keyword(ctx);
+    for i in from.addresses..to.addresses {
+        tx.line(
+            None,
+            format!("add {}", set_declaration(ctx, SetName::Backends(i))),
+        );
+        tx.line(None, format!("add chain {fam} {TABLE} slot-{i}"));
+    }
+    for i in from.node_ports..to.node_ports {
+        tx.line(
+            None,
+            format!("add {}", set_declaration(ctx, SetName::NodePortBackends(i))),
+        );
+        tx.line(None, format!("add chain {fam} {TABLE} nodeport-slot-{i}"));
+    }
+    write_slot_rules(tx, ctx, from, to, false);
+}
+
+/// The single DNAT rule of each slot chain in the range (flushing first when `flush`).
+pub fn write_slot_rules(tx: &mut Transaction, ctx: &Context, from: Slots, to: Slots, flush: bool) {
+    let fam = family_keyword(ctx);
+    let ip = ctx.ip();
+    for i in from.addresses..to.addresses {
+        if flush {
+            tx.line(None, format!("flush chain {fam} {TABLE} slot-{i}"));
+        }
+        tx.line(None, format!("add rule {fam} {TABLE} slot-{i} dnat {ip} addr . port to {ip} daddr . meta l4proto . th dport map @backends-{i}"));
+    }
+    for i in from.node_ports..to.node_ports {
+        if flush {
+            tx.line(None, format!("flush chain {fam} {TABLE} nodeport-slot-{i}"));
+        }
+        tx.line(None, format!("add rule {fam} {TABLE} nodeport-slot-{i} dnat {ip} addr . port to meta l4proto . th dport map @nodeport-backends-{i}"));
+    }
+}
+
+/// The slot maps (for flushing on a full sync).
+pub fn slot_sets(slots: Slots) -> impl Iterator<Item = SetName> {
+    (0..slots.addresses)
+        .map(SetName::Backends)
+        .chain((0..slots.node_ports).map(SetName::NodePortBackends))
 }
 
 /// `set|map NAME { ... }` prefixed with the family and table, for `add`.
@@ -198,25 +271,33 @@ pub fn write_static_rules(tx: &mut Transaction, ctx: &Context) {
     );
 }
 
-/// Rewrites the dispatch chain: one DNAT rule per endpoint count in use.
+/// Rewrites the dispatch chain: per endpoint count N in use, one rule that picks one of the
+/// first N slots uniformly (`numgen random mod N`) for frontends in `dnat-N`.
 pub fn write_dispatch(tx: &mut Transaction, ctx: &Context, dnat_sets: &BTreeSet<SetName>) {
     let fam = family_keyword(ctx);
     let ip = ctx.ip();
     let np = ctx.nodeport_match();
     tx.line(None, format!("flush chain {fam} {TABLE} {DISPATCH_CHAIN}"));
     for set in dnat_sets {
-        let rule = match set {
-            SetName::Dnat(n) => format!(
-                "{ip} daddr . meta l4proto . th dport @dnat-{n} dnat {ip} addr . port to {ip} daddr . meta l4proto . th dport . numgen random mod {n} map @backends"
+        let (n, matcher, set_name, slot) = match set {
+            SetName::Dnat(n) => (
+                *n,
+                format!("{ip} daddr . meta l4proto . th dport"),
+                format!("dnat-{n}"),
+                "slot",
             ),
-            SetName::NodePortDnat(n) => format!(
-                "{np} meta l4proto . th dport @nodeport-dnat-{n} dnat {ip} addr . port to meta l4proto . th dport . numgen random mod {n} map @nodeport-backends"
+            SetName::NodePortDnat(n) => (
+                *n,
+                format!("{np} meta l4proto . th dport"),
+                format!("nodeport-dnat-{n}"),
+                "nodeport-slot",
             ),
             _ => continue,
         };
+        let targets: Vec<String> = (0..n).map(|i| format!("{i} : goto {slot}-{i}")).collect();
         tx.line(
             None,
-            format!("add rule {fam} {TABLE} {DISPATCH_CHAIN} {rule}"),
+            format!("add rule {fam} {TABLE} {DISPATCH_CHAIN} {matcher} @{set_name} numgen random mod {n} vmap {{ {} }}", targets.join(", ")),
         );
     }
 }

@@ -1,0 +1,603 @@
+//! A real-traffic test bed in network namespaces this test creates (never the root one):
+//!
+//! ```text
+//!   client (203.0.113.5, .200; 2001:db8:203::5) ─┐
+//!   node-a (192.0.2.10; 2001:db8:2::10) ─────────┼─ lan bridge (own namespace)
+//!   node-b (192.0.2.11; 2001:db8:2::11) ─────────┘
+//!   node-a br0 198.18.1.1/24 ── pod a1 198.18.1.2, pod a2 198.18.1.3   (kube-proxy runs in node-a)
+//!   node-b br0 198.18.2.1/24 ── pod b1 198.18.2.2
+//! ```
+//! IPv6 mirrors it under 2001:db8::/32. Pods run servers on TCP and UDP port 8080 that answer
+//! `<pod> <source address seen>`. Addresses are documentation/benchmark ranges, and the
+//! namespaces have no route to anything outside themselves.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const NODE_A: &str = "192.0.2.10";
+pub const NODE_A6: &str = "2001:db8:2::10";
+pub const CLIENT: &str = "203.0.113.5";
+pub const CLIENT_OUT_OF_RANGE: &str = "203.0.113.200";
+pub const CLIENT6: &str = "2001:db8:203::5";
+
+/// The pods: (name, node, IPv4, IPv6).
+pub const PODS: &[(&str, &str, &str, &str)] = &[
+    ("a1", "a", "198.18.1.2", "2001:db8:18:1::2"),
+    ("a2", "a", "198.18.1.3", "2001:db8:18:1::3"),
+    ("b1", "b", "198.18.2.2", "2001:db8:18:2::2"),
+];
+
+/// How a connection attempt ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered by `pod`, which saw the connection come from `source`.
+    Answered {
+        pod: String,
+        source: IpAddr,
+    },
+    Refused,
+    /// No answer within the timeout (dropped).
+    Timeout,
+    Other(String),
+}
+
+impl Outcome {
+    pub fn pod(&self) -> Option<&str> {
+        match self {
+            Outcome::Answered { pod, .. } => Some(pod),
+            _ => None,
+        }
+    }
+}
+
+pub struct TestBed {
+    pub prefix: String,
+    pub manifests: PathBuf,
+    proxy: Option<Child>,
+    log: PathBuf,
+    namespaces: Vec<String>,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn run(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Runs `ip -n <ns> <args...>` (the command line is split on spaces).
+fn ip(ns: &str, args: &str) {
+    let mut all = vec!["ip", "-n", ns];
+    all.extend(args.split_whitespace());
+    run(&all).unwrap();
+}
+
+fn sysctl(ns: &str, key: &str, value: &str) -> Result<String, String> {
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "sysctl",
+        "-q",
+        "-w",
+        &format!("{key}={value}"),
+    ])
+}
+
+/// Whether this process may create namespaces; without it the kernel tests are skipped,
+/// unless KP_REQUIRE_NETNS=1 (CI) makes that a failure.
+pub fn available() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let tools = Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && Command::new("ip")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if root && tools {
+        return true;
+    }
+    let why = if root {
+        "nft or ip is not installed"
+    } else {
+        "not running as root"
+    };
+    if std::env::var("KP_REQUIRE_NETNS").as_deref() == Ok("1") {
+        panic!("network-namespace tests are required (KP_REQUIRE_NETNS=1) but {why}");
+    }
+    eprintln!("SKIPPING network-namespace test: {why}");
+    false
+}
+
+impl TestBed {
+    pub fn new(test: &str) -> TestBed {
+        let id = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!(
+            "kp{}{}{}",
+            std::process::id() % 100000,
+            &test[..test.len().min(3)],
+            id
+        );
+        let manifests = std::env::temp_dir().join(format!("{prefix}-manifests"));
+        let _ = std::fs::remove_dir_all(&manifests);
+        std::fs::create_dir_all(&manifests).unwrap();
+        let log = std::env::temp_dir().join(format!("{prefix}-proxy.log"));
+        let mut bed = TestBed {
+            prefix,
+            manifests,
+            proxy: None,
+            log,
+            namespaces: Vec::new(),
+        };
+        bed.build();
+        bed
+    }
+
+    pub fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.prefix)
+    }
+
+    fn add_ns(&mut self, role: &str) -> String {
+        let name = self.ns(role);
+        run(&["ip", "netns", "add", &name]).unwrap();
+        self.namespaces.push(name.clone());
+        // Without duplicate-address detection, new links' IPv6 link-local addresses are usable
+        // at once (otherwise the first IPv6 connections wait ~2 s for neighbour discovery).
+        for key in [
+            "net.ipv6.conf.all.accept_dad",
+            "net.ipv6.conf.default.accept_dad",
+        ] {
+            sysctl(&name, key, "0").unwrap();
+        }
+        ip(&name, "link set lo up");
+        name
+    }
+
+    fn build(&mut self) {
+        let lan = self.add_ns("lan");
+        ip(&lan, "link add lan0 type bridge");
+        ip(&lan, "link set lan0 up");
+        // The three hosts on the LAN.
+        for (role, v4, v6) in [
+            ("node", "192.0.2.10/24", "2001:db8:2::10/64"),
+            ("nodeb", "192.0.2.11/24", "2001:db8:2::11/64"),
+            ("client", "203.0.113.5/24", "2001:db8:203::5/64"),
+        ] {
+            let ns = self.add_ns(role);
+            let peer = format!("p{role}");
+            ip(
+                &ns,
+                &format!("link add eth0 type veth peer name {peer} netns {lan}"),
+            );
+            ip(&lan, &format!("link set {peer} master lan0"));
+            ip(&lan, &format!("link set {peer} up"));
+            ip(&ns, "link set eth0 up");
+            ip(&ns, &format!("addr add {v4} dev eth0"));
+            ip(&ns, &format!("-6 addr add {v6} dev eth0 nodad"));
+        }
+        let client = self.ns("client");
+        ip(&client, "addr add 203.0.113.200/24 dev eth0");
+        for route in [
+            "192.0.2.0/24 dev eth0",
+            "198.51.100.0/24 via 192.0.2.10",
+            "198.19.0.0/16 via 192.0.2.10",
+        ] {
+            ip(&client, &format!("route add {route}"));
+        }
+        for route in [
+            "2001:db8:2::/64 dev eth0",
+            "2001:db8:51::/64 via 2001:db8:2::10",
+            "2001:db8:19::/64 via 2001:db8:2::10",
+        ] {
+            ip(&client, &format!("-6 route add {route}"));
+        }
+        // The nodes: a pod bridge each, forwarding, routes to the other node's pods.
+        for (role, bridge4, bridge6, other4, other6, other_pods4, other_pods6) in [
+            (
+                "node",
+                "198.18.1.1/24",
+                "2001:db8:18:1::1/64",
+                "192.0.2.11",
+                "2001:db8:2::11",
+                "198.18.2.0/24",
+                "2001:db8:18:2::/64",
+            ),
+            (
+                "nodeb",
+                "198.18.2.1/24",
+                "2001:db8:18:2::1/64",
+                "192.0.2.10",
+                "2001:db8:2::10",
+                "198.18.1.0/24",
+                "2001:db8:18:1::/64",
+            ),
+        ] {
+            let ns = self.ns(role);
+            ip(&ns, "link add br0 type bridge");
+            ip(&ns, "link set br0 up");
+            ip(&ns, &format!("addr add {bridge4} dev br0"));
+            ip(&ns, &format!("-6 addr add {bridge6} dev br0 nodad"));
+            ip(&ns, &format!("route add {other_pods4} via {other4}"));
+            ip(&ns, &format!("-6 route add {other_pods6} via {other6}"));
+            ip(&ns, "route add 203.0.113.0/24 dev eth0");
+            ip(&ns, "-6 route add 2001:db8:203::/64 dev eth0");
+            // Like a real node, a default route (to a router that does not exist on the test
+            // LAN), so that packets the proxy does not DNAT reach its REJECT/DROP rules rather
+            // than failing routing first.
+            ip(&ns, "route add default via 192.0.2.254");
+            ip(&ns, "-6 route add default via 2001:db8:2::fe");
+            sysctl(&ns, "net.ipv4.ip_forward", "1").unwrap();
+            sysctl(&ns, "net.ipv6.conf.all.forwarding", "1").unwrap();
+            // Replies between pods of one bridge are bridged, not routed; they must still
+            // meet conntrack to be un-NATed, as on every Kubernetes node with a bridge CNI.
+            let _ = sysctl(&ns, "net.bridge.bridge-nf-call-iptables", "1");
+            let _ = sysctl(&ns, "net.bridge.bridge-nf-call-ip6tables", "1");
+        }
+        for (pod, node, v4, v6) in PODS {
+            let ns = self.add_ns(pod);
+            let node_ns = self.ns(if *node == "a" { "node" } else { "nodeb" });
+            let gw4 = if *node == "a" {
+                "198.18.1.1"
+            } else {
+                "198.18.2.1"
+            };
+            let gw6 = if *node == "a" {
+                "2001:db8:18:1::1"
+            } else {
+                "2001:db8:18:2::1"
+            };
+            let peer = format!("v{pod}");
+            ip(
+                &ns,
+                &format!("link add eth0 type veth peer name {peer} netns {node_ns}"),
+            );
+            ip(&node_ns, &format!("link set {peer} master br0"));
+            // The bridge CNI's hairpinMode: a pod reaching itself through a Service is
+            // forwarded back out of the port it came in on.
+            ip(
+                &node_ns,
+                &format!("link set {peer} type bridge_slave hairpin on"),
+            );
+            ip(&node_ns, &format!("link set {peer} up"));
+            ip(&ns, "link set eth0 up");
+            ip(&ns, &format!("addr add {v4}/24 dev eth0"));
+            ip(&ns, &format!("-6 addr add {v6}/64 dev eth0 nodad"));
+            ip(&ns, &format!("route add default via {gw4}"));
+            ip(&ns, &format!("-6 route add default via {gw6}"));
+            start_servers(&ns, pod);
+        }
+    }
+
+    /// Writes a manifest file (YAML) for the proxy to pick up.
+    pub fn write_manifest(&self, name: &str, yaml: &str) {
+        let tmp = self.manifests.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.manifests.join(format!("{name}.yaml"))).unwrap();
+    }
+
+    pub fn remove_manifest(&self, name: &str) {
+        let _ = std::fs::remove_file(self.manifests.join(format!("{name}.yaml")));
+    }
+
+    /// Starts kube-proxy in node-a with the standard flags plus `extra`.
+    pub fn start_proxy(&mut self, extra: &[&str]) {
+        self.stop_proxy();
+        self.write_manifest(
+            "node-a",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec: {podCIDRs: [198.18.1.0/24, \"2001:db8:18:1::/64\"]}\nstatus:\n  addresses:\n  - {type: InternalIP, address: 192.0.2.10}\n  - {type: InternalIP, address: \"2001:db8:2::10\"}\n",
+        );
+        let log = File::create(&self.log).unwrap();
+        let mut args: Vec<String> = vec![
+            "netns".into(),
+            "exec".into(),
+            self.ns("node"),
+            env!("CARGO_BIN_EXE_kube-proxy").into(),
+            "--proxy-mode=nftables".into(),
+            "--hostname-override=node-a".into(),
+            format!("--manifests={}", self.manifests.display()),
+            "--healthz-bind-address=".into(),
+            "--metrics-bind-address=".into(),
+            "-v=4".into(),
+        ];
+        if !extra
+            .iter()
+            .any(|a| a.starts_with("--cluster-cidr") || a.starts_with("--detect-local-mode"))
+        {
+            args.push("--cluster-cidr=198.18.0.0/16,2001:db8:18::/48".into());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new("ip")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.proxy = Some(child);
+    }
+
+    /// Stops the proxy with SIGTERM (rules stay in place).
+    pub fn stop_proxy(&mut self) {
+        if let Some(mut child) = self.proxy.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+    }
+
+    pub fn proxy_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `nft list table <family> kube-proxy` in node-a.
+    pub fn ruleset(&self, family: &str) -> String {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns("node"),
+            "nft",
+            "list",
+            "table",
+            family,
+            "kube-proxy",
+        ])
+        .unwrap_or_default()
+    }
+
+    /// Waits until `check` holds (the proxy follows manifests asynchronously).
+    pub fn eventually(&self, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if check() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "timed out waiting for: {what}\n--- proxy log ---\n{}\n--- ruleset ---\n{}",
+            self.proxy_log(),
+            self.ruleset("ip")
+        );
+    }
+
+    /// Waits until the IPv4 ruleset mentions `text`.
+    pub fn wait_for_rules(&self, family: &str, text: &str) {
+        self.eventually(&format!("{text:?} in the {family} ruleset"), || {
+            self.ruleset(family).contains(text)
+        });
+    }
+
+    /// One TCP connection from namespace `from` (a role such as "client", "node" or a pod).
+    pub fn tcp(&self, from: &str, to: SocketAddr, source: Option<IpAddr>) -> Outcome {
+        let ns = self.ns(from);
+        in_netns(&ns, move || tcp_request(to, source))
+    }
+
+    pub fn udp(&self, from: &str, to: SocketAddr, source: Option<IpAddr>) -> Outcome {
+        let ns = self.ns(from);
+        in_netns(&ns, move || udp_request(to, source))
+    }
+
+    /// The set of pods answering `n` TCP connections, and every source they saw.
+    pub fn tcp_spread(&self, from: &str, to: SocketAddr, n: usize) -> (Vec<String>, Vec<IpAddr>) {
+        spread((0..n).map(|_| self.tcp(from, to, None)).collect())
+    }
+
+    pub fn udp_spread(&self, from: &str, to: SocketAddr, n: usize) -> (Vec<String>, Vec<IpAddr>) {
+        spread((0..n).map(|_| self.udp(from, to, None)).collect())
+    }
+}
+
+fn spread(outcomes: Vec<Outcome>) -> (Vec<String>, Vec<IpAddr>) {
+    let mut pods = Vec::new();
+    let mut sources = Vec::new();
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Answered { pod, source } => {
+                if !pods.contains(&pod) {
+                    pods.push(pod);
+                }
+                if !sources.contains(&source) {
+                    sources.push(source);
+                }
+            }
+            other => pods.push(format!("{other:?}")),
+        }
+    }
+    pods.sort();
+    pods.dedup();
+    sources.sort();
+    (pods, sources)
+}
+
+impl Drop for TestBed {
+    fn drop(&mut self) {
+        // KP_KEEP_NETNS=1 leaves the namespaces and the proxy for inspection by hand.
+        if std::env::var("KP_KEEP_NETNS").as_deref() == Ok("1") {
+            eprintln!(
+                "keeping test bed {} (ip netns list | grep {0})",
+                self.prefix
+            );
+            std::mem::forget(self.proxy.take());
+            return;
+        }
+        self.stop_proxy();
+        for ns in self.namespaces.iter().rev() {
+            let _ = run(&["ip", "netns", "del", ns]);
+        }
+        let _ = std::fs::remove_dir_all(&self.manifests);
+    }
+}
+
+/// Runs `f` on a new thread inside network namespace `ns` (never in a shared runtime).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Starts TCP and UDP servers on port 8080 (IPv4 and IPv6) in `ns`, answering
+/// `<pod> <source>`; they live as long as the test process.
+fn start_servers(ns: &str, pod: &str) {
+    let pod = pod.to_string();
+    let (tcp4, tcp6, udp4, udp6) = in_netns(ns, || {
+        let tcp4 = TcpListener::bind("0.0.0.0:8080").unwrap();
+        let tcp6 = bind_v6_only_tcp();
+        let udp4 = UdpSocket::bind("0.0.0.0:8080").unwrap();
+        let udp6 = bind_v6_only_udp();
+        (tcp4, tcp6, udp4, udp6)
+    });
+    for listener in [tcp4, tcp6] {
+        let pod = pod.clone();
+        thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let peer = conn.peer_addr().map(|a| a.ip().to_canonical()).ok();
+                let _ = conn.write_all(
+                    format!(
+                        "{pod} {}\n",
+                        peer.map(|p| p.to_string()).unwrap_or_default()
+                    )
+                    .as_bytes(),
+                );
+            }
+        });
+    }
+    for socket in [udp4, udp6] {
+        let pod = pod.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(
+                    format!("{pod} {}\n", peer.ip().to_canonical()).as_bytes(),
+                    peer,
+                );
+            }
+        });
+    }
+}
+
+fn bind_v6_only_tcp() -> TcpListener {
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+    socket.set_only_v6(true).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket
+        .bind(&SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 8080).into())
+        .unwrap();
+    socket.listen(128).unwrap();
+    socket.into()
+}
+
+fn bind_v6_only_udp() -> UdpSocket {
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None).unwrap();
+    socket.set_only_v6(true).unwrap();
+    socket
+        .bind(&SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 8080).into())
+        .unwrap();
+    socket.into()
+}
+
+const TIMEOUT: Duration = Duration::from_millis(700);
+
+fn parse_answer(text: &str) -> Outcome {
+    let mut parts = text.split_whitespace();
+    match (parts.next(), parts.next().and_then(|s| s.parse().ok())) {
+        (Some(pod), Some(source)) => Outcome::Answered {
+            pod: pod.to_string(),
+            source,
+        },
+        _ => Outcome::Other(format!("bad answer {text:?}")),
+    }
+}
+
+fn classify(e: std::io::Error) -> Outcome {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => Outcome::Refused,
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => Outcome::Timeout,
+        _ if e.raw_os_error() == Some(libc_ehostunreach()) => Outcome::Refused,
+        _ => Outcome::Other(e.to_string()),
+    }
+}
+
+fn libc_ehostunreach() -> i32 {
+    nix::errno::Errno::EHOSTUNREACH as i32
+}
+
+fn tcp_request(to: SocketAddr, source: Option<IpAddr>) -> Outcome {
+    let domain = if to.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+    if let Some(src) = source {
+        socket.bind(&SocketAddr::new(src, 0).into()).unwrap();
+    }
+    if let Err(e) = socket.connect_timeout(&to.into(), TIMEOUT) {
+        return classify(e);
+    }
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut text = String::new();
+    match stream.read_to_string(&mut text) {
+        Ok(_) => parse_answer(&text),
+        Err(e) => classify(e),
+    }
+}
+
+fn udp_request(to: SocketAddr, source: Option<IpAddr>) -> Outcome {
+    let bind: SocketAddr = match (source, to) {
+        (Some(src), _) => SocketAddr::new(src, 0),
+        (None, SocketAddr::V4(_)) => "0.0.0.0:0".parse().unwrap(),
+        (None, SocketAddr::V6(_)) => "[::]:0".parse().unwrap(),
+    };
+    let socket = UdpSocket::bind(bind).unwrap();
+    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    if let Err(e) = socket.connect(to) {
+        return classify(e);
+    }
+    if let Err(e) = socket.send(b"hello") {
+        return classify(e);
+    }
+    let mut buf = [0u8; 128];
+    match socket.recv(&mut buf) {
+        Ok(n) => parse_answer(&String::from_utf8_lossy(&buf[..n])),
+        Err(e) => classify(e),
+    }
+}
+
+pub fn sock(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+pub fn ipaddr(ip: &str) -> IpAddr {
+    ip.parse().unwrap()
+}
