@@ -180,3 +180,300 @@ fn no_endpoints_rejects_and_endpoint_changes_are_followed() {
         !bed.ruleset("ip").contains("198.19.0.20")
     });
 }
+
+fn source_of(outcome: &Outcome) -> Option<std::net::IpAddr> {
+    match outcome {
+        Outcome::Answered { source, .. } => Some(*source),
+        _ => None,
+    }
+}
+
+#[test]
+fn node_port_and_external_ips_with_cluster_policy() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("npc");
+    let spec = "  type: NodePort\n  clusterIP: 198.19.0.30\n  clusterIPs: [198.19.0.30, \"2001:db8:19::30\"]\n  ipFamilyPolicy: PreferDualStack\n  externalIPs: [198.51.100.10]\n  ports:\n  - {name: p, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}\n  - {name: u, port: 80, targetPort: 8080, nodePort: 30080, protocol: UDP}";
+    bed.write_manifest("np", &service("np", spec, &["a1", "b1"]));
+    bed.start_proxy(&[]);
+    bed.wait_for_rules("ip", "198.51.100.10");
+    bed.wait_for_rules("ip6", "2001:db8:19::30");
+    let both = pods(&["a1", "b1"]);
+    let client = ipaddr(testbed::CLIENT);
+
+    let (answered, sources) = bed.tcp_spread("client", sock(testbed::NODE_A, 30080), 30);
+    assert_eq!(answered, both);
+    assert!(
+        !sources.contains(&client),
+        "eTP Cluster masquerades: {sources:?}"
+    );
+    let (answered, _) = bed.udp_spread("client", sock(testbed::NODE_A, 30080), 30);
+    assert_eq!(answered, both);
+    let (answered, sources) = bed.tcp_spread("client", sock("198.51.100.10", 80), 30);
+    assert_eq!(answered, both);
+    assert!(!sources.contains(&client), "{sources:?}");
+    let (answered, _) = bed.tcp_spread("client", sock(testbed::NODE_A6, 30080), 30);
+    assert_eq!(answered, both, "IPv6 NodePort");
+    // A pod reaching the NodePort of its own node.
+    let (answered, _) = bed.tcp_spread("a2", sock(testbed::NODE_A, 30080), 30);
+    assert_eq!(answered, both);
+}
+
+#[test]
+fn external_traffic_policy_local() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("etp");
+    let spec = |ingress: &str| {
+        format!("  type: LoadBalancer\n  clusterIP: 198.19.0.40\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  ports:\n  - {{name: p, port: 80, targetPort: 8080, nodePort: 30040, protocol: TCP}}\n  - {{name: u, port: 80, targetPort: 8080, nodePort: 30040, protocol: UDP}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: {ingress}}}]")
+    };
+    bed.write_manifest("lb", &service("lb", &spec("198.51.100.40"), &["a1", "b1"]));
+    bed.start_proxy(&[]);
+    bed.wait_for_rules("ip", "198.51.100.40");
+    let lb = sock("198.51.100.40", 80);
+    let client = ipaddr(testbed::CLIENT);
+
+    // Outside clients reach only the local endpoint, and their address is preserved.
+    let (answered, sources) = bed.tcp_spread("client", lb, 30);
+    assert_eq!(answered, pods(&["a1"]));
+    assert_eq!(sources, vec![client], "client IP preserved");
+    let (answered, sources) = bed.tcp_spread("client", sock(testbed::NODE_A, 30040), 30);
+    assert_eq!(answered, pods(&["a1"]));
+    assert_eq!(sources, vec![client]);
+    let (answered, _) = bed.udp_spread("client", lb, 20);
+    assert_eq!(answered, pods(&["a1"]));
+    // Pods short-circuit to every endpoint, unmasqueraded.
+    let (answered, sources) = bed.tcp_spread("a2", lb, 30);
+    assert_eq!(answered, pods(&["a1", "b1"]));
+    assert_eq!(sources, vec![ipaddr("198.18.1.3")]);
+    // The node itself too, masqueraded.
+    let (answered, sources) = bed.tcp_spread("node", lb, 30);
+    assert_eq!(answered, pods(&["a1", "b1"]));
+    assert!(
+        sources
+            .iter()
+            .all(|s| *s == ipaddr("198.18.1.1") || *s == ipaddr(testbed::NODE_A)),
+        "{sources:?}"
+    );
+
+    // No local endpoint left: outside clients are dropped, pods still get b1.
+    bed.write_manifest("lb", &service("lb", &spec("198.51.100.40"), &["b1"]));
+    bed.eventually("pods reach only b1", || {
+        bed.tcp_spread("a2", lb, 10).0 == pods(&["b1"])
+    });
+    assert_eq!(
+        bed.tcp("client", lb, None),
+        Outcome::Timeout,
+        "dropped, not rejected"
+    );
+    assert_eq!(
+        bed.tcp("client", sock(testbed::NODE_A, 30040), None),
+        Outcome::Timeout
+    );
+    // No endpoint at all: rejected.
+    bed.write_manifest("lb", &service("lb", &spec("198.51.100.40"), &[]));
+    bed.eventually("rejected", || {
+        bed.tcp("client", lb, None) == Outcome::Refused
+    });
+    assert_eq!(
+        bed.tcp("client", sock(testbed::NODE_A, 30040), None),
+        Outcome::Refused
+    );
+    assert_eq!(
+        bed.tcp("a2", sock("198.19.0.40", 80), None),
+        Outcome::Refused
+    );
+}
+
+#[test]
+fn internal_traffic_policy_local() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("itp");
+    let spec = format!("  clusterIP: 198.19.0.50\n  internalTrafficPolicy: Local\n{PORTS}");
+    bed.write_manifest("itp", &service("itp", &spec, &["a1", "b1"]));
+    bed.start_proxy(&[]);
+    bed.wait_for_rules("ip", "198.19.0.50");
+    let vip = sock("198.19.0.50", 80);
+    assert_eq!(bed.tcp_spread("a2", vip, 20).0, pods(&["a1"]));
+    assert_eq!(bed.udp_spread("a2", vip, 20).0, pods(&["a1"]));
+    bed.write_manifest("itp", &service("itp", &spec, &["b1"]));
+    bed.eventually("dropped without a local endpoint", || {
+        bed.tcp("a2", vip, None) == Outcome::Timeout
+    });
+    bed.write_manifest("itp", &service("itp", &spec, &[]));
+    bed.eventually("rejected without any endpoint", || {
+        bed.tcp("a2", vip, None) == Outcome::Refused
+    });
+}
+
+#[test]
+fn client_ip_session_affinity() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("aff");
+    let spec = format!("  clusterIP: 198.19.0.60\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 300}}}}\n{PORTS}");
+    bed.write_manifest("aff", &service("aff", &spec, &["a1", "a2", "b1"]));
+    bed.start_proxy(&[]);
+    bed.wait_for_rules("ip", "198.19.0.60");
+    let vip = sock("198.19.0.60", 80);
+    for from in ["a2", "client", "node"] {
+        let (answered, _) = bed.tcp_spread(from, vip, 15);
+        assert_eq!(
+            answered.len(),
+            1,
+            "{from} sticks to one endpoint: {answered:?}"
+        );
+    }
+    // Without affinity the same clients spread over all endpoints (the control).
+    bed.write_manifest(
+        "aff",
+        &service(
+            "aff",
+            &format!("  clusterIP: 198.19.0.60\n{PORTS}"),
+            &["a1", "a2", "b1"],
+        ),
+    );
+    bed.eventually("spread again", || {
+        bed.tcp_spread("a2", vip, 30).0.len() == 3
+    });
+}
+
+#[test]
+fn load_balancer_source_ranges() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("lbr");
+    let spec = "  type: LoadBalancer\n  clusterIP: 198.19.0.70\n  loadBalancerSourceRanges: [203.0.113.0/25]\n  ports:\n  - {name: p, port: 80, targetPort: 8080, nodePort: 30070, protocol: TCP}\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.70}]";
+    bed.write_manifest("lbr", &service("lbr", spec, &["a1"]));
+    bed.start_proxy(&[]);
+    bed.wait_for_rules("ip", "198.51.100.70");
+    let lb = sock("198.51.100.70", 80);
+    assert_eq!(
+        bed.tcp("client", lb, Some(ipaddr(testbed::CLIENT))).pod(),
+        Some("a1"),
+        "inside the range"
+    );
+    assert_eq!(
+        bed.tcp("client", lb, Some(ipaddr(testbed::CLIENT_OUT_OF_RANGE))),
+        Outcome::Timeout,
+        "outside: dropped"
+    );
+    // NodePorts are not subject to source ranges.
+    assert_eq!(
+        bed.tcp(
+            "client",
+            sock(testbed::NODE_A, 30070),
+            Some(ipaddr(testbed::CLIENT_OUT_OF_RANGE))
+        )
+        .pod(),
+        Some("a1")
+    );
+}
+
+#[test]
+fn masquerading_under_each_local_traffic_detector() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("msq");
+    // b1 (remote) shows whether pod traffic is masqueraded; a2 (local) whether the node's is.
+    bed.write_manifest(
+        "remote",
+        &service(
+            "remote",
+            &format!("  clusterIP: 198.19.0.80\n{PORTS}"),
+            &["b1"],
+        ),
+    );
+    bed.write_manifest(
+        "local",
+        &service(
+            "local",
+            &format!("  clusterIP: 198.19.0.81\n{PORTS}"),
+            &["a2"],
+        ),
+    );
+    let pod = ipaddr("198.18.1.2");
+    let node_masqueraded = ipaddr("198.18.1.1");
+    let cases: &[(&[&str], bool, bool)] = &[
+        // (flags, pod traffic masqueraded, node traffic masqueraded)
+        (
+            &["--cluster-cidr=198.18.0.0/16,2001:db8:18::/48"],
+            false,
+            true,
+        ),
+        (
+            &[
+                "--cluster-cidr=198.18.0.0/16,2001:db8:18::/48",
+                "--masquerade-all",
+            ],
+            true,
+            true,
+        ),
+        (&["--detect-local-mode=NodeCIDR"], false, true),
+        (
+            &[
+                "--detect-local-mode=BridgeInterface",
+                "--pod-bridge-interface=br0",
+            ],
+            false,
+            true,
+        ),
+        (
+            &[
+                "--detect-local-mode=InterfaceNamePrefix",
+                "--pod-interface-name-prefix=br",
+            ],
+            false,
+            true,
+        ),
+        // No detector (ClusterCIDR mode without a CIDR): nothing is masqueraded.
+        (&["--detect-local-mode=ClusterCIDR"], false, false),
+    ];
+    for (flags, pod_masq, node_masq) in cases {
+        bed.start_proxy(flags);
+        bed.wait_for_rules("ip", "198.19.0.81");
+        let from_pod =
+            source_of(&bed.tcp("a1", sock("198.19.0.80", 80), None)).expect("pod reaches b1");
+        assert_eq!(
+            from_pod != pod,
+            *pod_masq,
+            "{flags:?}: pod traffic seen as {from_pod}\n{}\n{}",
+            bed.proxy_log(),
+            bed.ruleset("ip")
+        );
+        let from_node =
+            source_of(&bed.tcp("node", sock("198.19.0.81", 80), None)).expect("node reaches a2");
+        assert_eq!(
+            from_node == node_masqueraded,
+            *node_masq,
+            "{flags:?}: node traffic seen as {from_node}"
+        );
+    }
+}
+
+#[test]
+fn sctp_services_are_programmed() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("sct");
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: t}\nspec:\n  type: NodePort\n  clusterIP: 198.19.0.90\n  ports: [{name: s, port: 9000, nodePort: 30900, protocol: SCTP}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: t, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{name: s, port: 9000, protocol: SCTP}]\nendpoints: [{addresses: [198.18.1.2], nodeName: node-a}]\n";
+    bed.write_manifest("s", yaml);
+    bed.start_proxy(&[]);
+    // This kernel has no SCTP sockets to send traffic with; the kernel accepting the rules is
+    // what can be proven here.
+    bed.wait_for_rules("ip", "198.19.0.90 . sctp . 9000 : 198.18.1.2 . 9000");
+    bed.wait_for_rules("ip", "sctp . 30900 : 198.18.1.2 . 9000");
+    assert!(
+        !bed.proxy_log().contains("Sync failed"),
+        "{}",
+        bed.proxy_log()
+    );
+}

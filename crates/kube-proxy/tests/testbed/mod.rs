@@ -249,6 +249,10 @@ impl TestBed {
             ip(&ns, "route add default via 192.0.2.254");
             ip(&ns, "-6 route add default via 2001:db8:2::fe");
             sysctl(&ns, "net.ipv4.ip_forward", "1").unwrap();
+            // REJECT answers with ICMP, which the kernel rate-limits per destination (1/s after
+            // a burst); tests tell refused from dropped on every attempt, so no limit here.
+            sysctl(&ns, "net.ipv4.icmp_ratelimit", "0").unwrap();
+            sysctl(&ns, "net.ipv6.icmp.ratelimit", "0").unwrap();
             sysctl(&ns, "net.ipv6.conf.all.forwarding", "1").unwrap();
             // Replies between pods of one bridge are bridged, not routed; they must still
             // meet conntrack to be un-NATed, as on every Kubernetes node with a bridge CNI.
@@ -335,6 +339,11 @@ impl TestBed {
             .spawn()
             .unwrap();
         self.proxy = Some(child);
+        // Rules of a previous proxy are still in the kernel: wait for this one's first sync.
+        self.eventually("the proxy's first sync of both families", || {
+            let log = self.proxy_log();
+            log.contains("\"Synced\" family=\"IPv4\"") && log.contains("\"Synced\" family=\"IPv6\"")
+        });
     }
 
     /// Stops the proxy with SIGTERM (rules stay in place).
