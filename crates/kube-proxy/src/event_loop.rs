@@ -57,6 +57,8 @@ pub struct EventLoop {
     /// Return from `run` after the first sync in which every family succeeded (`--once`).
     exit_after_first_sync: bool,
     all_ok_once: bool,
+    /// Whether the Node list in progress contained this proxy's Node.
+    node_listed: bool,
 }
 
 impl EventLoop {
@@ -96,6 +98,7 @@ impl EventLoop {
             announced_ready: false,
             exit_after_first_sync: false,
             all_ok_once: false,
+            node_listed: false,
         }
     }
 
@@ -164,6 +167,34 @@ impl EventLoop {
             SourceEvent::Services(ObjectEvent::Replace(list)) => {
                 let outcomes = self.state.replace_services(list.iter());
                 log_outcomes("Service", outcomes);
+            }
+            SourceEvent::Services(ObjectEvent::ListStart) => self.state.begin_service_list(),
+            SourceEvent::Services(ObjectEvent::Listed(obj)) => {
+                let name = object_name(&obj.metadata);
+                log_outcome("Service", &name, self.state.listed_service(&obj));
+            }
+            SourceEvent::Services(ObjectEvent::ListDone) => self.state.finish_service_list(),
+            SourceEvent::EndpointSlices(ObjectEvent::ListStart) => self.state.begin_slice_list(),
+            SourceEvent::EndpointSlices(ObjectEvent::Listed(obj)) => {
+                let name = object_name(&obj.metadata);
+                log_outcome("EndpointSlice", &name, self.state.listed_slice(&obj));
+            }
+            SourceEvent::EndpointSlices(ObjectEvent::ListDone) => self.state.finish_slice_list(),
+            SourceEvent::Node(ObjectEvent::ListStart) => self.node_listed = false,
+            SourceEvent::Node(ObjectEvent::Listed(obj)) => {
+                self.node_listed = true;
+                if self.state.set_node(Some(&obj)) == Outcome::Changed {
+                    info!(node = self.state.node_name(), "Node object updated");
+                }
+            }
+            SourceEvent::Node(ObjectEvent::ListDone) => {
+                if !self.node_listed {
+                    self.state.set_node(None);
+                    info!(
+                        node = self.state.node_name(),
+                        "This proxy's Node object is not known (yet)"
+                    );
+                }
             }
             SourceEvent::Services(ObjectEvent::Apply(obj)) => {
                 let name = object_name(&obj.metadata);

@@ -172,18 +172,29 @@ async fn serve(fake: Arc<Mutex<Fake>>) -> String {
     format!("http://{addr}")
 }
 
+/// The next Service event, with a streamed list (ListStart, Listed..., ListDone) assembled
+/// into one `Replace`.
 async fn next_service_event(
     rx: &mut mpsc::Receiver<SourceEvent>,
     seen: &mut Vec<SourceEvent>,
 ) -> ObjectEvent<k8s_openapi::api::core::v1::Service> {
+    let mut listing: Option<Vec<k8s_openapi::api::core::v1::Service>> = None;
     loop {
         let event = tokio::time::timeout(Duration::from_secs(20), rx.recv())
             .await
             .expect("timed out waiting for a Service event")
             .expect("source ended");
         seen.push(event.clone());
-        if let SourceEvent::Services(e) = event {
-            return e;
+        match event {
+            SourceEvent::Services(ObjectEvent::ListStart) => listing = Some(Vec::new()),
+            SourceEvent::Services(ObjectEvent::Listed(svc)) => {
+                listing.as_mut().expect("Listed outside a list").push(svc)
+            }
+            SourceEvent::Services(ObjectEvent::ListDone) => {
+                return ObjectEvent::Replace(listing.take().expect("ListDone without ListStart"))
+            }
+            SourceEvent::Services(other) => return other,
+            _ => {}
         }
     }
 }
@@ -289,14 +300,16 @@ async fn list_watch_disconnect_and_410_gone() {
     let mut state = ClusterState::new("node-a");
     for event in seen {
         match event {
-            SourceEvent::Services(ObjectEvent::Replace(list)) => {
-                drop(state.replace_services(list.iter()))
-            }
+            SourceEvent::Services(ObjectEvent::ListStart) => state.begin_service_list(),
+            SourceEvent::Services(ObjectEvent::Listed(svc)) => drop(state.listed_service(&svc)),
+            SourceEvent::Services(ObjectEvent::ListDone) => state.finish_service_list(),
             SourceEvent::Services(ObjectEvent::Apply(svc)) => drop(state.apply_service(&svc)),
-            SourceEvent::EndpointSlices(ObjectEvent::Replace(list)) => {
-                drop(state.replace_slices(list.iter()))
+            SourceEvent::EndpointSlices(ObjectEvent::ListStart) => state.begin_slice_list(),
+            SourceEvent::EndpointSlices(ObjectEvent::Listed(slice)) => {
+                drop(state.listed_slice(&slice))
             }
-            SourceEvent::Node(ObjectEvent::Replace(list)) => drop(state.set_node(list.first())),
+            SourceEvent::EndpointSlices(ObjectEvent::ListDone) => state.finish_slice_list(),
+            SourceEvent::Node(ObjectEvent::Listed(node)) => drop(state.set_node(Some(&node))),
             _ => {}
         }
     }

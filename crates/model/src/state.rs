@@ -5,7 +5,7 @@
 //! not read, an identical relist) are discarded here, so they never trigger a sync. Relists
 //! ("replace everything") are diffed against what is stored.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -75,6 +75,20 @@ pub struct ClusterState {
     pending: Changes,
     counts: ChangeCounts,
     synced: Synced,
+    /// Keys seen by a streamed (re)list in progress.
+    listing_services: Option<HashSet<NamespacedName>>,
+    listing_slices: Option<HashSet<(NamespacedName, Arc<str>)>>,
+}
+
+fn object_label(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    match &meta.name {
+        Some(name) => format!(
+            "{}/{}",
+            meta.namespace.as_deref().unwrap_or("default"),
+            name
+        ),
+        None => "<unnamed>".into(),
+    }
 }
 
 impl ClusterState {
@@ -187,17 +201,36 @@ impl ClusterState {
         &mut self,
         services: impl IntoIterator<Item = &'a Service>,
     ) -> Vec<(String, Outcome)> {
-        let mut seen = BTreeSet::new();
-        let mut outcomes = Vec::new();
-        for service in services {
-            let label = service_key(service)
-                .map(|k| k.to_string())
-                .unwrap_or_else(|| "<unnamed>".into());
-            if let Some(key) = service_key(service) {
-                seen.insert(key);
-            }
-            outcomes.push((label, self.apply_service(service)));
+        self.begin_service_list();
+        let outcomes = services
+            .into_iter()
+            .map(|service| {
+                (
+                    object_label(&service.metadata),
+                    self.listed_service(service),
+                )
+            })
+            .collect();
+        self.finish_service_list();
+        outcomes
+    }
+
+    /// Starts a streamed (re)list of Services: objects follow through [`Self::listed_service`]
+    /// and [`Self::finish_service_list`] removes those not seen. Streaming keeps only converted
+    /// objects in memory, never the whole raw list.
+    pub fn begin_service_list(&mut self) {
+        self.listing_services = Some(Default::default());
+    }
+
+    pub fn listed_service(&mut self, service: &Service) -> Outcome {
+        if let (Some(seen), Some(key)) = (self.listing_services.as_mut(), service_key(service)) {
+            seen.insert(key);
         }
+        self.apply_service(service)
+    }
+
+    pub fn finish_service_list(&mut self) {
+        let seen = self.listing_services.take().unwrap_or_default();
         let stale: Vec<NamespacedName> = self
             .services
             .keys()
@@ -208,7 +241,6 @@ impl ClusterState {
             self.delete_service(&key);
         }
         self.synced.services = true;
-        outcomes
     }
 
     // ---- EndpointSlices ----
@@ -274,18 +306,29 @@ impl ClusterState {
         &mut self,
         slices: impl IntoIterator<Item = &'a EndpointSlice>,
     ) -> Vec<(String, Outcome)> {
-        let mut seen: BTreeSet<(NamespacedName, Arc<str>)> = BTreeSet::new();
-        let mut outcomes = Vec::new();
-        for slice in slices {
-            let label = match (&slice.metadata.namespace, &slice.metadata.name) {
-                (ns, Some(name)) => format!("{}/{}", ns.as_deref().unwrap_or("default"), name),
-                _ => "<unnamed>".into(),
-            };
-            if let Some(key) = slice_key(slice) {
-                seen.insert(key);
-            }
-            outcomes.push((label, self.apply_slice(slice)));
+        self.begin_slice_list();
+        let outcomes = slices
+            .into_iter()
+            .map(|slice| (object_label(&slice.metadata), self.listed_slice(slice)))
+            .collect();
+        self.finish_slice_list();
+        outcomes
+    }
+
+    /// Streamed (re)list of EndpointSlices, as for Services.
+    pub fn begin_slice_list(&mut self) {
+        self.listing_slices = Some(Default::default());
+    }
+
+    pub fn listed_slice(&mut self, slice: &EndpointSlice) -> Outcome {
+        if let (Some(seen), Some(key)) = (self.listing_slices.as_mut(), slice_key(slice)) {
+            seen.insert(key);
         }
+        self.apply_slice(slice)
+    }
+
+    pub fn finish_slice_list(&mut self) {
+        let seen = self.listing_slices.take().unwrap_or_default();
         let stale: Vec<(NamespacedName, Arc<str>)> = self
             .slices
             .iter()
@@ -296,7 +339,6 @@ impl ClusterState {
             self.delete_slice(&service, &name);
         }
         self.synced.endpoint_slices = true;
-        outcomes
     }
 
     // ---- Node ----

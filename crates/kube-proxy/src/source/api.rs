@@ -3,8 +3,8 @@
 //!
 //! The watcher resumes a broken watch from the last resourceVersion, relists when the server
 //! answers `410 Gone`, and backs off exponentially (0.8 s to 30 s) on errors; this module
-//! logs each of those and turns every (re)list into one `Replace` event, so the receiver never
-//! sees a half-listed kind.
+//! logs each of those and streams every (re)list as `ListStart`, `Listed`..., `ListDone`, so the
+//! receiver converts objects one at a time and never applies a half-listed kind.
 
 use std::fmt::Debug;
 
@@ -110,13 +110,13 @@ async fn watch_kind<K>(
         // managedFields are large and unused: drop them before they are buffered.
         .modify(|obj| obj.managed_fields_mut().clear());
     let mut stream = std::pin::pin!(stream);
-    let mut buffer: Vec<K> = Vec::new();
+    let mut listed = 0usize;
     let mut lists = 0u64;
     let mut failing = false;
     while let Some(item) = stream.next().await {
         let event = match item {
             Ok(Event::Init) => {
-                buffer.clear();
+                listed = 0;
                 if lists == 0 {
                     info!(kind = what, "Listing objects");
                 } else {
@@ -125,20 +125,20 @@ async fn watch_kind<K>(
                         "Relisting objects (the watch could not be resumed, e.g. 410 Gone)"
                     );
                 }
-                continue;
+                ObjectEvent::ListStart
             }
             Ok(Event::InitApply(obj)) => {
-                buffer.push(obj);
-                continue;
+                listed += 1;
+                ObjectEvent::Listed(obj)
             }
             Ok(Event::InitDone) => {
                 lists += 1;
                 info!(
                     kind = what,
-                    count = buffer.len(),
+                    count = listed,
                     "Listed objects; watching for changes"
                 );
-                ObjectEvent::Replace(std::mem::take(&mut buffer))
+                ObjectEvent::ListDone
             }
             Ok(Event::Apply(obj)) => ObjectEvent::Apply(obj),
             Ok(Event::Delete(obj)) => ObjectEvent::Delete(obj),

@@ -1,9 +1,10 @@
 //! Sources of cluster state, behind one event type, so nothing downstream knows whether it
 //! runs against an API server or a directory of manifests.
 //!
-//! A source sends [`SourceEvent`]s on a channel. `Replace` carries a complete list of one kind
-//! (an initial list, a relist after `410 Gone`, or a re-read directory): the receiver diffs it
-//! against what it holds, and the first `Replace` of a kind marks that kind synced.
+//! A source sends [`SourceEvent`]s on a channel. A complete list of one kind (an initial list,
+//! a relist after `410 Gone`, or a re-read directory) arrives as `Replace`, or streamed as
+//! `ListStart`, `Listed`..., `ListDone`: the receiver diffs it against what it holds, and the
+//! first complete list of a kind marks that kind synced.
 
 pub mod api;
 pub mod manifests;
@@ -18,6 +19,11 @@ pub enum ObjectEvent<T> {
     Delete(T),
     /// The complete current set of this kind.
     Replace(Vec<T>),
+    /// A (re)list begins: the objects follow as `Listed`, then `ListDone`; objects not listed
+    /// are deleted then. Streaming keeps the raw list out of memory.
+    ListStart,
+    Listed(T),
+    ListDone,
 }
 
 impl<T> ObjectEvent<T> {
@@ -26,6 +32,9 @@ impl<T> ObjectEvent<T> {
             ObjectEvent::Apply(_) => "apply",
             ObjectEvent::Delete(_) => "delete",
             ObjectEvent::Replace(_) => "replace",
+            ObjectEvent::ListStart => "list start",
+            ObjectEvent::Listed(_) => "listed",
+            ObjectEvent::ListDone => "list done",
         }
     }
 }
