@@ -29,12 +29,33 @@ pub struct Endpoint {
     pub is_local: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_name: Option<Arc<str>>,
+    /// Topology hints, if any (most endpoints have none: one pointer, shared with the slice).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hints: Option<Arc<Hints>>,
+}
+
+/// `hints.forZones` and `hints.forNodes` of an endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Hints {
+    pub zones: Vec<Arc<str>>,
+    pub nodes: Vec<Arc<str>>,
+}
+
+impl Endpoint {
     /// `hints.forZones`; empty means no zone hints.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub zone_hints: Vec<Arc<str>>,
+    pub fn zone_hints(&self) -> &[Arc<str>] {
+        self.hints
+            .as_deref()
+            .map(|h| h.zones.as_slice())
+            .unwrap_or(&[])
+    }
     /// `hints.forNodes`; empty means no node hints.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub node_hints: Vec<Arc<str>>,
+    pub fn node_hints(&self) -> &[Arc<str>] {
+        self.hints
+            .as_deref()
+            .map(|h| h.nodes.as_slice())
+            .unwrap_or(&[])
+    }
 }
 
 impl Endpoint {
@@ -73,8 +94,7 @@ pub struct SliceEndpoint {
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<Arc<str>>,
-    pub zone_hints: Vec<Arc<str>>,
-    pub node_hints: Vec<Arc<str>>,
+    pub hints: Option<Arc<Hints>>,
 }
 
 /// The parts of an EndpointSlice kube-proxy uses; small on purpose (memory at 250k endpoints).
@@ -196,22 +216,23 @@ pub fn convert_slice(slice: &EndpointSlice) -> Result<ConvertedSlice, SliceError
         let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
         let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
         let hints = endpoint.hints.as_ref();
-        let zone_hints = hints
+        let zones: Vec<Arc<str>> = hints
             .and_then(|h| h.for_zones.as_ref())
             .map(|zones| zones.iter().map(|z| Arc::from(z.name.as_str())).collect())
             .unwrap_or_default();
-        let node_hints = hints
+        let nodes: Vec<Arc<str>> = hints
             .and_then(|h| h.for_nodes.as_ref())
             .map(|nodes| nodes.iter().map(|n| Arc::from(n.name.as_str())).collect())
             .unwrap_or_default();
+        let hints =
+            (!zones.is_empty() || !nodes.is_empty()).then(|| Arc::new(Hints { zones, nodes }));
         endpoints.push(SliceEndpoint {
             ip,
             ready,
             serving,
             terminating,
             node_name: endpoint.node_name.as_deref().map(Arc::from),
-            zone_hints,
-            node_hints,
+            hints,
         });
     }
     Ok(ConvertedSlice::Slice {
@@ -255,8 +276,7 @@ pub fn merge_slices<'a>(
                     terminating: ep.terminating,
                     is_local,
                     node_name: ep.node_name.clone(),
-                    zone_hints: ep.zone_hints.clone(),
-                    node_hints: ep.node_hints.clone(),
+                    hints: ep.hints.clone(),
                 };
                 let key = endpoint.key();
                 if is_local || !set.contains_key(&key) {
@@ -305,7 +325,10 @@ mod tests {
             "wrong-family and empty addresses are skipped"
         );
         assert!(s.endpoints[0].ready && s.endpoints[0].serving && !s.endpoints[0].terminating);
-        assert_eq!(s.endpoints[0].zone_hints, vec![Arc::from("z1")]);
+        assert_eq!(
+            s.endpoints[0].hints.as_ref().unwrap().zones,
+            vec![Arc::from("z1")]
+        );
         assert!(!s.endpoints[1].ready && s.endpoints[1].serving && s.endpoints[1].terminating);
         assert_eq!(s.ports[0].protocol, Protocol::Tcp);
     }

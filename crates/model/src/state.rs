@@ -5,7 +5,7 @@
 //! not read, an identical relist) are discarded here, so they never trigger a sync. Relists
 //! ("replace everything") are diffed against what is stored.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -70,7 +70,11 @@ pub struct ChangeCounts {
 pub struct ClusterState {
     node_name: String,
     services: HashMap<NamespacedName, Vec<Arc<ServicePort>>>,
-    slices: HashMap<NamespacedName, BTreeMap<Arc<str>, SliceInfo>>,
+    /// Slices of each Service, sorted by name (most Services have one or two; a Vec costs a
+    /// fraction of a map per Service).
+    slices: HashMap<NamespacedName, Vec<SliceInfo>>,
+    /// Shared copies of repeated strings (namespaces, port and node names, zones).
+    interner: HashSet<Arc<str>>,
     node: Option<NodeInfo>,
     pending: Changes,
     counts: ChangeCounts,
@@ -116,7 +120,7 @@ impl ClusterState {
         self.services.len()
     }
     pub fn endpoint_slice_count(&self) -> usize {
-        self.slices.values().map(BTreeMap::len).sum()
+        self.slices.values().map(Vec::len).sum()
     }
     pub fn service_names(&self) -> impl Iterator<Item = &NamespacedName> {
         self.services.keys()
@@ -125,10 +129,7 @@ impl ClusterState {
         self.services.get(service).map(Vec::as_slice).unwrap_or(&[])
     }
     pub fn slices_of(&self, service: &NamespacedName) -> impl Iterator<Item = &SliceInfo> {
-        self.slices
-            .get(service)
-            .into_iter()
-            .flat_map(|m| m.values())
+        self.slices.get(service).into_iter().flatten()
     }
 
     /// Changes since the last checkout; the state starts accumulating anew.
@@ -177,7 +178,52 @@ impl ClusterState {
         }
     }
 
+    /// One shared copy of a string.
+    fn intern(&mut self, s: &Arc<str>) -> Arc<str> {
+        if let Some(existing) = self.interner.get(s) {
+            return existing.clone();
+        }
+        self.interner.insert(s.clone());
+        s.clone()
+    }
+
+    fn intern_name(&mut self, name: &NamespacedName) -> NamespacedName {
+        NamespacedName {
+            namespace: self.intern(&name.namespace),
+            name: self.intern(&name.name),
+        }
+    }
+
+    fn intern_slice(&mut self, mut info: SliceInfo) -> SliceInfo {
+        info.service = self.intern_name(&info.service);
+        for port in &mut info.ports {
+            port.name = self.intern(&port.name);
+        }
+        for ep in &mut info.endpoints {
+            if let Some(node) = &ep.node_name {
+                ep.node_name = Some(self.intern(node));
+            }
+        }
+        info
+    }
+
+    /// Drops interned strings nothing uses any more (after a relist).
+    fn compact_interner(&mut self) {
+        self.interner.retain(|s| Arc::strong_count(s) > 1);
+    }
+
     fn store_service(&mut self, key: NamespacedName, ports: Vec<Arc<ServicePort>>) -> Outcome {
+        let key = self.intern_name(&key);
+        let ports: Vec<Arc<ServicePort>> = ports
+            .into_iter()
+            .map(|mut port| {
+                if let Some(p) = Arc::get_mut(&mut port) {
+                    p.name.service = key.clone();
+                    p.name.port = self.intern(&p.name.port);
+                }
+                port
+            })
+            .collect();
         if self.services.get(&key) == Some(&ports) {
             return Outcome::Unchanged;
         }
@@ -241,6 +287,7 @@ impl ClusterState {
             self.delete_service(&key);
         }
         self.synced.services = true;
+        self.compact_interner();
     }
 
     // ---- EndpointSlices ----
@@ -251,12 +298,14 @@ impl ClusterState {
                 slice: info,
                 warnings,
             }) => {
+                let info = self.intern_slice(info);
                 let service = info.service.clone();
                 let entry = self.slices.entry(service.clone()).or_default();
-                if entry.get(&info.name) == Some(&info) {
-                    return Outcome::Unchanged;
+                match entry.binary_search_by(|s| s.name.cmp(&info.name)) {
+                    Ok(i) if entry[i] == info => return Outcome::Unchanged,
+                    Ok(i) => entry[i] = info,
+                    Err(i) => entry.insert(i, info),
                 }
-                entry.insert(info.name.clone(), info);
                 self.mark_service(service, true);
                 if warnings.is_empty() {
                     Outcome::Changed
@@ -283,9 +332,10 @@ impl ClusterState {
         let Some(entry) = self.slices.get_mut(service) else {
             return Outcome::Unchanged;
         };
-        if entry.remove(name).is_none() {
+        let Ok(index) = entry.binary_search_by(|s| (*s.name).cmp(name)) else {
             return Outcome::Unchanged;
-        }
+        };
+        entry.remove(index);
         if entry.is_empty() {
             self.slices.remove(service);
         }
@@ -332,13 +382,14 @@ impl ClusterState {
         let stale: Vec<(NamespacedName, Arc<str>)> = self
             .slices
             .iter()
-            .flat_map(|(svc, m)| m.keys().map(move |n| (svc.clone(), n.clone())))
+            .flat_map(|(svc, v)| v.iter().map(move |s| (svc.clone(), s.name.clone())))
             .filter(|k| !seen.contains(k))
             .collect();
         for (service, name) in stale {
             self.delete_slice(&service, &name);
         }
         self.synced.endpoint_slices = true;
+        self.compact_interner();
     }
 
     // ---- Node ----

@@ -136,16 +136,16 @@ fn topology_mode_from_hints(
     let mut has_endpoint_for_zone = false;
     let mut all_have_zone_hints = true;
     for ep in endpoints.iter().filter(|ep| ep.ready) {
-        if ep.node_hints.is_empty() {
+        if ep.node_hints().is_empty() {
             all_have_node_hints = false;
-        } else if ep.node_hints.iter().any(|n| &**n == node.node_name) {
+        } else if ep.node_hints().iter().any(|n| &**n == node.node_name) {
             has_endpoint_for_node = true;
         }
-        if ep.zone_hints.is_empty() {
+        if ep.zone_hints().is_empty() {
             all_have_zone_hints = false;
         } else if node
             .zone
-            .is_some_and(|zone| ep.zone_hints.iter().any(|z| &**z == zone))
+            .is_some_and(|zone| ep.zone_hints().iter().any(|z| &**z == zone))
         {
             has_endpoint_for_zone = true;
         }
@@ -162,10 +162,10 @@ fn topology_mode_from_hints(
 fn available_for_topology(ep: &Endpoint, mode: TopologyMode, node: NodeTopology<'_>) -> bool {
     match mode {
         TopologyMode::None => true,
-        TopologyMode::PreferSameNode => ep.node_hints.iter().any(|n| &**n == node.node_name),
+        TopologyMode::PreferSameNode => ep.node_hints().iter().any(|n| &**n == node.node_name),
         TopologyMode::PreferSameZone => node
             .zone
-            .is_some_and(|zone| ep.zone_hints.iter().any(|z| &**z == zone)),
+            .is_some_and(|zone| ep.zone_hints().iter().any(|z| &**z == zone)),
     }
 }
 

@@ -38,13 +38,21 @@ pub type Clock = Box<dyn Fn() -> Instant + Send>;
 
 const STALE_CHAIN_DELAY: Duration = Duration::from_secs(1);
 
+/// What one service port has applied: its plan (shared with the planner, so keeping it costs
+/// a pointer) and the frontends it was refused because another port owned them. Its elements
+/// are recomputed from these when the port changes, rather than stored.
+struct Applied {
+    plan: Arc<ServicePortPlan>,
+    refused: Option<Box<[Key]>>,
+}
+
 /// What is applied for one family.
 #[derive(Default)]
 struct FamilyState {
     /// The table was (re)built by this process and the bookkeeping matches the kernel.
     initialized: bool,
     ctx: Option<Context>,
-    by_port: HashMap<ServicePortName, Contribution>,
+    by_port: HashMap<ServicePortName, Applied>,
     /// Which service port owns each frontend (address frontend or NodePort).
     frontend_owner: HashMap<Key, ServicePortName>,
     /// Reference counts of elements several ports may share (ClusterIPs, hairpin entries).
@@ -157,23 +165,25 @@ fn frontend_of(key: &Key) -> Option<Key> {
 
 /// Computes a port's contribution and claims its frontends; elements of frontends owned by
 /// another port are left out (and reported), so a conflict never fails a transaction.
+/// Returns the contribution and the refused frontends.
 fn claim(
     state: &mut FamilyState,
     plan: &ServicePortPlan,
     ctx: &Context,
     warnings: &mut Vec<String>,
-) -> Contribution {
+) -> (Contribution, Option<Box<[Key]>>) {
     let name = &plan.port.name;
     let mut c = contribute(plan, ctx);
-    let mut refused: HashSet<Key> = HashSet::new();
+    let mut refused: Vec<Key> = Vec::new();
     for (_, key, _) in &c.elements {
         let Some(frontend) = frontend_of(key) else {
             continue;
         };
         match state.frontend_owner.get(&frontend) {
             Some(owner) if owner != name => {
-                if refused.insert(frontend.clone()) {
+                if !refused.contains(&frontend) {
                     warnings.push(format!("{name}: frontend {frontend} is already used by {owner}; ignoring it for {name}"));
+                    refused.push(frontend);
                 }
             }
             _ => {
@@ -181,7 +191,19 @@ fn claim(
             }
         }
     }
-    if !refused.is_empty() {
+    if refused.is_empty() {
+        return (c, None);
+    }
+    c.elements
+        .retain(|(_, key, _)| frontend_of(key).is_none_or(|f| !refused.contains(&f)));
+    (c, Some(refused.into_boxed_slice()))
+}
+
+/// The contribution a port applied, recomputed from its plan (the context is unchanged
+/// between full syncs, so the result is exactly what was applied).
+fn recompute(applied: &Applied, ctx: &Context) -> Contribution {
+    let mut c = contribute(&applied.plan, ctx);
+    if let Some(refused) = &applied.refused {
         c.elements
             .retain(|(_, key, _)| frontend_of(key).is_none_or(|f| !refused.contains(&f)));
     }
@@ -325,6 +347,41 @@ fn delete_due_stale_chains(state: &mut FamilyState, fam: &str, now: Instant, tx:
     }
 }
 
+/// Element text of a full sync, batched per set (nft parses a few large commands much faster
+/// than many small ones).
+#[derive(Default)]
+struct ElementBatches {
+    /// Per set: statements and how many elements the last one holds.
+    statements: BTreeMap<SetName, (Vec<String>, usize)>,
+}
+
+const BATCH: usize = 1000;
+
+impl ElementBatches {
+    fn push(&mut self, fam: &str, set: SetName, key: &Key, value: &Value) {
+        let (statements, in_last) = self.statements.entry(set).or_default();
+        if statements.is_empty() || *in_last >= BATCH {
+            statements.push(format!("add element {fam} {TABLE} {} {{ ", set.name()));
+            *in_last = 0;
+        } else if let Some(last) = statements.last_mut() {
+            last.push_str(", ");
+        }
+        if let Some(last) = statements.last_mut() {
+            write_element(last, key, value);
+        }
+        *in_last += 1;
+    }
+
+    fn write(self, tx: &mut Transaction) {
+        for (_, (statements, _)) in self.statements {
+            for mut statement in statements {
+                statement.push_str(" }");
+                tx.line(None, statement);
+            }
+        }
+    }
+}
+
 fn full_sync(
     state: &mut FamilyState,
     ctx: &Context,
@@ -345,18 +402,42 @@ fn full_sync(
         state.stale_chains.clear();
     }
 
-    // Contributions of every port, in name order so conflicts resolve deterministically.
-    let mut contributions: Vec<(Arc<ServicePortName>, Contribution)> =
-        Vec::with_capacity(input.plan.services.len());
+    // Every port in name order (conflicts resolve deterministically), rendered as it goes so
+    // that only text is held, never all contributions at once.
+    let mut batches = ElementBatches::default();
+    let mut affinity_decls = Transaction::new();
+    let mut chain_decls = Transaction::new();
+    let mut chain_rules = Transaction::new();
     for (name, plan) in &input.plan.services {
-        let c = claim(state, plan, ctx, warnings);
-        contributions.push((Arc::new(name.clone()), c));
-    }
-    let mut ops_per_port = Vec::with_capacity(contributions.len());
-    for (name, c) in &contributions {
+        let (c, refused) = claim(state, plan, ctx, warnings);
+        let owner = Arc::new(name.clone());
         let mut ops = ElementOps::default();
         account_adds(state, &c.elements, &mut ops);
-        ops_per_port.push((name.clone(), ops));
+        for (set, elements) in &ops.adds {
+            for (key, value) in elements {
+                batches.push(fam, *set, key, value);
+            }
+        }
+        for set in &c.affinity_sets {
+            if state.affinity_sets.insert(set.name.clone()) {
+                affinity_decls.line(Some(&owner), affinity_declaration(fam, ctx, set));
+            }
+        }
+        for chain in &c.chains {
+            state.chains.insert(chain.name.clone());
+            chain_decls.line(
+                Some(&owner),
+                format!("add chain {fam} {TABLE} {}", quote(&chain.name)),
+            );
+            write_chain(&mut chain_rules, fam, Some(&owner), chain, !rebuild);
+        }
+        state.by_port.insert(
+            name.clone(),
+            Applied {
+                plan: plan.clone(),
+                refused,
+            },
+        );
     }
     let dnat_sets: BTreeSet<SetName> = state
         .dnat_users
@@ -390,31 +471,12 @@ fn full_sync(
     }
     state.slots = slots;
     // Affinity sets first (rules reference them), then every chain declared before any rule.
-    for (_, c) in &contributions {
-        for set in &c.affinity_sets {
-            if state.affinity_sets.insert(set.name.clone()) {
-                tx.line(None, affinity_declaration(fam, ctx, set));
-            }
-        }
-        for chain in &c.chains {
-            state.chains.insert(chain.name.clone());
-            tx.line(
-                None,
-                format!("add chain {fam} {TABLE} {}", quote(&chain.name)),
-            );
-        }
-    }
+    tx.append(affinity_decls);
+    tx.append(chain_decls);
     skeleton::write_static_rules(&mut tx, ctx);
     skeleton::write_dispatch(&mut tx, ctx, &dnat_sets);
-    for (name, c) in &contributions {
-        for chain in &c.chains {
-            write_chain(&mut tx, fam, Some(name), chain, !rebuild);
-        }
-    }
-    let mut deletes = Transaction::new();
-    for (name, ops) in &ops_per_port {
-        ops.write(fam, Some(name), &mut deletes, &mut tx);
-    }
+    tx.append(chain_rules);
+    batches.write(&mut tx);
     if let NodePortMatch::Ips(ips) = &ctx.nodeports {
         if !ips.is_empty() {
             let list: Vec<String> = ips.iter().map(|ip| ip.to_string()).collect();
@@ -453,9 +515,6 @@ fn full_sync(
         delete_due_stale_chains(state, fam, now, &mut tx);
     }
     state.dnat_created = dnat_sets;
-    for (name, c) in contributions {
-        state.by_port.insert((*name).clone(), c);
-    }
     tx
 }
 
@@ -476,12 +535,26 @@ fn partial_sync(
 
     for name in input.changed {
         let owner = Arc::new(name.clone());
-        let old = state.by_port.remove(name).unwrap_or_default();
-        release(state, name, &old);
-        let new = match input.plan.services.get(name) {
-            Some(plan) => claim(state, plan, ctx, warnings),
+        let old = match state.by_port.remove(name) {
+            Some(applied) => recompute(&applied, ctx),
             None => Contribution::default(),
         };
+        release(state, name, &old);
+        let (new, refused) = match input.plan.services.get(name) {
+            Some(plan) => {
+                let (c, refused) = claim(state, plan, ctx, warnings);
+                state.by_port.insert(
+                    name.clone(),
+                    Applied {
+                        plan: plan.clone(),
+                        refused: refused.clone(),
+                    },
+                );
+                (c, refused)
+            }
+            None => (Contribution::default(), None),
+        };
+        let _ = refused;
 
         // Elements: what the old contribution had and the new one lacks, and the reverse.
         let new_elements: HashSet<&(SetName, Key, Value)> = new.elements.iter().collect();
@@ -521,10 +594,10 @@ fn partial_sync(
                     format!("add chain {fam} {TABLE} {}", quote(&chain.name)),
                 );
             }
-            if old_chains
-                .get(&chain.name)
-                .is_some_and(|o| o.rules == chain.rules)
-                && exists
+            if exists
+                && old_chains
+                    .get(&chain.name)
+                    .is_some_and(|o| o.rules == chain.rules)
             {
                 continue;
             }
@@ -552,12 +625,9 @@ fn partial_sync(
             state.affinity_sets.remove(&set.name);
             stale_affinity.push(set.name.clone());
         }
-        if !new.elements.is_empty() || !new.chains.is_empty() {
-            state.by_port.insert(name.clone(), new);
-        }
     }
 
-    // New `dnat-N` sets: declare them and rewrite the dispatch rules.
+    // New `dnat-N` sets: declare them, any new slots, and rewrite the dispatch rules.
     let wanted: BTreeSet<SetName> = state
         .dnat_users
         .iter()

@@ -34,17 +34,18 @@ impl Transaction {
 
     /// Appends every line of `other`, keeping their owners.
     pub fn append(&mut self, other: Transaction) {
-        for (i, (first, owner)) in other.owners.iter().enumerate() {
-            let end = other
-                .owners
-                .get(i + 1)
-                .map(|(next, _)| *next)
-                .unwrap_or(other.lines + 1);
-            for line in *first..end {
-                if let Some(text) = other.line_text(line) {
-                    self.line(owner.as_ref(), text);
+        let mut runs = other.owners.iter().peekable();
+        let mut owner: Option<&Arc<ServicePortName>> = None;
+        for (index, text) in other.text.lines().enumerate() {
+            let line = index + 1;
+            while let Some((first, run_owner)) = runs.peek() {
+                if *first > line {
+                    break;
                 }
+                owner = run_owner.as_ref();
+                runs.next();
             }
+            self.line(owner, text);
         }
     }
 

@@ -20,14 +20,17 @@ fn ep(spec: &str) -> Arc<Endpoint> {
         terminating: false,
         is_local: false,
         node_name: None,
-        zone_hints: vec![],
-        node_hints: vec![],
+        hints: None,
     };
     for part in parts {
         if let Some(z) = part.strip_prefix("z=") {
-            e.zone_hints = z.split('|').map(Arc::from).collect();
+            let mut hints = e.hints.as_deref().cloned().unwrap_or_default();
+            hints.zones = z.split('|').map(Arc::from).collect();
+            e.hints = Some(Arc::new(hints));
         } else if let Some(n) = part.strip_prefix("n=") {
-            e.node_hints = n.split('|').map(Arc::from).collect();
+            let mut hints = e.hints.as_deref().cloned().unwrap_or_default();
+            hints.nodes = n.split('|').map(Arc::from).collect();
+            e.hints = Some(Arc::new(hints));
         } else {
             // Conditions given explicitly: start from all-false.
             e.ready = part.contains('R');
