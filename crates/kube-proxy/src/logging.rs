@@ -23,15 +23,26 @@ pub fn level_for_verbosity(v: u32) -> Level {
     }
 }
 
-/// Installs the global subscriber; logs go to stderr like klog's.
+/// Installs the global subscriber; logs go to stderr like klog's. Verbosity applies to
+/// kube-proxy's own code; libraries (HTTP client, watcher) log warnings and errors only, and
+/// their debug output appears from `-v=8` on, like client-go's request logging.
 pub fn init(verbosity: u32) {
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(level_for_verbosity(verbosity))
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let libraries = match verbosity {
+        0..=7 => Level::WARN,
+        8..=9 => Level::DEBUG,
+        _ => Level::TRACE,
+    };
+    let filter = Targets::new()
+        .with_default(libraries)
+        .with_target("kube_proxy", level_for_verbosity(verbosity));
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .event_format(KlogFormat)
-        .finish();
+        .with_filter(filter);
     // A second init (tests) keeps the first subscriber.
-    let _ = tracing::subscriber::set_global_default(subscriber);
+    let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer));
 }
 
 pub struct KlogFormat;

@@ -3,6 +3,7 @@
 //! namespaces connect to Service frontends. Each test checks which pods answer (all of them,
 //! no others), the source address the pod saw (masqueraded or not), and refused versus dropped.
 
+mod fakeapi;
 mod testbed;
 
 use testbed::{ipaddr, sock, Outcome, TestBed, PODS};
@@ -476,4 +477,84 @@ fn sctp_services_are_programmed() {
         "{}",
         bed.proxy_log()
     );
+}
+
+/// The command line of the issue, against an API server (the fake list/watch server, bound
+/// inside node-a's namespace): the proxy lists and watches, programs the kernel, and traffic
+/// flows.
+#[test]
+fn upstream_command_line_against_an_api_server() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("api");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _guard = runtime.enter();
+    let fake = std::sync::Arc::new(std::sync::Mutex::new(fakeapi::Fake::default()));
+    {
+        let mut f = fake.lock().unwrap();
+        let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "t", "resourceVersion": "3"},
+            "spec": {"clusterIP": "198.19.0.100", "ports": [{"name": "p", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}});
+        f.service_lists.push_back(("3".into(), vec![svc]));
+        f.slices = vec![
+            serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-1", "namespace": "t", "resourceVersion": "4", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["198.18.1.2"], "nodeName": "node-a"}, {"addresses": ["198.18.2.2"], "nodeName": "node-b"}]}),
+        ];
+        f.nodes = vec![
+            serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "resourceVersion": "5"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.10"}]}}),
+        ];
+    }
+    let listener = testbed::in_netns(&bed.ns("node"), || {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    });
+    let url = fakeapi::serve_on(fake.clone(), listener);
+    let kubeconfig = std::env::temp_dir().join(format!("{}-kubeconfig", bed.prefix));
+    std::fs::write(
+        &kubeconfig,
+        format!("apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: fake, user: {{}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\ncurrent-context: fake\n"),
+    )
+    .unwrap();
+    let args: Vec<String> = [
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--hostname-override",
+        "node-a",
+        "--proxy-mode",
+        "nftables",
+        "--cluster-cidr",
+        "198.18.0.0/16",
+        "--healthz-bind-address",
+        "0.0.0.0:10256",
+        "--metrics-bind-address",
+        "127.0.0.1:10249",
+        "--conntrack-max-per-core=0",
+        "-v=2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    bed.start_proxy_with(&args);
+    assert_eq!(
+        bed.tcp_spread("a2", sock("198.19.0.100", 80), 30).0,
+        pods(&["a1", "b1"]),
+        "{}",
+        bed.proxy_log()
+    );
+    let log = bed.proxy_log();
+    assert!(
+        !log.lines().any(|l| l.starts_with('E')),
+        "no error logged:\n{log}"
+    );
+    let requests = fake.lock().unwrap().requests.clone();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.starts_with("/api/v1/services?") && r.contains("watch=true")),
+        "{requests:?}"
+    );
+    let _ = std::fs::remove_file(kubeconfig);
 }

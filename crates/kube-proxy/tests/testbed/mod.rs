@@ -305,19 +305,14 @@ impl TestBed {
         let _ = std::fs::remove_file(self.manifests.join(format!("{name}.yaml")));
     }
 
-    /// Starts kube-proxy in node-a with the standard flags plus `extra`.
+    /// Starts kube-proxy in node-a with the standard flags (standalone manifests, no servers)
+    /// plus `extra`, and waits for its first sync.
     pub fn start_proxy(&mut self, extra: &[&str]) {
-        self.stop_proxy();
         self.write_manifest(
             "node-a",
             "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec: {podCIDRs: [198.18.1.0/24, \"2001:db8:18:1::/64\"]}\nstatus:\n  addresses:\n  - {type: InternalIP, address: 192.0.2.10}\n  - {type: InternalIP, address: \"2001:db8:2::10\"}\n",
         );
-        let log = File::create(&self.log).unwrap();
         let mut args: Vec<String> = vec![
-            "netns".into(),
-            "exec".into(),
-            self.ns("node"),
-            env!("CARGO_BIN_EXE_kube-proxy").into(),
             "--proxy-mode=nftables".into(),
             "--hostname-override=node-a".into(),
             format!("--manifests={}", self.manifests.display()),
@@ -332,8 +327,22 @@ impl TestBed {
             args.push("--cluster-cidr=198.18.0.0/16,2001:db8:18::/48".into());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
+        self.start_proxy_with(&args);
+    }
+
+    /// Starts kube-proxy in node-a with exactly `args` and waits for its first sync.
+    pub fn start_proxy_with(&mut self, args: &[String]) {
+        self.stop_proxy();
+        let log = File::create(&self.log).unwrap();
+        let mut all: Vec<String> = vec![
+            "netns".into(),
+            "exec".into(),
+            self.ns("node"),
+            env!("CARGO_BIN_EXE_kube-proxy").into(),
+        ];
+        all.extend(args.iter().cloned());
         let child = Command::new("ip")
-            .args(&args)
+            .args(&all)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

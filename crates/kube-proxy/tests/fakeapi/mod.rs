@@ -1,0 +1,180 @@
+//! A fake Kubernetes API server that speaks list and watch for Services, EndpointSlices and
+//! Nodes, with scripted watch replies (events, a cut connection, 410 Gone).
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// What a watch request is answered with.
+pub enum WatchReply {
+    /// Send these events, then cut the connection.
+    EventsThenCut(Vec<Value>),
+    /// Send these events and end the response normally.
+    Events(Vec<Value>),
+    /// Keep the watch open forever.
+    Hang,
+}
+
+enum ReplyKind {
+    Cut,
+    End,
+}
+
+#[derive(Default)]
+pub struct Fake {
+    pub requests: Vec<String>,
+    /// Successive answers to Service lists (resourceVersion, items).
+    pub service_lists: VecDeque<(String, Vec<Value>)>,
+    /// Successive answers to Service watches; when empty, watches hang.
+    pub service_watches: VecDeque<WatchReply>,
+    /// The EndpointSlices every list returns.
+    pub slices: Vec<Value>,
+    /// The Nodes every list returns.
+    pub nodes: Vec<Value>,
+    hanging: Vec<mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>>,
+}
+
+pub fn service(name: &str, ip: &str, rv: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv, "managedFields": [{"manager": "x"}]},
+           "spec": {"clusterIP": ip, "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]}})
+}
+
+fn list(kind: &str, rv: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": rv}, "items": items})
+}
+
+fn body_of(value: &Value) -> Body {
+    Full::new(Bytes::from(value.to_string()))
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+fn streaming(fake: &Arc<Mutex<Fake>>, reply: WatchReply) -> Body {
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(16);
+    let reply_kind = match &reply {
+        WatchReply::EventsThenCut(_) => ReplyKind::Cut,
+        _ => ReplyKind::End,
+    };
+    match reply {
+        WatchReply::Hang => fake.lock().unwrap().hanging.push(tx),
+        WatchReply::Events(events) | WatchReply::EventsThenCut(events) => {
+            let cut = matches!(reply_kind, ReplyKind::Cut);
+            tokio::spawn(async move {
+                for e in events {
+                    let _ = tx
+                        .send(Ok(Frame::data(Bytes::from(format!("{e}\n")))))
+                        .await;
+                }
+                if cut {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = tx
+                        .send(Err(std::io::Error::other("connection cut by the test")))
+                        .await;
+                }
+            });
+        }
+    }
+    let stream = tokio_stream_from(rx);
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+fn tokio_stream_from(
+    mut rx: mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>,
+) -> impl futures::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + Sync + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+async fn handle(
+    fake: Arc<Mutex<Fake>>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let uri = req.uri().clone();
+    let path = uri.path().to_string();
+    let query = uri.query().unwrap_or("").to_string();
+    fake.lock()
+        .unwrap()
+        .requests
+        .push(format!("{path}?{query}"));
+    let watching = query.split('&').any(|kv| kv == "watch=true");
+    let body = match (path.as_str(), watching) {
+        ("/api/v1/services", false) => {
+            let (rv, items) = fake
+                .lock()
+                .unwrap()
+                .service_lists
+                .pop_front()
+                .expect("unexpected extra Service list");
+            body_of(&list("ServiceList", &rv, items))
+        }
+        ("/api/v1/services", true) => {
+            let reply = fake
+                .lock()
+                .unwrap()
+                .service_watches
+                .pop_front()
+                .unwrap_or(WatchReply::Hang);
+            streaming(&fake, reply)
+        }
+        ("/apis/discovery.k8s.io/v1/endpointslices", false) => {
+            let items = fake.lock().unwrap().slices.clone();
+            body_of(&list("EndpointSliceList", "5", items))
+        }
+        ("/api/v1/nodes", false) => {
+            let items = fake.lock().unwrap().nodes.clone();
+            body_of(&list("NodeList", "7", items))
+        }
+        (_, true) => streaming(&fake, WatchReply::Hang),
+        _ => {
+            let mut resp = Response::new(body_of(&json!({"kind": "Status", "code": 404})));
+            *resp.status_mut() = hyper::StatusCode::NOT_FOUND;
+            return Ok(resp);
+        }
+    };
+    let mut resp = Response::new(body);
+    resp.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    Ok(resp)
+}
+
+/// Serves on 127.0.0.1 (an ephemeral port); returns the URL.
+pub async fn serve(fake: Arc<Mutex<Fake>>) -> String {
+    serve_on(fake, std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+}
+
+/// Serves on an already bound listener (e.g. one bound inside a test network namespace).
+pub fn serve_on(fake: Arc<Mutex<Fake>>, listener: std::net::TcpListener) -> String {
+    listener.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let fake = fake.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| handle(fake.clone(), req));
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
