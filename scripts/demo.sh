@@ -1,10 +1,93 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: runs the proxy on the example manifests (no cluster
-# needed) and prints the computed service state, following changes to the files.
-# Extra arguments are passed to kube-proxy (e.g. --print-state=json, -v=2).
+# The main job on the embedded default: kube-proxy-rs in nftables mode on the example
+# manifests (examples/manifests), inside throwaway network namespaces, with requests to a
+# ClusterIP answered by pods; everything is removed afterwards. No cluster is needed.
+#
+# As root it installs what it needs (nftables, iproute2) when missing. Without root it
+# cannot create namespaces, so it prints the nftables ruleset the proxy would program
+# instead (kube-proxy --dry-run --once), which needs no privilege.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ] && { ! command -v nft >/dev/null || ! command -v ip >/dev/null; }; then
+  echo "==> installing nftables and iproute2"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends nftables iproute2 >/dev/null
+fi
+
+echo "==> building kube-proxy (release)"
 cargo build --release --locked -p kube-proxy
-args=("$@")
-case " ${args[*]-} " in *" --print-state"*) ;; *) args+=(--print-state=text) ;; esac
-exec ./target/release/kube-proxy --manifests examples/manifests --hostname-override node-a "${args[@]}"
+BIN=$PWD/target/release/kube-proxy
+PROXY_ARGS=(--proxy-mode=nftables --manifests=examples/manifests --hostname-override=node-a
+            --cluster-cidr=198.18.0.0/16,2001:db8:18::/48)
+
+if [ "$(id -u)" != 0 ] || ! command -v python3 >/dev/null; then
+  echo "==> not root (or no python3 for the demo pods): printing the ruleset the proxy would program"
+  exec "$BIN" "${PROXY_ARGS[@]}" --dry-run --once
+fi
+
+NODE=kpdemo-node PODA=kpdemo-web-a PODB=kpdemo-web-b
+PROXY_PID= POD_PIDS=()
+cleanup() {
+  [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null && wait "$PROXY_PID" 2>/dev/null || true
+  for pid in "${POD_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for ns in $PODA $PODB $NODE; do ip netns del "$ns" 2>/dev/null || true; done
+  echo "==> cleaned up (namespaces deleted)"
+}
+trap cleanup EXIT
+cleanup >/dev/null
+
+echo "==> creating namespaces: node-a ($NODE) with two pods of demo/web on a bridge"
+ip netns add $NODE
+ip -n $NODE link set lo up
+ip -n $NODE link add br0 type bridge
+ip -n $NODE link set br0 up
+ip -n $NODE addr add 198.18.1.1/24 dev br0
+ip -n $NODE addr add 198.18.2.1/24 dev br0
+ip -n $NODE route add default dev br0      # like a node: packets the proxy does not DNAT are routed on
+ip netns exec $NODE sysctl -q -w net.ipv4.ip_forward=1
+for spec in "$PODA 198.18.1.5 198.18.1.1" "$PODB 198.18.2.7 198.18.2.1"; do
+  set -- $spec
+  ip netns add "$1"
+  ip -n "$1" link set lo up
+  ip -n "$1" link add eth0 type veth peer name "v${2##*.}" netns $NODE
+  ip -n $NODE link set "v${2##*.}" master br0
+  ip -n $NODE link set "v${2##*.}" up
+  ip -n "$1" link set eth0 up
+  ip -n "$1" addr add "$2/24" dev eth0
+  ip -n "$1" route add default via "$3"
+  # A pod: answers every TCP connection on 8080 with its name and the client address it saw.
+  ip netns exec "$1" python3 -c '
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080)); s.listen(16)
+while True:
+    c, a = s.accept(); c.sendall(("answered by pod %s, which saw the client as %s\n" % (sys.argv[1], a[0])).encode()); c.close()
+' "${1#kpdemo-}" >/dev/null 2>&1 &
+  POD_PIDS+=($!)
+done
+
+echo "==> starting kube-proxy-rs in $NODE: ${PROXY_ARGS[*]}"
+ip netns exec $NODE "$BIN" "${PROXY_ARGS[@]}" --healthz-bind-address= --metrics-bind-address= >/dev/null 2>/tmp/kpdemo-proxy.log &
+PROXY_PID=$!
+for _ in $(seq 1 100); do
+  ip netns exec $NODE nft list set ip kube-proxy cluster-ips 2>/dev/null | grep -q 198.19.0.10 && break
+  sleep 0.1
+done
+
+echo "==> the ruleset it programmed (excerpt):"
+ip netns exec $NODE nft list table ip kube-proxy | grep -E "198.19.0.10|dnat-2|slot-[01] " | head -8 | sed 's/^/    /'
+echo "==> requests from the node to the ClusterIP of demo/web (198.19.0.10:80):"
+for _ in 1 2 3 4 5 6; do
+  ip netns exec $NODE python3 -c '
+import socket
+s = socket.create_connection(("198.19.0.10", 80), timeout=2); print("    " + s.recv(200).decode().strip())'
+done
+echo "==> a request to a port demo/web does not have (198.19.0.10:81):"
+ip netns exec $NODE python3 -c '
+import socket
+try:
+    socket.create_connection(("198.19.0.10", 81), timeout=2); print("    connected?!")
+except ConnectionRefusedError:
+    print("    refused, as upstream nftables mode rejects unknown ports of a ClusterIP")'
+echo "==> proxy log: /tmp/kpdemo-proxy.log"
