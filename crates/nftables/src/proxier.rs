@@ -540,21 +540,20 @@ fn partial_sync(
             None => Contribution::default(),
         };
         release(state, name, &old);
-        let (new, refused) = match input.plan.services.get(name) {
+        let new = match input.plan.services.get(name) {
             Some(plan) => {
                 let (c, refused) = claim(state, plan, ctx, warnings);
                 state.by_port.insert(
                     name.clone(),
                     Applied {
                         plan: plan.clone(),
-                        refused: refused.clone(),
+                        refused,
                     },
                 );
-                (c, refused)
+                c
             }
-            None => (Contribution::default(), None),
+            None => Contribution::default(),
         };
-        let _ = refused;
 
         // Elements: what the old contribution had and the new one lacks, and the reverse.
         let new_elements: HashSet<&(SetName, Key, Value)> = new.elements.iter().collect();
