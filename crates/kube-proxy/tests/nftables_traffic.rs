@@ -558,3 +558,44 @@ fn upstream_command_line_against_an_api_server() {
     );
     let _ = std::fs::remove_file(kubeconfig);
 }
+
+/// A restart (SIGTERM, then a new process whose first sync rebuilds the table) does not break
+/// an established connection: NAT state lives in conntrack, and the rules stay in place while
+/// no proxy runs.
+#[test]
+fn restart_keeps_established_connections() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("rst");
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: t}\nspec:\n  clusterIP: 198.19.0.110\n  ports: [{name: e, port: 80, targetPort: 8081}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: echo-1, namespace: t, labels: {kubernetes.io/service-name: echo}}\naddressType: IPv4\nports: [{name: e, port: 8081}]\nendpoints: [{addresses: [198.18.2.2], nodeName: node-b}]\n";
+    bed.write_manifest("echo", yaml);
+    bed.start_proxy(&[]);
+    let mut from_pod = bed.connect("a1", sock("198.19.0.110", 80));
+    let mut from_client = bed.connect("client", sock("198.19.0.110", 80));
+    assert_eq!(from_pod.exchange("one").unwrap(), "b1 one");
+    assert_eq!(from_client.exchange("one").unwrap(), "b1 one");
+    bed.stop_proxy();
+    assert_eq!(
+        from_pod.exchange("two").unwrap(),
+        "b1 two",
+        "while no proxy runs"
+    );
+    bed.start_proxy(&[]);
+    assert_eq!(
+        from_pod.exchange("three").unwrap(),
+        "b1 three",
+        "after the new proxy rebuilt the table"
+    );
+    assert_eq!(
+        from_client.exchange("three").unwrap(),
+        "b1 three",
+        "a masqueraded connection too"
+    );
+    assert_eq!(
+        bed.connect("a2", sock("198.19.0.110", 80))
+            .exchange("new")
+            .unwrap(),
+        "b1 new"
+    );
+}

@@ -291,6 +291,7 @@ impl TestBed {
             ip(&ns, &format!("route add default via {gw4}"));
             ip(&ns, &format!("-6 route add default via {gw6}"));
             start_servers(&ns, pod);
+            start_echo_server(&ns, pod);
         }
     }
 
@@ -520,6 +521,69 @@ fn start_servers(ns: &str, pod: &str) {
                 );
             }
         });
+    }
+}
+
+/// A line-echo server on TCP 8081 (IPv4): answers each line with `<pod> <line>`, keeping the
+/// connection open, for tests of long-lived connections.
+fn start_echo_server(ns: &str, pod: &str) {
+    let pod = pod.to_string();
+    let listener = in_netns(ns, || TcpListener::bind("0.0.0.0:8081").unwrap());
+    thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let pod = pod.clone();
+            thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut writer = conn;
+                let mut line = String::new();
+                while std::io::BufRead::read_line(&mut reader, &mut line).is_ok_and(|n| n > 0) {
+                    if writer
+                        .write_all(format!("{pod} {line}").as_bytes())
+                        .is_err()
+                    {
+                        return;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+}
+
+/// A long-lived TCP connection opened from a namespace (the socket stays in it).
+pub struct Connection {
+    reader: std::io::BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Connection {
+    /// Sends `text` and returns the answer line, or the error.
+    pub fn exchange(&mut self, text: &str) -> Result<String, String> {
+        self.writer
+            .write_all(format!("{text}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        match std::io::BufRead::read_line(&mut self.reader, &mut line) {
+            Ok(0) => Err("connection closed".into()),
+            Ok(_) => Ok(line.trim_end().to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+impl TestBed {
+    /// Opens a TCP connection from namespace `from` to `to`.
+    pub fn connect(&self, from: &str, to: SocketAddr) -> Connection {
+        let stream = in_netns(&self.ns(from), move || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(2)).unwrap()
+        });
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        Connection {
+            reader: std::io::BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        }
     }
 }
 
