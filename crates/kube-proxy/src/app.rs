@@ -194,6 +194,22 @@ async fn run(
             .unwrap_or(true),
     };
     let status: SharedSyncStatus = Arc::default();
+    if let Some(address) = settings.healthz_bind_address {
+        // Upstream's timeout: a change queued longer than twice the sync period is unhealthy.
+        let timeout = settings.sync_period * 2;
+        let server = crate::health::serve(
+            address,
+            status.clone(),
+            timeout,
+            settings.bind_address_hard_fail,
+        );
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                error!("{e:#}");
+                std::process::exit(1);
+            }
+        });
+    }
     let event_loop = EventLoop::new(
         &node_name,
         &IpFamily::ALL,

@@ -241,6 +241,16 @@ impl EventLoop {
                 );
             }
         }
+        let node_health = self.state.node().map(|n| crate::sync_status::NodeHealth {
+            deleting: n.deleting,
+            to_be_deleted: n.to_be_deleted,
+        });
+        {
+            let mut status = self.status.lock().unwrap();
+            if status.node != node_health {
+                status.node = node_health;
+            }
+        }
         if self.state.ready_to_sync() {
             if !self.announced_ready {
                 self.announced_ready = true;

@@ -7,6 +7,7 @@
 pub mod app;
 pub mod dataplane;
 pub mod event_loop;
+pub mod health;
 pub mod host;
 pub mod logging;
 pub mod nft_runner;

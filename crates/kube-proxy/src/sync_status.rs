@@ -14,9 +14,18 @@ pub struct FamilyStatus {
     pub oldest_queued: Option<SystemTime>,
 }
 
+/// What `/healthz` needs to know about this proxy's Node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeHealth {
+    pub deleting: bool,
+    pub to_be_deleted: bool,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct SyncStatus {
     pub families: BTreeMap<IpFamily, FamilyStatus>,
+    /// `None` until the Node object is known.
+    pub node: Option<NodeHealth>,
 }
 
 pub type SharedSyncStatus = Arc<Mutex<SyncStatus>>;
@@ -48,6 +57,12 @@ impl SyncStatus {
             .keys()
             .all(|f| self.family_healthy(*f, now, timeout))
     }
+    /// Node eligibility (KEP-3836): known, not being deleted, not tainted for deletion by
+    /// the cluster autoscaler. Only `/healthz` uses it, so load balancers drain the node.
+    pub fn node_eligible(&self) -> bool {
+        self.node.is_some_and(|n| !n.deleting && !n.to_be_deleted)
+    }
+
     /// The most recent successful sync of any family.
     pub fn last_updated(&self) -> Option<SystemTime> {
         self.families.values().filter_map(|s| s.last_updated).max()

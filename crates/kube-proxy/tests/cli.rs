@@ -222,3 +222,174 @@ fn sigterm_exits_promptly_and_cleanly() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `GET path` on 127.0.0.1:port: (status code, headers lower-cased, body).
+fn http_get(port: u16, path: &str) -> Option<(u16, String, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, head.to_lowercase(), body.to_string()))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a__DELETING__}\n";
+
+/// The proxy health server: /healthz follows node eligibility, /livez does not.
+#[test]
+fn health_server_reports_node_eligibility() {
+    let dir = temp_dir("health");
+    std::fs::write(
+        dir.join("svc.yaml"),
+        SERVICE
+            .replace("__NAME__", "a")
+            .replace("__IP__", "198.19.0.1"),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut child = bin()
+        .arg("--manifests")
+        .arg(&dir)
+        .args([
+            "--hostname-override=node-a",
+            "--print-state",
+            &format!("--healthz-bind-address=127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let wait_for = |path: &str, code: u16| -> (String, String) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some((status, head, body)) = http_get(port, path) {
+                if status == code {
+                    return (head, body);
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{path} never answered {code}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // No Node object yet: not eligible.
+    let (head, body) = wait_for("/healthz", 503);
+    assert!(
+        head.contains("content-type: application/json")
+            && head.contains("x-content-type-options: nosniff"),
+        "{head}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["nodeEligible"], false);
+    let (_, body) = wait_for("/livez", 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["healthy"], true);
+    assert!(json.get("nodeEligible").is_none());
+    assert!(json["status"]["IPv4"]["lastUpdated"].is_string());
+    // The Node appears: eligible.
+    std::fs::write(dir.join("node.yaml"), NODE.replace("__DELETING__", "")).unwrap();
+    let (_, body) = wait_for("/healthz", 200);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["nodeEligible"],
+        true
+    );
+    // Being deleted: /healthz drains, /livez stays up.
+    std::fs::write(
+        dir.join("node.yaml"),
+        NODE.replace(
+            "__DELETING__",
+            ", deletionTimestamp: \"2026-11-22T00:00:00Z\"",
+        ),
+    )
+    .unwrap();
+    wait_for("/healthz", 503);
+    wait_for("/livez", 200);
+    assert_eq!(http_get(port, "/metrics").map(|r| r.0), Some(404));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A change that cannot be programmed for longer than 2 x syncPeriod makes the proxy
+/// unhealthy: here `nft` on PATH is a stand-in that rejects every transaction.
+#[test]
+fn failing_syncs_turn_livez_unhealthy() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("unhealthy");
+    let fake_bin = dir.join("bin");
+    std::fs::create_dir_all(&fake_bin).unwrap();
+    let nft = fake_bin.join("nft");
+    std::fs::write(&nft, "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'nftables v1.0.6 (stand-in)'; exit 0; fi\ncat >/dev/null\necho '/dev/stdin:1:1-3: Error: rejected by the test' >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(&nft, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("svc.yaml"),
+        SERVICE
+            .replace("__NAME__", "a")
+            .replace("__IP__", "198.19.0.1"),
+    )
+    .unwrap();
+    std::fs::write(
+        manifests.join("node.yaml"),
+        NODE.replace("__DELETING__", ""),
+    )
+    .unwrap();
+    let port = free_port();
+    let path = format!(
+        "{}:{}",
+        fake_bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut child = bin()
+        .env("PATH", path)
+        .arg("--manifests")
+        .arg(&manifests)
+        .args([
+            "--hostname-override=node-a",
+            "--proxy-mode=nftables",
+            "--iptables-sync-period=1s",
+            "--iptables-min-sync-period=0s",
+        ])
+        .arg(format!("--healthz-bind-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen_unhealthy = false;
+    while std::time::Instant::now() < deadline {
+        if let Some((503, _, body)) = http_get(port, "/livez") {
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(json["healthy"], false);
+            assert_eq!(json["status"]["IPv4"]["healthy"], false);
+            seen_unhealthy = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        seen_unhealthy,
+        "/livez never reported 503 while every sync failed"
+    );
+}
