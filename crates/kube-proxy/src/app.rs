@@ -96,11 +96,22 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         "Starting kube-proxy-rs"
     );
     if flags.cleanup == Some(true) {
-        info!("--cleanup: no dataplane has programmed any rule in this version; nothing to remove");
-        return ExitCode::SUCCESS;
+        return cleanup();
+    }
+    let kernel_dataplane = effective.settings.mode == ProxyMode::Nftables
+        && flags.dry_run != Some(true)
+        && print_format.is_none();
+    if kernel_dataplane || flags.init_only == Some(true) {
+        privileged_setup(&effective);
     }
     if flags.init_only == Some(true) {
-        info!("--init-only: no privileged start-up step is needed by this version");
+        if effective.settings.mode == ProxyMode::Nftables {
+            if let Err(e) = crate::nft_runner::check_nft() {
+                error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        info!("--init-only: privileged set-up done; exiting");
         return ExitCode::SUCCESS;
     }
 
@@ -121,6 +132,39 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             error!("{e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The privileged one-time steps (upstream's platform setup): conntrack sysctls and the OOM
+/// score. Failures are logged, never fatal, as upstream.
+fn privileged_setup(effective: &EffectiveConfig) {
+    crate::node_setup::apply_conntrack(&effective.settings.conntrack);
+    crate::node_setup::apply_oom_score_adj(effective.settings.oom_score_adj);
+}
+
+/// `--cleanup`: removes everything the nftables mode programs (upstream's and ours: the
+/// `kube-proxy` tables of both families) and exits; non-zero if something could not be
+/// removed. A table that does not exist is not an error.
+fn cleanup() -> ExitCode {
+    use kube_proxy_nftables::Runner;
+    let mut failed = false;
+    for family in ["ip", "ip6"] {
+        let mut nft = crate::nft_runner::NftCommand;
+        // `add` first makes the delete succeed whether or not the table existed.
+        match nft.apply(&format!(
+            "add table {family} kube-proxy\ndelete table {family} kube-proxy\n"
+        )) {
+            Ok(()) => info!(family, "Removed table kube-proxy"),
+            Err(e) => {
+                failed = true;
+                error!(family, error = %e.trim(), "Cannot remove table kube-proxy");
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

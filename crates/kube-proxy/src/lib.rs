@@ -11,6 +11,7 @@ pub mod health;
 pub mod host;
 pub mod logging;
 pub mod nft_runner;
+pub mod node_setup;
 pub mod scheduler;
 pub mod source;
 pub mod sync_status;

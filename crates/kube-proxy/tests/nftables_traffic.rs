@@ -599,3 +599,76 @@ fn restart_keeps_established_connections() {
         "b1 new"
     );
 }
+
+/// `--init-only` sets the conntrack sysctls a network namespace may change, tolerates the
+/// global ones it may not, and exits; `--cleanup` removes both kube-proxy tables.
+#[test]
+fn init_only_and_cleanup() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("ini");
+    let node = bed.ns("node");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &node, env!("CARGO_BIN_EXE_kube-proxy")])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let sysctl = |key: &str| {
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node,
+                "cat",
+                &format!("/proc/sys/net/netfilter/{key}"),
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap()
+    };
+    let (ok, log) = run(&[
+        "--init-only",
+        "--proxy-mode=nftables",
+        "--conntrack-tcp-timeout-established=2h",
+        "--conntrack-tcp-timeout-close-wait=30m",
+        "--conntrack-udp-timeout=45s",
+        "--conntrack-udp-timeout-stream=3m",
+        "--conntrack-tcp-be-liberal",
+        // Raising the score needs no privilege (lowering needs CAP_SYS_RESOURCE and is tolerated).
+        "--oom-score-adj=100",
+    ]);
+    assert!(ok, "{log}");
+    assert_eq!(sysctl("nf_conntrack_tcp_timeout_established"), "7200");
+    assert_eq!(sysctl("nf_conntrack_tcp_timeout_close_wait"), "1800");
+    assert_eq!(sysctl("nf_conntrack_udp_timeout"), "45");
+    assert_eq!(sysctl("nf_conntrack_udp_timeout_stream"), "180");
+    assert_eq!(sysctl("nf_conntrack_tcp_be_liberal"), "1");
+    assert!(log.contains("\"Set oom_score_adj\" value=100"), "{log}");
+    assert!(log.contains("--init-only: privileged set-up done"), "{log}");
+
+    // Tables programmed by a running proxy are removed by --cleanup, which also succeeds
+    // when there is nothing to remove.
+    bed.write_manifest(
+        "s",
+        &service("s", &format!("  clusterIP: 198.19.0.120\n{PORTS}"), &["a1"]),
+    );
+    bed.start_proxy(&[]);
+    bed.stop_proxy();
+    assert!(
+        bed.ruleset("ip").contains("198.19.0.120"),
+        "rules stay after SIGTERM"
+    );
+    let (ok, log) = run(&["--cleanup"]);
+    assert!(ok, "{log}");
+    assert_eq!(bed.ruleset("ip"), "");
+    assert_eq!(bed.ruleset("ip6"), "");
+    let (ok, log) = run(&["--cleanup"]);
+    assert!(ok, "nothing to remove is fine: {log}");
+}
