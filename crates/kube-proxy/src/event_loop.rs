@@ -163,6 +163,7 @@ impl EventLoop {
 
     /// Applies one source event to the state and requests a sync if anything changed.
     pub fn handle(&mut self, event: SourceEvent) {
+        let node_event = matches!(event, SourceEvent::Node(_));
         match event {
             SourceEvent::Services(ObjectEvent::Replace(list)) => {
                 let outcomes = self.state.replace_services(list.iter());
@@ -241,15 +242,13 @@ impl EventLoop {
                 );
             }
         }
-        let node_health = self.state.node().map(|n| crate::sync_status::NodeHealth {
-            deleting: n.deleting,
-            to_be_deleted: n.to_be_deleted,
-        });
-        {
-            let mut status = self.status.lock().unwrap();
-            if status.node != node_health {
-                status.node = node_health;
-            }
+        if node_event {
+            // Only Node events change what /healthz reports about the node.
+            self.status.lock().unwrap().node =
+                self.state.node().map(|n| crate::sync_status::NodeHealth {
+                    deleting: n.deleting,
+                    to_be_deleted: n.to_be_deleted,
+                });
         }
         if self.state.ready_to_sync() {
             if !self.announced_ready {

@@ -260,9 +260,13 @@ impl ElementOps {
     }
 }
 
-/// Records the elements of `c` as applied (reference counts, dnat users) and returns the
-/// adds the kernel needs.
-fn account_adds(state: &mut FamilyState, elements: &[(SetName, Key, Value)], ops: &mut ElementOps) {
+/// Records the elements as applied (reference counts, dnat users) and emits the adds the
+/// kernel needs (a shared element already present is not added again).
+fn account_adds(
+    state: &mut FamilyState,
+    elements: &[(SetName, Key, Value)],
+    mut emit: impl FnMut(SetName, &Key, &Value),
+) {
     for (set, key, value) in elements {
         if let SetName::Dnat(_) | SetName::NodePortDnat(_) = set {
             *state.dnat_users.entry(*set).or_default() += 1;
@@ -274,10 +278,7 @@ fn account_adds(state: &mut FamilyState, elements: &[(SetName, Key, Value)], ops
                 continue;
             }
         }
-        ops.adds
-            .entry(*set)
-            .or_default()
-            .push((key.clone(), value.clone()));
+        emit(*set, key, value);
     }
 }
 
@@ -389,7 +390,7 @@ fn full_sync(
     now: Instant,
     warnings: &mut Vec<String>,
 ) -> Transaction {
-    let fam = skeleton::family_keyword(ctx);
+    let fam = ctx.ip();
     let rebuild = !state.initialized;
     let old_chains = std::mem::take(&mut state.chains);
     let old_affinity = std::mem::take(&mut state.affinity_sets);
@@ -411,13 +412,10 @@ fn full_sync(
     for (name, plan) in &input.plan.services {
         let (c, refused) = claim(state, plan, ctx, warnings);
         let owner = Arc::new(name.clone());
-        let mut ops = ElementOps::default();
-        account_adds(state, &c.elements, &mut ops);
-        for (set, elements) in &ops.adds {
-            for (key, value) in elements {
-                batches.push(fam, *set, key, value);
-            }
-        }
+        // Element text goes straight into the batches.
+        account_adds(state, &c.elements, |set, key, value| {
+            batches.push(fam, set, key, value)
+        });
         for set in &c.affinity_sets {
             if state.affinity_sets.insert(set.name.clone()) {
                 affinity_decls.line(Some(&owner), affinity_declaration(fam, ctx, set));
@@ -525,7 +523,7 @@ fn partial_sync(
     now: Instant,
     warnings: &mut Vec<String>,
 ) -> Transaction {
-    let fam = skeleton::family_keyword(ctx);
+    let fam = ctx.ip();
     let mut declarations = Transaction::new();
     let mut rules = Transaction::new();
     let mut deletes = Transaction::new();
@@ -572,7 +570,12 @@ fn partial_sync(
             .collect();
         let mut ops = ElementOps::default();
         account_deletes(state, &removed, &mut ops);
-        account_adds(state, &added, &mut ops);
+        account_adds(state, &added, |set, key, value| {
+            ops.adds
+                .entry(set)
+                .or_default()
+                .push((key.clone(), value.clone()))
+        });
         ops.write(fam, Some(&owner), &mut deletes, &mut adds);
 
         // Affinity sets and chains.

@@ -57,10 +57,6 @@ pub fn static_sets(ctx: &Context) -> Vec<SetName> {
     sets
 }
 
-pub fn family_keyword(ctx: &Context) -> &'static str {
-    ctx.ip()
-}
-
 /// How many endpoint slots (maps and chains) the data path has, for addresses and NodePorts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Slots {
@@ -92,7 +88,7 @@ impl Slots {
 
 /// Declares the table, every set, base and static chain (idempotent `add`s).
 pub fn declare(tx: &mut Transaction, ctx: &Context, dnat_sets: &BTreeSet<SetName>, slots: Slots) {
-    let fam = family_keyword(ctx);
+    let fam = ctx.ip();
     tx.line(
         None,
         format!("add table {fam} {TABLE} {{ comment \"rules for kube-proxy\"; }}"),
@@ -119,7 +115,7 @@ pub fn declare(tx: &mut Transaction, ctx: &Context, dnat_sets: &BTreeSet<SetName
 
 /// Declares slot maps and chains from `from` (exclusive counts) up to `to`, with their rule.
 pub fn declare_slots(tx: &mut Transaction, ctx: &Context, from: Slots, to: Slots) {
-    let fam = family_keyword(ctx);
+    let fam = ctx.ip();
     for i in from.addresses..to.addresses {
         tx.line(
             None,
@@ -139,7 +135,7 @@ pub fn declare_slots(tx: &mut Transaction, ctx: &Context, from: Slots, to: Slots
 
 /// The single DNAT rule of each slot chain in the range (flushing first when `flush`).
 pub fn write_slot_rules(tx: &mut Transaction, ctx: &Context, from: Slots, to: Slots, flush: bool) {
-    let fam = family_keyword(ctx);
+    let fam = ctx.ip();
     let ip = ctx.ip();
     for i in from.addresses..to.addresses {
         if flush {
@@ -168,12 +164,12 @@ pub fn set_declaration(ctx: &Context, set: SetName) -> String {
     let (kind, rest) = decl
         .split_once(' ')
         .expect("declarations start with set or map");
-    format!("{kind} {} {TABLE} {rest}", family_keyword(ctx))
+    format!("{kind} {} {TABLE} {rest}", ctx.ip())
 }
 
 /// Flushes and rewrites every base and static chain (not the dispatch chain).
 pub fn write_static_rules(tx: &mut Transaction, ctx: &Context) {
-    let fam = family_keyword(ctx);
+    let fam = ctx.ip();
     let ip = ctx.ip();
     let mark = ctx.mark_text();
     let np = ctx.nodeport_match();
@@ -274,7 +270,7 @@ pub fn write_static_rules(tx: &mut Transaction, ctx: &Context) {
 /// Rewrites the dispatch chain: per endpoint count N in use, one rule that picks one of the
 /// first N slots uniformly (`numgen random mod N`) for frontends in `dnat-N`.
 pub fn write_dispatch(tx: &mut Transaction, ctx: &Context, dnat_sets: &BTreeSet<SetName>) {
-    let fam = family_keyword(ctx);
+    let fam = ctx.ip();
     let ip = ctx.ip();
     let np = ctx.nodeport_match();
     tx.line(None, format!("flush chain {fam} {TABLE} {DISPATCH_CHAIN}"));

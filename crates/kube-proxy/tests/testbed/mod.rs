@@ -403,6 +403,26 @@ impl TestBed {
         );
     }
 
+    /// Waits until set `set` of the `family` table lists an element containing `text`.
+    pub fn wait_for_element(&self, family: &str, set: &str, text: &str) {
+        let ns = self.ns("node");
+        self.eventually(&format!("{text:?} in {family} set {set}"), || {
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns,
+                "nft",
+                "list",
+                "set",
+                family,
+                "kube-proxy",
+                set,
+            ])
+            .is_ok_and(|out| out.contains(text))
+        });
+    }
+
     /// Waits until the IPv4 ruleset mentions `text`.
     pub fn wait_for_rules(&self, family: &str, text: &str) {
         self.eventually(&format!("{text:?} in the {family} ruleset"), || {
