@@ -238,21 +238,36 @@ async fn run(
             .unwrap_or(true),
     };
     let status: SharedSyncStatus = Arc::default();
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    metrics.initialize(&IpFamily::ALL);
     if let Some(address) = settings.healthz_bind_address {
         // Upstream's timeout: a change queued longer than twice the sync period is unhealthy.
-        let timeout = settings.sync_period * 2;
-        let server = crate::health::serve(
+        let state = crate::health::HealthState {
+            status: status.clone(),
+            timeout: settings.sync_period * 2,
+            metrics: metrics.clone(),
+        };
+        spawn_server(crate::health::serve(
             address,
-            status.clone(),
-            timeout,
+            state,
             settings.bind_address_hard_fail,
-        );
-        tokio::spawn(async move {
-            if let Err(e) = server.await {
-                error!("{e:#}");
-                std::process::exit(1);
-            }
-        });
+        ));
+    }
+    if let Some(address) = settings.metrics_bind_address {
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry, settings.mode);
+        registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
+        let server = crate::metrics_server::MetricsServer {
+            registry,
+            mode: settings.mode.as_str(),
+            configz: configz(&effective),
+            enable_profiling: settings.enable_profiling,
+        };
+        spawn_server(crate::metrics_server::serve(
+            address,
+            Arc::new(server),
+            settings.bind_address_hard_fail,
+        ));
     }
     let event_loop = EventLoop::new(
         &node_name,
@@ -266,7 +281,9 @@ async fn run(
             local_addresses: Box::new(crate::host::local_addresses),
         },
     );
-    let event_loop = event_loop.exit_after_first_sync(flags.once == Some(true));
+    let event_loop = event_loop
+        .exit_after_first_sync(flags.once == Some(true))
+        .with_metrics(metrics);
     // The loop owns all state and blocks while a dataplane applies rules, so it gets its own
     // thread and runtime; sources and servers stay responsive on the main runtime.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -342,6 +359,22 @@ fn build_dataplane(
             )))
         }
     }
+}
+
+/// Runs a server in the background; a server that gives up (bindAddressHardFail) ends the
+/// process with an error, as upstream.
+fn spawn_server(server: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static) {
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            error!("{e:#}");
+            std::process::exit(1);
+        }
+    });
+}
+
+/// The `/configz` body: the configuration in effect, with defaults applied.
+fn configz(effective: &EffectiveConfig) -> String {
+    serde_json::json!({ "kubeproxy.config.k8s.io": &effective.document }).to_string()
 }
 
 async fn shutdown_signal() {

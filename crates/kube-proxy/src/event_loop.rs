@@ -9,12 +9,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Instant, SystemTime};
 
-use kube_proxy_model::state::{ClusterState, Outcome};
+use std::sync::Arc;
+
+use kube_proxy_model::state::{ChangeCounts, ClusterState, Outcome};
 use kube_proxy_model::{FamilyPlan, IpFamily, PlanContext, ServicePortName};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, trace, warn};
 
 use crate::dataplane::{Dataplane, NodeView, SyncInput};
+use crate::metrics::{family_labels, unix_seconds, Metrics, PolicyLabels};
 use crate::scheduler::{Scheduler, SchedulerConfig, SyncKind};
 use crate::source::{ObjectEvent, SourceEvent};
 use crate::sync_status::SharedSyncStatus;
@@ -59,7 +62,25 @@ pub struct EventLoop {
     all_ok_once: bool,
     /// Whether the Node list in progress contained this proxy's Node.
     node_listed: bool,
+    metrics: Arc<Metrics>,
+    /// Change totals already added to the `*_changes_total` counters.
+    counts_reported: ChangeCounts,
+    /// Change totals when the last sync checked changes out (for `*_changes_pending`).
+    counts_at_checkout: ChangeCounts,
+    /// EndpointSlice change-trigger times not yet programmed, per family (network
+    /// programming latency).
+    trigger_times: BTreeMap<IpFamily, Vec<SystemTime>>,
+    /// Trigger times older than this are from before the proxy started (a relist), not
+    /// changes this proxy programs: upstream ignores them too.
+    started_at: SystemTime,
 }
+
+/// The annotation the EndpointSlice controller sets to when the change that caused the
+/// slice's update happened.
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Bound on remembered trigger times per family while syncs keep failing.
+const MAX_TRIGGER_TIMES: usize = 10_000;
 
 impl EventLoop {
     pub fn new(
@@ -99,7 +120,18 @@ impl EventLoop {
             exit_after_first_sync: false,
             all_ok_once: false,
             node_listed: false,
+            metrics: Arc::new(Metrics::default()),
+            counts_reported: ChangeCounts::default(),
+            counts_at_checkout: ChangeCounts::default(),
+            trigger_times: BTreeMap::new(),
+            started_at: SystemTime::now(),
         }
+    }
+
+    /// Reports into `metrics` (a private set otherwise).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Makes `run` return after the first fully successful sync.
@@ -125,8 +157,13 @@ impl EventLoop {
         {
             // Upstream marks every family updated when the sync loop starts.
             let mut status = self.status.lock().unwrap();
+            let now = SystemTime::now();
             for family in self.plans.keys() {
-                status.updated(*family, SystemTime::now());
+                status.updated(*family, now);
+                self.metrics
+                    .last_queued_timestamp
+                    .get_or_create(&family_labels(*family))
+                    .set(unix_seconds(now));
             }
         }
         loop {
@@ -178,7 +215,9 @@ impl EventLoop {
             SourceEvent::EndpointSlices(ObjectEvent::ListStart) => self.state.begin_slice_list(),
             SourceEvent::EndpointSlices(ObjectEvent::Listed(obj)) => {
                 let name = object_name(&obj.metadata);
-                log_outcome("EndpointSlice", &name, self.state.listed_slice(&obj));
+                let outcome = self.state.listed_slice(&obj);
+                self.note_trigger_time(&obj, &outcome);
+                log_outcome("EndpointSlice", &name, outcome);
             }
             SourceEvent::EndpointSlices(ObjectEvent::ListDone) => self.state.finish_slice_list(),
             SourceEvent::Node(ObjectEvent::ListStart) => self.node_listed = false,
@@ -213,7 +252,9 @@ impl EventLoop {
             }
             SourceEvent::EndpointSlices(ObjectEvent::Apply(obj)) => {
                 let name = object_name(&obj.metadata);
-                log_outcome("EndpointSlice", &name, self.state.apply_slice(&obj));
+                let outcome = self.state.apply_slice(&obj);
+                self.note_trigger_time(&obj, &outcome);
+                log_outcome("EndpointSlice", &name, outcome);
             }
             SourceEvent::EndpointSlices(ObjectEvent::Delete(obj)) => {
                 self.state.delete_slice_object(&obj);
@@ -263,11 +304,66 @@ impl EventLoop {
             if self.state.has_pending_changes() {
                 self.scheduler.request(Instant::now());
                 let mut status = self.status.lock().unwrap();
+                let now = SystemTime::now();
                 for family in self.plans.keys() {
-                    status.queued(*family, SystemTime::now());
+                    status.queued(*family, now);
+                    self.metrics
+                        .last_queued_timestamp
+                        .get_or_create(&family_labels(*family))
+                        .set(unix_seconds(now));
                 }
             }
         }
+        self.report_change_counts();
+    }
+
+    /// Remembers when the change behind an accepted EndpointSlice update happened.
+    fn note_trigger_time(
+        &mut self,
+        slice: &k8s_openapi::api::discovery::v1::EndpointSlice,
+        outcome: &Outcome,
+    ) {
+        if !matches!(outcome, Outcome::Changed | Outcome::ChangedWithWarnings(_)) {
+            return;
+        }
+        let family = match slice.address_type.as_str() {
+            "IPv4" => IpFamily::V4,
+            "IPv6" => IpFamily::V6,
+            _ => return,
+        };
+        let Some(time) = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .map(SystemTime::from)
+        else {
+            return;
+        };
+        if time <= self.started_at || !self.plans.contains_key(&family) {
+            return;
+        }
+        let times = self.trigger_times.entry(family).or_default();
+        if times.len() < MAX_TRIGGER_TIMES {
+            times.push(time);
+        }
+    }
+
+    /// Brings the `*_changes_total` counters and `*_changes_pending` gauges up to date.
+    fn report_change_counts(&mut self) {
+        let counts = self.state.change_counts();
+        let m = &self.metrics;
+        m.endpoint_changes_total
+            .inc_by(counts.endpoint_slice_changes - self.counts_reported.endpoint_slice_changes);
+        m.service_changes_total
+            .inc_by(counts.service_changes - self.counts_reported.service_changes);
+        self.counts_reported = counts;
+        m.endpoint_changes_pending.set(
+            (counts.endpoint_slice_changes - self.counts_at_checkout.endpoint_slice_changes) as i64,
+        );
+        m.service_changes_pending
+            .set((counts.service_changes - self.counts_at_checkout.service_changes) as i64);
     }
 
     /// One sync: replan what changed, then program each family.
@@ -275,10 +371,13 @@ impl EventLoop {
         let started = Instant::now();
         self.scheduler.started(started);
         let changes = self.state.take_changes();
+        self.counts_at_checkout = self.state.change_counts();
+        self.report_change_counts();
         let full = kind == SyncKind::Full;
         let mut all_ok = true;
         for (family, plan) in self.plans.iter_mut() {
             let plan_started = Instant::now();
+            let labels = family_labels(*family);
             let changed = plan.update(
                 &self.state,
                 *family,
@@ -299,7 +398,13 @@ impl EventLoop {
                 full: pending.full,
                 node: &node,
             };
-            match self.dataplane.sync(input) {
+            let result = self.dataplane.sync(input);
+            self.metrics.observe_sync(
+                *family,
+                result.as_ref().map(|r| r.full).unwrap_or(true),
+                plan_started.elapsed(),
+            );
+            match result {
                 Ok(report) => {
                     debug!(
                         family = %family,
@@ -312,13 +417,28 @@ impl EventLoop {
                         "Synced"
                     );
                     *pending = Pending::default();
-                    self.status
-                        .lock()
-                        .unwrap()
-                        .updated(*family, SystemTime::now());
+                    let now = SystemTime::now();
+                    self.status.lock().unwrap().updated(*family, now);
+                    let m = &self.metrics;
+                    m.last_sync_timestamp
+                        .get_or_create(&labels)
+                        .set(unix_seconds(now));
+                    for trigger in self.trigger_times.remove(family).unwrap_or_default() {
+                        let latency = now.duration_since(trigger).unwrap_or_default();
+                        m.network_programming
+                            .get_or_create(&labels)
+                            .observe(latency.as_secs_f64());
+                    }
+                    report_no_local_endpoints(m, *family, plan);
                 }
                 Err(err) => {
                     all_ok = false;
+                    if self.dataplane.name() == "nftables" {
+                        self.metrics
+                            .nftables_sync_failures
+                            .get_or_create(&labels)
+                            .inc();
+                    }
                     pending.full = true;
                     error!(error = %err, changed = pending.changed.len(), "Sync failed; will retry with a full sync");
                 }
@@ -333,6 +453,30 @@ impl EventLoop {
         if !all_ok {
             debug!(retry_in = ?self.scheduler.current_backoff(), "Sync retry scheduled");
         }
+    }
+}
+
+/// `kubeproxy_sync_proxy_rules_no_local_endpoints_total`: Services with a Local policy that
+/// have endpoints, but none on this node (per policy; Services without endpoints do not count).
+fn report_no_local_endpoints(metrics: &Metrics, family: IpFamily, plan: &FamilyPlan) {
+    let mut internal = BTreeSet::new();
+    let mut external = BTreeSet::new();
+    for (name, port) in &plan.services {
+        if port.internal_without_local_endpoints() {
+            internal.insert(&name.service);
+        }
+        if port.external_without_local_endpoints() {
+            external.insert(&name.service);
+        }
+    }
+    for (policy, services) in [("internal", internal), ("external", external)] {
+        metrics
+            .no_local_endpoints
+            .get_or_create(&PolicyLabels {
+                ip_family: family.as_str(),
+                traffic_policy: policy,
+            })
+            .set(services.len() as i64);
     }
 }
 

@@ -12,19 +12,18 @@
 //! The reply is computed by a pure function of the shared status and the time.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tracing::{error, info, warn};
+use hyper::{Response, StatusCode};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 use crate::logging::rfc3339_nanos;
+use crate::metrics::{CodeLabels, Metrics};
 use crate::sync_status::{SharedSyncStatus, SyncStatus};
 
 /// One family's part of the body.
@@ -102,71 +101,48 @@ pub fn reply(status: &SyncStatus, probe: Probe, now: SystemTime, timeout: Durati
     }
 }
 
-/// Serves `/healthz` and `/livez` on `address` until the process ends. If the address cannot
-/// be bound: with `hard_fail` the error is returned (the caller exits, as upstream), otherwise
-/// binding is retried every 5 s.
-pub async fn serve(
-    address: SocketAddr,
-    status: SharedSyncStatus,
-    timeout: Duration,
-    hard_fail: bool,
-) -> anyhow::Result<()> {
-    let listener = loop {
-        match tokio::net::TcpListener::bind(address).await {
-            Ok(listener) => break listener,
-            Err(e) if hard_fail => {
-                return Err(anyhow::anyhow!(
-                    "cannot bind the health server to {address}: {e} (bindAddressHardFail is set)"
-                ));
-            }
-            Err(e) => {
-                warn!(address = %address, error = %e, "Cannot bind the health server; retrying in 5s");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        }
-    };
-    info!(address = %address, "Serving /healthz and /livez");
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                error!(error = %e, "Health server accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let status = status.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let status = status.clone();
-                async move { Ok::<_, Infallible>(respond(req.uri().path(), &status, timeout)) }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+/// The health server's shared inputs.
+#[derive(Clone)]
+pub struct HealthState {
+    pub status: SharedSyncStatus,
+    pub timeout: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
-fn respond(path: &str, status: &SharedSyncStatus, timeout: Duration) -> Response<Full<Bytes>> {
+/// Serves `/healthz` and `/livez` on `address` until the process ends (bind failures: see
+/// [`crate::http::bind`]).
+pub async fn serve(address: SocketAddr, state: HealthState, hard_fail: bool) -> anyhow::Result<()> {
+    let listener = crate::http::bind(address, "health server", hard_fail).await?;
+    info!(address = %address, "Serving /healthz and /livez");
+    let handler: crate::http::Handler = Arc::new(move |req| respond(&req.path, &state));
+    crate::http::serve(listener, handler, CancellationToken::new()).await;
+    Ok(())
+}
+
+/// The HTTP response for `path`; counts the reply in `kubeproxy_proxy_{healthz,livez}_total`.
+pub fn respond(path: &str, state: &HealthState) -> Response<Full<Bytes>> {
     let probe = match path {
         "/healthz" => Probe::Healthz,
         "/livez" => Probe::Livez,
-        _ => {
-            let mut response =
-                Response::new(Full::new(Bytes::from_static(b"404 page not found\n")));
-            *response.status_mut() = StatusCode::NOT_FOUND;
-            return response;
-        }
+        _ => return crate::http::not_found(),
     };
-    let computed = reply(&status.lock().unwrap(), probe, SystemTime::now(), timeout);
-    let mut response = Response::new(Full::new(Bytes::from(computed.body)));
-    *response.status_mut() =
-        StatusCode::from_u16(computed.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let headers = response.headers_mut();
-    headers.insert("Content-Type", "application/json".parse().unwrap());
-    headers.insert("X-Content-Type-Options", "nosniff".parse().unwrap());
-    response
+    let computed = reply(
+        &state.status.lock().unwrap(),
+        probe,
+        SystemTime::now(),
+        state.timeout,
+    );
+    let code = if computed.status == 200 { "200" } else { "503" };
+    let counter = match probe {
+        Probe::Healthz => &state.metrics.healthz_total,
+        Probe::Livez => &state.metrics.livez_total,
+    };
+    counter.get_or_create(&CodeLabels { code }).inc();
+    crate::http::with_type(
+        StatusCode::from_u16(computed.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        "application/json",
+        computed.body,
+    )
 }
 
 #[cfg(test)]

@@ -6,10 +6,13 @@
 //! adds per-object detail (`trace!`). Every level prints as an `I` line, as klog does.
 
 use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -23,26 +26,54 @@ pub fn level_for_verbosity(v: u32) -> Level {
     }
 }
 
-/// Installs the global subscriber; logs go to stderr like klog's. Verbosity applies to
-/// kube-proxy's own code; libraries (HTTP client, watcher) log warnings and errors only, and
-/// their debug output appears from `-v=8` on, like client-go's request logging.
-pub fn init(verbosity: u32) {
-    use tracing_subscriber::filter::Targets;
-    use tracing_subscriber::prelude::*;
+/// The `-v` in effect (changed at run time through `/debug/flags/v`).
+static VERBOSITY: AtomicU32 = AtomicU32::new(0);
+type FilterHandle = tracing_subscriber::reload::Handle<Targets, tracing_subscriber::Registry>;
+static FILTER: OnceLock<FilterHandle> = OnceLock::new();
+
+/// Which targets log at which level for klog verbosity `v`: kube-proxy's own code by `-v`;
+/// libraries (HTTP client, watcher) warnings and errors only, their debug output from
+/// `-v=8` on, like client-go's request logging.
+fn filter_for(verbosity: u32) -> Targets {
     let libraries = match verbosity {
         0..=7 => Level::WARN,
         8..=9 => Level::DEBUG,
         _ => Level::TRACE,
     };
-    let filter = Targets::new()
+    Targets::new()
         .with_default(libraries)
-        .with_target("kube_proxy", level_for_verbosity(verbosity));
+        .with_target("kube_proxy", level_for_verbosity(verbosity))
+}
+
+/// Installs the global subscriber; logs go to stderr like klog's.
+pub fn init(verbosity: u32) {
+    use tracing_subscriber::prelude::*;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter_for(verbosity));
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .event_format(KlogFormat)
-        .with_filter(filter);
+        .event_format(KlogFormat);
     // A second init (tests) keeps the first subscriber.
-    let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer));
+    if tracing::subscriber::set_global_default(
+        tracing_subscriber::registry().with(filter).with(layer),
+    )
+    .is_ok()
+    {
+        VERBOSITY.store(verbosity, Ordering::Relaxed);
+        let _ = FILTER.set(handle);
+    }
+}
+
+/// The klog verbosity in effect.
+pub fn verbosity() -> u32 {
+    VERBOSITY.load(Ordering::Relaxed)
+}
+
+/// Changes the verbosity of the running process.
+pub fn set_verbosity(verbosity: u32) {
+    VERBOSITY.store(verbosity, Ordering::Relaxed);
+    if let Some(handle) = FILTER.get() {
+        let _ = handle.reload(filter_for(verbosity));
+    }
 }
 
 pub struct KlogFormat;

@@ -113,17 +113,19 @@ fn version_and_help() {
 
 const SERVICE: &str = "kind: Service\napiVersion: v1\nmetadata: {name: __NAME__, namespace: demo}\nspec:\n  clusterIP: __IP__\n  ports: [{name: p, port: 80}]\n";
 
+fn write_service(path: &std::path::Path, name: &str, ip: &str) {
+    std::fs::write(
+        path,
+        SERVICE.replace("__NAME__", name).replace("__IP__", ip),
+    )
+    .unwrap();
+}
+
 /// The main job on a manifest directory: prints the state as JSON and follows file changes.
 #[test]
 fn main_job_follows_manifest_changes() {
     let dir = temp_dir("follow");
-    std::fs::write(
-        dir.join("a.yaml"),
-        SERVICE
-            .replace("__NAME__", "a")
-            .replace("__IP__", "198.19.0.1"),
-    )
-    .unwrap();
+    write_service(&dir.join("a.yaml"), "a", "198.19.0.1");
     let mut child = bin()
         .arg("--manifests")
         .arg(&dir)
@@ -159,13 +161,7 @@ fn main_job_follows_manifest_changes() {
         "no endpoints yet"
     );
 
-    std::fs::write(
-        dir.join("b.yaml"),
-        SERVICE
-            .replace("__NAME__", "b")
-            .replace("__IP__", "198.19.0.2"),
-    )
-    .unwrap();
+    write_service(&dir.join("b.yaml"), "b", "198.19.0.2");
     let second = next_v4(&rx);
     assert_eq!(second["servicePorts"].as_array().unwrap().len(), 2);
     assert_eq!(second["changed"], serde_json::json!(["demo/b:p"]));
@@ -248,46 +244,59 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Starts the proxy on manifests in `dir` as node-a, output discarded, with `args`.
+fn spawn_standalone(dir: &std::path::Path, args: &[String]) -> std::process::Child {
+    bin()
+        .arg("--manifests")
+        .arg(dir)
+        .arg("--hostname-override=node-a")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Polls `GET path` until `accept` takes the answer (20 s at most): (status, head, body).
+fn wait_http(port: u16, path: &str, accept: impl Fn(u16, &str) -> bool) -> (u16, String, String) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some((status, head, body)) = http_get(port, path) {
+            if accept(status, &body) {
+                return (status, head, body);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{path} never answered as expected"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stop(mut child: std::process::Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a__DELETING__}\n";
 
 /// The proxy health server: /healthz follows node eligibility, /livez does not.
 #[test]
 fn health_server_reports_node_eligibility() {
     let dir = temp_dir("health");
-    std::fs::write(
-        dir.join("svc.yaml"),
-        SERVICE
-            .replace("__NAME__", "a")
-            .replace("__IP__", "198.19.0.1"),
-    )
-    .unwrap();
+    write_service(&dir.join("svc.yaml"), "a", "198.19.0.1");
     let port = free_port();
-    let mut child = bin()
-        .arg("--manifests")
-        .arg(&dir)
-        .args([
-            "--hostname-override=node-a",
-            "--print-state",
-            &format!("--healthz-bind-address=127.0.0.1:{port}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_standalone(
+        &dir,
+        &[
+            "--print-state".into(),
+            format!("--healthz-bind-address=127.0.0.1:{port}"),
+        ],
+    );
     let wait_for = |path: &str, code: u16| -> (String, String) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some((status, head, body)) = http_get(port, path) {
-                if status == code {
-                    return (head, body);
-                }
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{path} never answered {code}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (_, head, body) = wait_http(port, path, |status, _| status == code);
+        (head, body)
     };
     // No Node object yet: not eligible.
     let (head, body) = wait_for("/healthz", 503);
@@ -322,8 +331,7 @@ fn health_server_reports_node_eligibility() {
     wait_for("/healthz", 503);
     wait_for("/livez", 200);
     assert_eq!(http_get(port, "/metrics").map(|r| r.0), Some(404));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(child);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -340,19 +348,14 @@ fn failing_syncs_turn_livez_unhealthy() {
     std::fs::set_permissions(&nft, std::fs::Permissions::from_mode(0o755)).unwrap();
     let manifests = dir.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
-    std::fs::write(
-        manifests.join("svc.yaml"),
-        SERVICE
-            .replace("__NAME__", "a")
-            .replace("__IP__", "198.19.0.1"),
-    )
-    .unwrap();
+    write_service(&manifests.join("svc.yaml"), "a", "198.19.0.1");
     std::fs::write(
         manifests.join("node.yaml"),
         NODE.replace("__DELETING__", ""),
     )
     .unwrap();
     let port = free_port();
+    let metrics_port = free_port();
     let path = format!(
         "{}:{}",
         fake_bin.display(),
@@ -369,6 +372,7 @@ fn failing_syncs_turn_livez_unhealthy() {
             "--iptables-min-sync-period=0s",
         ])
         .arg(format!("--healthz-bind-address=127.0.0.1:{port}"))
+        .arg(format!("--metrics-bind-address=127.0.0.1:{metrics_port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -385,11 +389,281 @@ fn failing_syncs_turn_livez_unhealthy() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The failures and the 503 are counted.
+    let metrics = http_get(metrics_port, "/metrics").map(|r| r.2);
     child.kill().unwrap();
     child.wait().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
+    let metrics = metrics.expect("the metrics server answers");
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing in\n{metrics}"))
+    };
+    assert!(
+        value("kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv4\"}") >= 1.0
+    );
+    assert!(value("kubeproxy_proxy_livez_total{code=\"503\"}") >= 1.0);
     assert!(
         seen_unhealthy,
         "/livez never reported 503 while every sync failed"
     );
+}
+
+/// Every kube-proxy metric of the reference (§6.2) with the proxy mode(s) upstream registers
+/// it in ("all" = every mode).
+const UPSTREAM_METRICS: &[(&str, &str, &str)] = &[
+    (
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "histogram",
+        "all",
+    ),
+    (
+        "kubeproxy_sync_full_proxy_rules_duration_seconds",
+        "histogram",
+        "iptables nftables",
+    ),
+    (
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+        "histogram",
+        "iptables nftables",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "gauge",
+        "all",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        "gauge",
+        "all",
+    ),
+    (
+        "kubeproxy_network_programming_duration_seconds",
+        "histogram",
+        "all",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+        "gauge",
+        "all",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "counter",
+        "all",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_service_changes_pending",
+        "gauge",
+        "all",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        "counter",
+        "all",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+        "gauge",
+        "all",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+        "counter",
+        "iptables ipvs",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total",
+        "counter",
+        "iptables",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_iptables_last",
+        "gauge",
+        "iptables",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_iptables_total",
+        "gauge",
+        "iptables",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
+        "counter",
+        "nftables",
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total",
+        "counter",
+        "nftables",
+    ),
+    ("kubeproxy_proxy_healthz_total", "counter", "all"),
+    ("kubeproxy_proxy_livez_total", "counter", "all"),
+    (
+        "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+        "histogram",
+        "all",
+    ),
+    (
+        "kubeproxy_conntrack_reconciler_deleted_entries_total",
+        "counter",
+        "all",
+    ),
+];
+
+/// Labels upstream puts on each metric (besides histogram `le`).
+fn upstream_labels(name: &str) -> &'static [&'static str] {
+    match name {
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending"
+        | "kubeproxy_sync_proxy_rules_endpoint_changes_total"
+        | "kubeproxy_sync_proxy_rules_service_changes_pending"
+        | "kubeproxy_sync_proxy_rules_service_changes_total" => &[],
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total" => &["ip_family", "traffic_policy"],
+        "kubeproxy_sync_proxy_rules_iptables_last"
+        | "kubeproxy_sync_proxy_rules_iptables_total" => &["ip_family", "table"],
+        "kubeproxy_proxy_healthz_total" | "kubeproxy_proxy_livez_total" => &["code"],
+        _ => &["ip_family"],
+    }
+}
+
+/// The metrics server exports exactly upstream's kube-proxy metrics for the mode (names,
+/// types and labels), the process metrics, and upstream's other paths.
+#[test]
+fn metrics_server_exports_upstreams_metrics() {
+    let dir = temp_dir("metrics");
+    write_service(&dir.join("svc.yaml"), "a", "198.19.0.1");
+    for mode in ["iptables", "nftables", "ipvs"] {
+        let port = free_port();
+        let child = spawn_standalone(
+            &dir,
+            &[
+                format!("--proxy-mode={mode}"),
+                "--print-state".into(),
+                format!("--metrics-bind-address=127.0.0.1:{port}"),
+                format!("--healthz-bind-address=127.0.0.1:{}", free_port()),
+            ],
+        );
+        // Wait for the first sync, so the timestamps are set.
+        let (_, head, metrics) = wait_http(port, "/metrics", |status, body| {
+            status == 200
+                && body.contains(
+                    "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 1",
+                )
+        });
+        assert!(
+            head.contains("content-type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        let exported: std::collections::BTreeMap<&str, &str> = metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_once(' '))
+            .collect();
+        for (name, kind, modes) in UPSTREAM_METRICS {
+            let expected = *modes == "all" || modes.split(' ').any(|m| m == mode);
+            assert_eq!(exported.contains_key(name), expected, "{mode}: {name}");
+            if expected {
+                assert_eq!(exported[name], *kind, "{mode}: type of {name}");
+                let labels = upstream_labels(name);
+                let sample = metrics
+                    .lines()
+                    .find(|l| l.starts_with(name) && !l.starts_with('#'))
+                    .unwrap_or_else(|| panic!("{mode}: no sample of {name}"));
+                let label_names: Vec<&str> = sample
+                    .split_once('{')
+                    .map(|(_, rest)| rest.split('}').next().unwrap())
+                    .map(|l| {
+                        l.split(',')
+                            .map(|kv| kv.split('=').next().unwrap())
+                            .filter(|k| *k != "le")
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let mut sorted = label_names.clone();
+                sorted.sort();
+                assert_eq!(sorted, labels, "{mode}: labels of {name}: {sample}");
+            }
+        }
+        for name in exported.keys().filter(|n| n.starts_with("kubeproxy_")) {
+            assert!(
+                UPSTREAM_METRICS.iter().any(|(n, _, _)| n == name),
+                "{mode}: {name} is not an upstream metric"
+            );
+        }
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_start_time_seconds",
+            "process_open_fds",
+            "process_max_fds",
+            "process_virtual_memory_bytes",
+        ] {
+            assert!(exported.contains_key(name), "{mode}: {name}");
+        }
+        // Network programming buckets as upstream: 0.25, 0.5, 1..59, 60..115, 120..300, +Inf.
+        let buckets = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("kubeproxy_network_programming_duration_seconds_bucket")
+                    && l.contains("IPv4")
+            })
+            .count();
+        assert_eq!(buckets, 2 + 59 + 12 + 7 + 1);
+        assert!(metrics.contains("le=\"16.384\""));
+
+        let (status, head, body) = http_get(port, "/proxyMode").unwrap();
+        assert_eq!((status, body.as_str()), (200, mode));
+        assert!(head.contains("text/plain; charset=utf-8") && head.contains("nosniff"));
+        assert_eq!(
+            http_get(port, "/healthz").map(|r| (r.0, r.2)),
+            Some((200, "ok".into()))
+        );
+        let (status, head, body) = http_get(port, "/configz").unwrap();
+        assert_eq!(status, 200);
+        assert!(head.contains("application/json"));
+        let configz: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(configz["kubeproxy.config.k8s.io"]["mode"], mode);
+        assert_eq!(
+            configz["kubeproxy.config.k8s.io"]["metricsBindAddress"],
+            format!("127.0.0.1:{port}")
+        );
+        // Profiling is off by default.
+        assert_eq!(http_get(port, "/debug/flags/v").map(|r| r.0), Some(404));
+        stop(child);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--profiling`: the log verbosity can be read and changed at run time.
+#[test]
+fn profiling_exposes_the_verbosity_flag() {
+    let dir = temp_dir("profiling");
+    let port = free_port();
+    let child = spawn_standalone(
+        &dir,
+        &[
+            "--print-state".into(),
+            "--profiling".into(),
+            "--v=2".into(),
+            format!("--metrics-bind-address=127.0.0.1:{port}"),
+            format!("--healthz-bind-address=127.0.0.1:{}", free_port()),
+        ],
+    );
+    let (_, _, body) = wait_http(port, "/debug/flags/v", |status, _| status == 200);
+    assert_eq!(body.trim(), "2");
+    let put = {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(stream, "PUT /debug/flags/v HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nConnection: close\r\n\r\n5").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    };
+    assert!(put.starts_with("HTTP/1.1 200"), "{put}");
+    assert_eq!(http_get(port, "/debug/flags/v").unwrap().2.trim(), "5");
+    assert_eq!(http_get(port, "/debug/pprof/").map(|r| r.0), Some(501));
+    stop(child);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -226,3 +226,125 @@ async fn run_loop_syncs_once_listed_and_follows_changes() {
     drop(tx);
     task.await.unwrap();
 }
+
+/// Reads one sample of the encoded registry (classic format), e.g.
+/// `kubeproxy_sync_proxy_rules_endpoint_changes_total`.
+fn sample(metrics: &Metrics, series: &str) -> Option<f64> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry, kube_proxy_config::ProxyMode::Nftables);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let text = crate::metrics_server::openmetrics_to_classic(&text);
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn syncs_are_reported_in_metrics() {
+    let recorder = Recorder::default();
+    let metrics = Arc::new(Metrics::default());
+    let mut el = event_loop(&recorder).with_metrics(metrics.clone());
+    // As if the proxy had started a minute ago.
+    el.started_at = SystemTime::now() - Duration::from_secs(60);
+    // An eTP-Local LoadBalancer whose only endpoint is on another node.
+    let lb: Service = serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": "lb"},
+        "spec": {"type": "LoadBalancer", "clusterIP": "198.19.0.9", "externalTrafficPolicy": "Local",
+                 "healthCheckNodePort": 30999,
+                 "ports": [{"name": "p", "port": 80, "nodePort": 30080}]}})).unwrap();
+    el.handle(SourceEvent::Services(ObjectEvent::Replace(vec![
+        service("a", "198.19.0.1"),
+        lb,
+    ])));
+    let mut remote: EndpointSlice = serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": "lb-x", "labels": {"kubernetes.io/service-name": "lb"}},
+        "addressType": "IPv4", "ports": [{"name": "p", "port": 8080}],
+        "endpoints": [{"addresses": ["198.18.2.2"], "nodeName": "node-b"}]})).unwrap();
+    el.handle(SourceEvent::EndpointSlices(ObjectEvent::Replace(vec![
+        slice("a", "198.18.0.1"),
+        remote.clone(),
+    ])));
+    assert_eq!(
+        sample(&metrics, "kubeproxy_sync_proxy_rules_service_changes_total"),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending"
+        ),
+        Some(2.0)
+    );
+    el.sync(SyncKind::Full);
+    assert_eq!(
+        sample(
+            &metrics,
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending"
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}"
+        ),
+        Some(1.0)
+    );
+    assert!(
+        sample(
+            &metrics,
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv6\"}"
+        )
+        .unwrap()
+            > 1.7e9
+    );
+    assert_eq!(
+        sample(&metrics, "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"}"),
+        Some(1.0)
+    );
+
+    // A slice update carrying a trigger time 2 s ago is programmed: one latency sample of
+    // about 2 s. A trigger time from before the proxy started is ignored.
+    let two_seconds_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(2);
+    remote.metadata.annotations = Some(
+        [(
+            TRIGGER_TIME_ANNOTATION.to_string(),
+            two_seconds_ago.to_string(),
+        )]
+        .into(),
+    );
+    remote.endpoints[0].addresses = vec!["198.18.2.3".into()];
+    el.handle(SourceEvent::EndpointSlices(ObjectEvent::Apply(
+        remote.clone(),
+    )));
+    let mut old = slice("a", "198.18.0.7");
+    old.metadata.annotations = Some(
+        [(
+            TRIGGER_TIME_ANNOTATION.to_string(),
+            "2020-01-01T00:00:00Z".to_string(),
+        )]
+        .into(),
+    );
+    el.handle(SourceEvent::EndpointSlices(ObjectEvent::Apply(old)));
+    el.sync(SyncKind::Partial);
+    let count = |le: &str| {
+        sample(
+            &metrics,
+            &format!("kubeproxy_network_programming_duration_seconds_bucket{{le=\"{le}\",ip_family=\"IPv4\"}}"),
+        )
+    };
+    assert_eq!(count("1"), Some(0.0));
+    assert_eq!(count("60"), Some(1.0), "one sample, not the 2020 one");
+    assert_eq!(
+        sample(
+            &metrics,
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}"
+        ),
+        Some(1.0)
+    );
+}
