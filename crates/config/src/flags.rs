@@ -239,6 +239,11 @@ pub struct Flags {
     /// [kube-proxy-rs] Exit after the first successful sync.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub once: Option<bool>,
+    /// [kube-proxy-rs] Delete stale UDP conntrack entries after syncs (default true, as
+    /// upstream always does). Only for diagnosing; turning it off leaves UDP clients stuck
+    /// on removed endpoints until their entries time out.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub conntrack_cleanup: Option<bool>,
 }
 
 /// Parses `--feature-gates=A=true,B=false` as Go's `featuregate` flag does.

@@ -98,10 +98,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     if flags.cleanup == Some(true) {
         return cleanup();
     }
-    let kernel_dataplane = effective.settings.mode == ProxyMode::Nftables
-        && flags.dry_run != Some(true)
-        && print_format.is_none();
-    if kernel_dataplane || flags.init_only == Some(true) {
+    if programs_kernel(&flags, &effective.settings, print_format) || flags.init_only == Some(true) {
         privileged_setup(&effective);
     }
     if flags.init_only == Some(true) {
@@ -133,6 +130,15 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether this run programs the kernel (rather than printing state or transactions).
+fn programs_kernel(
+    flags: &Flags,
+    settings: &kube_proxy_config::ProxyConfig,
+    print_format: Option<PrintFormat>,
+) -> bool {
+    settings.mode == ProxyMode::Nftables && flags.dry_run != Some(true) && print_format.is_none()
 }
 
 /// The privileged one-time steps (upstream's platform setup): conntrack sysctls and the OOM
@@ -281,9 +287,16 @@ async fn run(
             local_addresses: Box::new(crate::host::local_addresses),
         },
     );
-    let event_loop = event_loop
+    let mut event_loop = event_loop
         .exit_after_first_sync(flags.once == Some(true))
         .with_metrics(metrics);
+    if programs_kernel(&flags, settings, print_format) {
+        if flags.conntrack_cleanup == Some(false) {
+            warn!("--conntrack-cleanup=false: stale UDP conntrack entries are not deleted");
+        } else {
+            event_loop = event_loop.with_conntrack_cleanup(Box::new(crate::conntrack::reconcile));
+        }
+    }
     // The loop owns all state and blocks while a dataplane applies rules, so it gets its own
     // thread and runtime; sources and servers stay responsive on the main runtime.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();

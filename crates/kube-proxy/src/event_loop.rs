@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime};
 use std::sync::Arc;
 
 use kube_proxy_model::state::{ChangeCounts, ClusterState, Outcome};
-use kube_proxy_model::{FamilyPlan, IpFamily, PlanContext, ServicePortName};
+use kube_proxy_model::{FamilyPlan, IpFamily, PlanContext, Protocol, ServicePortName};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, trace, warn};
 
@@ -70,10 +70,23 @@ pub struct EventLoop {
     /// EndpointSlice change-trigger times not yet programmed, per family (network
     /// programming latency).
     trigger_times: BTreeMap<IpFamily, Vec<SystemTime>>,
+    /// Deletes stale UDP conntrack entries of a family after a sync that changed UDP ports.
+    conntrack_cleanup: Option<ConntrackCleanup>,
     /// Trigger times older than this are from before the proxy started (a relist), not
     /// changes this proxy programs: upstream ignores them too.
     started_at: SystemTime,
 }
+
+/// Deletes the stale UDP conntrack entries of a family given the state and this host's
+/// addresses of that family (see `crate::conntrack::reconcile`).
+pub type ConntrackCleanup = Box<
+    dyn FnMut(
+            IpFamily,
+            &ClusterState,
+            &[std::net::IpAddr],
+        ) -> std::io::Result<crate::conntrack::Reconciled>
+        + Send,
+>;
 
 /// The annotation the EndpointSlice controller sets to when the change that caused the
 /// slice's update happened.
@@ -125,7 +138,14 @@ impl EventLoop {
             counts_at_checkout: ChangeCounts::default(),
             trigger_times: BTreeMap::new(),
             started_at: SystemTime::now(),
+            conntrack_cleanup: None,
         }
+    }
+
+    /// Cleans stale UDP conntrack entries with `cleanup` after syncs.
+    pub fn with_conntrack_cleanup(mut self, cleanup: ConntrackCleanup) -> Self {
+        self.conntrack_cleanup = Some(cleanup);
+        self
     }
 
     /// Reports into `metrics` (a private set otherwise).
@@ -416,6 +436,10 @@ impl EventLoop {
                         apply_elapsed = ?apply_started.elapsed(),
                         "Synced"
                     );
+                    // Upstream's ConntrackCleanupRequired: a UDP port changed (endpoints or
+                    // frontends), or everything was rewritten.
+                    let udp_changed =
+                        pending.full || pending.changed.iter().any(|n| n.protocol == Protocol::Udp);
                     *pending = Pending::default();
                     let now = SystemTime::now();
                     self.status.lock().unwrap().updated(*family, now);
@@ -430,6 +454,24 @@ impl EventLoop {
                             .observe(latency.as_secs_f64());
                     }
                     report_no_local_endpoints(m, *family, plan);
+                    if let (true, Some(cleanup)) = (udp_changed, self.conntrack_cleanup.as_mut()) {
+                        let started = Instant::now();
+                        match cleanup(*family, &self.state, &node.local_addresses) {
+                            Ok(done) => {
+                                m.conntrack_deleted_entries
+                                    .get_or_create(&labels)
+                                    .inc_by(done.deleted as u64);
+                            }
+                            Err(e) => error!(
+                                family = %family,
+                                error = %e,
+                                "Cannot clean up stale UDP conntrack entries; UDP clients of changed Services may keep using removed endpoints until their entries expire"
+                            ),
+                        };
+                        m.conntrack_reconcile_duration
+                            .get_or_create(&labels)
+                            .observe(started.elapsed().as_secs_f64());
+                    }
                 }
                 Err(err) => {
                     all_ok = false;

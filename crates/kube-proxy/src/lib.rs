@@ -5,6 +5,7 @@
 //! this crate is the I/O rim that wires them to the API server, files and the kernel.
 
 pub mod app;
+pub mod conntrack;
 pub mod dataplane;
 pub mod event_loop;
 pub mod health;

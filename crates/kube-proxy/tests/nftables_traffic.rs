@@ -6,6 +6,8 @@
 mod fakeapi;
 mod testbed;
 
+use std::time::Duration;
+
 use testbed::{ipaddr, sock, Outcome, TestBed, PODS};
 
 fn pod_ip(name: &str, v6: bool) -> &'static str {
@@ -675,4 +677,70 @@ fn init_only_and_cleanup() {
     assert_eq!(bed.ruleset("ip6"), "");
     let (ok, log) = run(&["--cleanup"]);
     assert!(ok, "nothing to remove is fine: {log}");
+}
+
+/// A UDP client that keeps its source port sends to a Service whose only endpoint (a1) is
+/// then replaced by b1. a1's server keeps running, so a stale conntrack entry would keep
+/// answering "a1". Returns what the client sees after the change, and the proxy's log.
+fn udp_flow_across_endpoint_replacement(test: &str, extra: &[&str]) -> (Vec<String>, String) {
+    let mut bed = TestBed::new(test);
+    let spec = "  type: NodePort\n  clusterIP: 198.19.0.60\n  ports:\n  - {name: u, port: 53, targetPort: 8080, nodePort: 30060, protocol: UDP}";
+    bed.write_manifest("dns", &service("dns", spec, &["a1"]));
+    bed.start_proxy(extra);
+    bed.wait_for_rules("ip", "198.19.0.60 . udp . 53");
+    let vip = sock("198.19.0.60", 53);
+    let node_port = sock(testbed::NODE_A, 30060);
+    let answer = |outcome: Outcome| match outcome {
+        Outcome::Answered { pod, .. } => pod,
+        other => format!("{other:?}"),
+    };
+    assert_eq!(answer(bed.udp_from_port("a2", vip, 40053)), "a1");
+    assert_eq!(answer(bed.udp_from_port("client", node_port, 40054)), "a1");
+    bed.write_manifest("dns", &service("dns", spec, &["b1"]));
+    bed.wait_for_rules("ip", "198.18.2.2 . 8080");
+    // Give a cleanup (if any) time to run after the sync that programmed b1.
+    bed.eventually("the sync to finish", || {
+        bed.proxy_log()
+            .matches("\"Synced\" family=\"IPv4\"")
+            .count()
+            >= 2
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(answer(bed.udp_from_port("a2", vip, 40053)));
+        seen.push(answer(bed.udp_from_port("client", node_port, 40054)));
+    }
+    seen.sort();
+    seen.dedup();
+    (seen, bed.proxy_log())
+}
+
+/// Stale UDP conntrack entries are deleted after the sync that removed their endpoint: the
+/// same client socket reaches the new endpoint at once (ClusterIP and NodePort).
+#[test]
+fn udp_clients_move_to_a_live_endpoint() {
+    if !testbed::available() {
+        return;
+    }
+    let (seen, log) = udp_flow_across_endpoint_replacement("ctclean", &[]);
+    assert_eq!(seen, pods(&["b1"]), "{log}");
+    // Exactly the two stale entries (ClusterIP and NodePort) were deleted.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("Reconciled UDP conntrack entries") && l.contains("deleted=2")),
+        "{log}"
+    );
+}
+
+/// The control for the test above: with the cleanup disabled the same flows stay stuck on
+/// the removed endpoint, so the cleanup is what moves them.
+#[test]
+fn without_conntrack_cleanup_udp_clients_stay_on_the_removed_endpoint() {
+    if !testbed::available() {
+        return;
+    }
+    let (seen, log) =
+        udp_flow_across_endpoint_replacement("ctkeep", &["--conntrack-cleanup=false"]);
+    assert_eq!(seen, pods(&["a1"]), "{log}");
 }

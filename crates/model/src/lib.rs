@@ -5,6 +5,7 @@
 //! `tokio` or anything that does I/O, reads a clock or a global. Invalid objects are returned
 //! as values for the caller to log; nothing here panics on bad input.
 
+pub mod conntrack;
 pub mod dataplane;
 pub mod endpoints;
 pub mod names;

@@ -348,3 +348,63 @@ fn syncs_are_reported_in_metrics() {
         Some(1.0)
     );
 }
+
+/// Conntrack cleanup runs after full syncs and after syncs that changed a UDP port, not
+/// after TCP-only changes; what it deletes is counted.
+#[test]
+fn conntrack_cleanup_runs_when_udp_ports_change() {
+    let recorder = Recorder::default();
+    let metrics = Arc::new(Metrics::default());
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let seen = calls.clone();
+    let mut el = event_loop(&recorder)
+        .with_metrics(metrics.clone())
+        .with_conntrack_cleanup(Box::new(move |family, _state, _addresses| {
+            seen.lock().unwrap().push(family);
+            Ok(crate::conntrack::Reconciled {
+                listed: 5,
+                deleted: 2,
+            })
+        }));
+    let udp: Service = serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": "dns"},
+        "spec": {"clusterIP": "198.19.0.53", "ports": [{"name": "p", "port": 53, "protocol": "UDP"}]}}))
+    .unwrap();
+    el.handle(SourceEvent::Services(ObjectEvent::Replace(vec![
+        service("a", "198.19.0.1"),
+        udp,
+    ])));
+    el.handle(SourceEvent::EndpointSlices(ObjectEvent::Replace(vec![])));
+    el.sync(SyncKind::Full);
+    assert_eq!(*calls.lock().unwrap(), vec![IpFamily::V4, IpFamily::V6]);
+    // TCP only.
+    el.handle(SourceEvent::EndpointSlices(ObjectEvent::Apply(slice(
+        "a",
+        "198.18.0.1",
+    ))));
+    el.sync(SyncKind::Partial);
+    assert_eq!(calls.lock().unwrap().len(), 2);
+    // The UDP Service gets an endpoint: IPv4 only.
+    let udp_slice: EndpointSlice = serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": "dns-x", "labels": {"kubernetes.io/service-name": "dns"}},
+        "addressType": "IPv4", "ports": [{"name": "p", "port": 5353, "protocol": "UDP"}], "endpoints": [{"addresses": ["198.18.0.9"]}]}))
+    .unwrap();
+    el.handle(SourceEvent::EndpointSlices(ObjectEvent::Apply(udp_slice)));
+    el.sync(SyncKind::Partial);
+    assert_eq!(
+        *calls.lock().unwrap(),
+        vec![IpFamily::V4, IpFamily::V6, IpFamily::V4]
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"}"
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds_count{ip_family=\"IPv4\"}"
+        ),
+        Some(2.0)
+    );
+}

@@ -441,6 +441,17 @@ impl TestBed {
         in_netns(&ns, move || udp_request(to, source))
     }
 
+    /// One UDP request from a fixed source port, so that every request belongs to the same
+    /// conntrack entry (like a DNS resolver or a game client reusing its socket).
+    pub fn udp_from_port(&self, from: &str, to: SocketAddr, source_port: u16) -> Outcome {
+        let ns = self.ns(from);
+        let bind = match to {
+            SocketAddr::V4(_) => SocketAddr::new("0.0.0.0".parse().unwrap(), source_port),
+            SocketAddr::V6(_) => SocketAddr::new("::".parse().unwrap(), source_port),
+        };
+        in_netns(&ns, move || udp_request_from(to, bind))
+    }
+
     /// The set of pods answering `n` TCP connections, and every source they saw.
     pub fn tcp_spread(&self, from: &str, to: SocketAddr, n: usize) -> (Vec<String>, Vec<IpAddr>) {
         spread((0..n).map(|_| self.tcp(from, to, None)).collect())
@@ -681,6 +692,10 @@ fn udp_request(to: SocketAddr, source: Option<IpAddr>) -> Outcome {
         (None, SocketAddr::V4(_)) => "0.0.0.0:0".parse().unwrap(),
         (None, SocketAddr::V6(_)) => "[::]:0".parse().unwrap(),
     };
+    udp_request_from(to, bind)
+}
+
+fn udp_request_from(to: SocketAddr, bind: SocketAddr) -> Outcome {
     let socket = UdpSocket::bind(bind).unwrap();
     socket.set_read_timeout(Some(TIMEOUT)).unwrap();
     if let Err(e) = socket.connect(to) {
