@@ -246,16 +246,16 @@ async fn run(
     let status: SharedSyncStatus = Arc::default();
     let metrics = Arc::new(crate::metrics::Metrics::default());
     metrics.initialize(&IpFamily::ALL);
+    // Upstream's timeout: a change queued longer than twice the sync period is unhealthy.
+    let health = crate::health::HealthState {
+        status: status.clone(),
+        timeout: settings.sync_period * 2,
+        metrics: metrics.clone(),
+    };
     if let Some(address) = settings.healthz_bind_address {
-        // Upstream's timeout: a change queued longer than twice the sync period is unhealthy.
-        let state = crate::health::HealthState {
-            status: status.clone(),
-            timeout: settings.sync_period * 2,
-            metrics: metrics.clone(),
-        };
         spawn_server(crate::health::serve(
             address,
-            state,
+            health.clone(),
             settings.bind_address_hard_fail,
         ));
     }
@@ -291,6 +291,12 @@ async fn run(
         .exit_after_first_sync(flags.once == Some(true))
         .with_metrics(metrics);
     if programs_kernel(&flags, settings, print_format) {
+        // Health-check node ports belong to a proxy that programs the node's traffic.
+        event_loop = event_loop.with_health_checks(crate::service_health::HealthCheckServers::new(
+            tokio::runtime::Handle::current(),
+            health,
+            settings.node_port_addresses.clone(),
+        ));
         if flags.conntrack_cleanup == Some(false) {
             warn!("--conntrack-cleanup=false: stale UDP conntrack entries are not deleted");
         } else {

@@ -72,6 +72,8 @@ pub struct EventLoop {
     trigger_times: BTreeMap<IpFamily, Vec<SystemTime>>,
     /// Deletes stale UDP conntrack entries of a family after a sync that changed UDP ports.
     conntrack_cleanup: Option<ConntrackCleanup>,
+    /// Health-check node ports of eTP-Local load balancers.
+    health_checks: Option<crate::service_health::HealthCheckServers>,
     /// Trigger times older than this are from before the proxy started (a relist), not
     /// changes this proxy programs: upstream ignores them too.
     started_at: SystemTime,
@@ -139,7 +141,17 @@ impl EventLoop {
             trigger_times: BTreeMap::new(),
             started_at: SystemTime::now(),
             conntrack_cleanup: None,
+            health_checks: None,
         }
+    }
+
+    /// Serves health-check node ports with `servers`, updated after every sync.
+    pub fn with_health_checks(
+        mut self,
+        servers: crate::service_health::HealthCheckServers,
+    ) -> Self {
+        self.health_checks = Some(servers);
+        self
     }
 
     /// Cleans stale UDP conntrack entries with `cleanup` after syncs.
@@ -395,6 +407,7 @@ impl EventLoop {
         self.report_change_counts();
         let full = kind == SyncKind::Full;
         let mut all_ok = true;
+        let mut views = BTreeMap::new();
         for (family, plan) in self.plans.iter_mut() {
             let plan_started = Instant::now();
             let labels = family_labels(*family);
@@ -410,6 +423,7 @@ impl EventLoop {
             pending.changed.extend(changed);
             pending.full |= full;
             let node = node_view(&self.state, &self.addressing, *family);
+            views.insert(*family, node.clone());
             let apply_started = Instant::now();
             let input = SyncInput {
                 family: *family,
@@ -485,6 +499,9 @@ impl EventLoop {
                     error!(error = %err, changed = pending.changed.len(), "Sync failed; will retry with a full sync");
                 }
             }
+        }
+        if let Some(servers) = self.health_checks.as_mut() {
+            servers.sync(&self.state, &changes.services, full || changes.full, &views);
         }
         for warning in self.dataplane.take_warnings() {
             warn!("{warning}");

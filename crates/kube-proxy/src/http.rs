@@ -26,6 +26,8 @@ pub struct SimpleRequest {
     pub query: Option<String>,
     pub accept: Option<String>,
     pub body: Bytes,
+    /// The address the connection arrived on.
+    pub local: Option<SocketAddr>,
 }
 
 pub type Handler = Arc<dyn Fn(SimpleRequest) -> Response<Full<Bytes>> + Send + Sync>;
@@ -69,10 +71,11 @@ pub async fn serve(listener: TcpListener, handler: Handler, stop: CancellationTo
             }
         };
         let handler = handler.clone();
+        let local = stream.local_addr().ok();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let handler = handler.clone();
-                async move { Ok::<_, Infallible>(dispatch(req, &handler).await) }
+                async move { Ok::<_, Infallible>(dispatch(req, local, &handler).await) }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -81,7 +84,11 @@ pub async fn serve(listener: TcpListener, handler: Handler, stop: CancellationTo
     }
 }
 
-async fn dispatch(req: Request<hyper::body::Incoming>, handler: &Handler) -> Response<Full<Bytes>> {
+async fn dispatch(
+    req: Request<hyper::body::Incoming>,
+    local: Option<SocketAddr>,
+    handler: &Handler,
+) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -102,6 +109,7 @@ async fn dispatch(req: Request<hyper::body::Incoming>, handler: &Handler) -> Res
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
         body,
+        local,
     })
 }
 

@@ -18,6 +18,7 @@ pub mod nft_runner;
 pub mod node_setup;
 pub mod process_metrics;
 pub mod scheduler;
+pub mod service_health;
 pub mod source;
 pub mod sync_status;
 

@@ -206,6 +206,7 @@ mod tests {
             query: None,
             accept: accept.map(str::to_string),
             body: Bytes::new(),
+            local: None,
         }
     }
 

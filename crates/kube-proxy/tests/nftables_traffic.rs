@@ -60,6 +60,9 @@ fn service(name: &str, spec: &str, pods: &[&str]) -> String {
 
 const PORTS: &str = "  ports:\n  - {name: p, port: 80, targetPort: 8080, protocol: TCP}\n  - {name: u, port: 80, targetPort: 8080, protocol: UDP}";
 
+/// The ports of `PORTS` with NodePorts (for LoadBalancer Services).
+const PORTS_NP: &str = "  ports:\n  - {name: p, port: 80, targetPort: 8080, nodePort: 30045, protocol: TCP}\n  - {name: u, port: 80, targetPort: 8080, nodePort: 30045, protocol: UDP}";
+
 fn pods(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
@@ -743,4 +746,114 @@ fn without_conntrack_cleanup_udp_clients_stay_on_the_removed_endpoint() {
     let (seen, log) =
         udp_flow_across_endpoint_replacement("ctkeep", &["--conntrack-cleanup=false"]);
     assert_eq!(seen, pods(&["a1"]), "{log}");
+}
+
+/// `GET /` from namespace `from`: Ok((status, lower-cased head, body)) or Err(connection
+/// error kind), e.g. "ConnectionRefused".
+fn http_get_from(
+    bed: &TestBed,
+    from: &str,
+    to: std::net::SocketAddr,
+) -> Result<(u16, String, String), String> {
+    use std::io::{Read, Write};
+    testbed::in_netns(&bed.ns(from), move || {
+        let mut stream = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
+            .map_err(|e| format!("{:?}", e.kind()))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        write!(
+            stream,
+            "GET /anything HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .map_err(|e| format!("{:?}", e.kind()))?;
+        let (head, body) = response.split_once("\r\n\r\n").ok_or("no header end")?;
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        Ok((status, head.to_lowercase(), body.to_string()))
+    })
+}
+
+/// Health-check node ports, as a cloud load balancer probes them from outside: 200 and the
+/// local endpoint count while this node has ready local endpoints, 503 otherwise (remote
+/// only, terminating only), per family, on the node's addresses; closed when the Service
+/// goes away and moved when its port changes.
+#[test]
+fn health_check_node_ports() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("hcnp");
+    let spec = |hcnp: u16| {
+        format!("  type: LoadBalancer\n  clusterIP: 198.19.0.45\n  clusterIPs: [198.19.0.45, \"2001:db8:19::45\"]\n  ipFamilyPolicy: PreferDualStack\n  externalTrafficPolicy: Local\n  healthCheckNodePort: {hcnp}\n{PORTS_NP}")
+    };
+    bed.write_manifest("lb", &service("lb", &spec(32000), &["a1", "a2", "b1"]));
+    bed.start_proxy(&[]);
+    let v4 = sock(testbed::NODE_A, 32000);
+    let v6 = sock(testbed::NODE_A6, 32000);
+    let probe = |to| {
+        let mut last = Err(String::new());
+        bed.eventually("the health check answers", || {
+            last = http_get_from(&bed, "client", to);
+            last.is_ok()
+        });
+        last.unwrap()
+    };
+    let (status, head, body) = probe(v4);
+    assert_eq!(status, 200, "{head}{body}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    assert!(
+        head.contains("x-load-balancing-endpoint-weight: 2"),
+        "{head}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"service": {"namespace": "t", "name": "lb"}, "localEndpoints": 2, "serviceProxyHealthy": true})
+    );
+    assert_eq!(probe(v6).0, 200, "IPv6 address of the node");
+
+    // Only a remote endpoint: drain this node.
+    bed.write_manifest("lb", &service("lb", &spec(32000), &["b1"]));
+    bed.eventually("503 without local endpoints", || {
+        matches!(http_get_from(&bed, "client", v4), Ok((503, _, body)) if body.contains("\"localEndpoints\": 0"))
+    });
+    // Only a terminating local endpoint: still drained.
+    bed.write_manifest(
+        "lb",
+        &service("lb", &spec(32000), &["a1:terminating", "b1"]),
+    );
+    bed.wait_for_rules("ip", "198.18.1.2");
+    // The health check is updated right after the rules of the same sync.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(http_get_from(&bed, "client", v4).unwrap().0, 503);
+    bed.write_manifest("lb", &service("lb", &spec(32000), &["a1", "b1"]));
+    bed.eventually("200 again", || {
+        matches!(http_get_from(&bed, "client", v4), Ok((200, head, _)) if head.contains("weight: 1"))
+    });
+
+    // The port moves: the old one closes.
+    bed.write_manifest("lb", &service("lb", &spec(32001), &["a1", "b1"]));
+    bed.eventually("the new port answers", || {
+        matches!(
+            http_get_from(&bed, "client", sock(testbed::NODE_A, 32001)),
+            Ok((200, _, _))
+        )
+    });
+    assert_eq!(
+        http_get_from(&bed, "client", v4).err().as_deref(),
+        Some("ConnectionRefused")
+    );
+    // The Service goes away: nothing listens any more.
+    bed.remove_manifest("lb");
+    bed.eventually("the port closes", || {
+        http_get_from(&bed, "client", sock(testbed::NODE_A, 32001))
+            .err()
+            .as_deref()
+            == Some("ConnectionRefused")
+    });
 }
