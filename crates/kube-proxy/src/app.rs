@@ -228,6 +228,10 @@ async fn run(
                 content_type: settings.content_type.clone(),
             })
             .await?;
+            tokio::spawn(source::events::announce_start(
+                client.clone(),
+                node_name.clone(),
+            ));
             tokio::spawn(source::api::run(client, node_name.clone(), tx));
         }
     }

@@ -167,3 +167,24 @@ async fn list_watch_disconnect_and_410_gone() {
     assert_eq!(state.node().map(|n| n.name.as_str()), Some("node-a"));
     source.abort();
 }
+
+/// At start the proxy posts upstream's `Starting` event on its Node (events.k8s.io/v1).
+#[tokio::test]
+async fn starting_event_on_the_node() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    let url = serve(fake.clone()).await;
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    kube_proxy::source::events::announce_start(client, "node-a".into()).await;
+    let posted = fake.lock().unwrap().posted.clone();
+    assert_eq!(posted.len(), 1, "{posted:?}");
+    let (path, event) = &posted[0];
+    assert_eq!(path, "/apis/events.k8s.io/v1/namespaces/default/events");
+    assert_eq!(event["type"], "Normal");
+    assert_eq!(event["reason"], "Starting");
+    assert_eq!(event["action"], "StartKubeProxy");
+    assert_eq!(event["reportingController"], "kube-proxy");
+    assert_eq!(event["reportingInstance"], "node-a");
+    assert_eq!(event["regarding"]["kind"], "Node");
+    assert_eq!(event["regarding"]["name"], "node-a");
+    assert_eq!(event["regarding"]["uid"], "node-a");
+}

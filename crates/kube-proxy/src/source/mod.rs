@@ -7,6 +7,7 @@
 //! first complete list of a kind marks that kind synced.
 
 pub mod api;
+pub mod events;
 pub mod manifests;
 
 use k8s_openapi::api::core::v1::{Node, Service};

@@ -46,6 +46,8 @@ pub struct Fake {
     pub slices: Vec<Value>,
     /// The Nodes every list returns.
     pub nodes: Vec<Value>,
+    /// Objects created with POST: (path, body).
+    pub posted: Vec<(String, Value)>,
     hanging: Vec<mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>>,
 }
 
@@ -112,6 +114,21 @@ async fn handle(
         .requests
         .push(format!("{path}?{query}"));
     let watching = query.split('&').any(|kv| kv == "watch=true");
+    if req.method() == hyper::Method::POST {
+        let bytes = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let object: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        fake.lock().unwrap().posted.push((path, object.clone()));
+        let mut resp = Response::new(body_of(&object));
+        *resp.status_mut() = hyper::StatusCode::CREATED;
+        resp.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        return Ok(resp);
+    }
     let body = match (path.as_str(), watching) {
         ("/api/v1/services", false) => {
             let (rv, items) = fake
