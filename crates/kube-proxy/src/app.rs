@@ -149,8 +149,9 @@ fn privileged_setup(effective: &EffectiveConfig) {
 }
 
 /// `--cleanup`: removes everything the nftables mode programs (upstream's and ours: the
-/// `kube-proxy` tables of both families) and exits; non-zero if something could not be
-/// removed. A table that does not exist is not an error.
+/// `kube-proxy` tables of both families), upstream's iptables and ipvs mode chains and the
+/// ipvs interface, and exits; non-zero if something could not be removed. What does not
+/// exist is not an error.
 fn cleanup() -> ExitCode {
     use kube_proxy_nftables::Runner;
     let mut failed = false;
@@ -167,10 +168,32 @@ fn cleanup() -> ExitCode {
             }
         }
     }
+    failed |= !crate::iptables_cleanup::remove_leftovers();
+    failed |= !remove_ipvs_interface();
     if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Deletes the dummy interface upstream's ipvs mode binds service IPs to, if present.
+fn remove_ipvs_interface() -> bool {
+    if !std::path::Path::new("/sys/class/net/kube-ipvs0").exists() {
+        return true;
+    }
+    match std::process::Command::new("ip")
+        .args(["link", "delete", "kube-ipvs0"])
+        .status()
+    {
+        Ok(status) if status.success() => {
+            info!("Removed ipvs mode's interface kube-ipvs0");
+            true
+        }
+        other => {
+            error!(result = ?other, "Cannot remove ipvs mode's interface kube-ipvs0");
+            false
+        }
     }
 }
 
@@ -295,6 +318,12 @@ async fn run(
         .exit_after_first_sync(flags.once == Some(true))
         .with_metrics(metrics);
     if programs_kernel(&flags, settings, print_format) {
+        // Taking over from upstream's iptables or ipvs mode: their rules go once ours are in
+        // place (not before, so traffic keeps flowing during the switch).
+        event_loop = event_loop.after_first_sync(Box::new(|| {
+            crate::iptables_cleanup::remove_leftovers();
+            remove_ipvs_interface();
+        }));
         // Health-check node ports belong to a proxy that programs the node's traffic.
         event_loop = event_loop.with_health_checks(crate::service_health::HealthCheckServers::new(
             tokio::runtime::Handle::current(),

@@ -74,6 +74,8 @@ pub struct EventLoop {
     conntrack_cleanup: Option<ConntrackCleanup>,
     /// Health-check node ports of eTP-Local load balancers.
     health_checks: Option<crate::service_health::HealthCheckServers>,
+    /// Run once, after the first sync in which every family was programmed.
+    after_first_sync: Option<Box<dyn FnOnce() + Send>>,
     /// Trigger times older than this are from before the proxy started (a relist), not
     /// changes this proxy programs: upstream ignores them too.
     started_at: SystemTime,
@@ -142,7 +144,15 @@ impl EventLoop {
             started_at: SystemTime::now(),
             conntrack_cleanup: None,
             health_checks: None,
+            after_first_sync: None,
         }
+    }
+
+    /// Runs `task` once the rules of every family have been programmed the first time (e.g.
+    /// removing another proxy mode's rules only once ours carry the traffic).
+    pub fn after_first_sync(mut self, task: Box<dyn FnOnce() + Send>) -> Self {
+        self.after_first_sync = Some(task);
+        self
     }
 
     /// Serves health-check node ports with `servers`, updated after every sync.
@@ -508,6 +518,11 @@ impl EventLoop {
         }
         self.syncs += 1;
         self.all_ok_once |= all_ok;
+        if all_ok {
+            if let Some(task) = self.after_first_sync.take() {
+                task();
+            }
+        }
         self.scheduler.finished(started, kind, all_ok);
         if !all_ok {
             debug!(retry_in = ?self.scheduler.current_backoff(), "Sync retry scheduled");

@@ -11,6 +11,7 @@ pub mod event_loop;
 pub mod health;
 pub mod host;
 pub mod http;
+pub mod iptables_cleanup;
 pub mod logging;
 pub mod metrics;
 pub mod metrics_server;

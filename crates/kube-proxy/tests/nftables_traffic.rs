@@ -682,6 +682,126 @@ fn init_only_and_cleanup() {
     assert!(ok, "nothing to remove is fine: {log}");
 }
 
+/// What upstream kube-proxy's iptables mode leaves behind (a Service 198.19.0.130:80 sent to
+/// a2), next to chains kubelet owns (KUBE-MARK-MASQ, KUBE-FIREWALL) that must survive.
+const UPSTREAM_IPTABLES: &str = "*filter
+:KUBE-FIREWALL - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-FORWARD - [0:0]
+-A INPUT -j KUBE-FIREWALL
+-A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+COMMIT
+*nat
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-SVC-TESTAAAAAAAAAAAA - [0:0]
+:KUBE-SEP-TESTBBBBBBBBBBBB - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-SERVICES -d 198.19.0.130/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-TESTAAAAAAAAAAAA
+-A KUBE-SVC-TESTAAAAAAAAAAAA -j KUBE-SEP-TESTBBBBBBBBBBBB
+-A KUBE-SEP-TESTBBBBBBBBBBBB -p tcp -m tcp -j DNAT --to-destination 198.18.1.3:8080
+COMMIT
+";
+
+/// Taking over a node from upstream kube-proxy in iptables mode: its rules keep carrying
+/// the traffic until this proxy's first sync, then they are removed (kubelet's chains stay);
+/// `--cleanup` removes them too.
+#[test]
+fn takes_over_from_upstream_iptables_mode() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("ipt");
+    let node = bed.ns("node");
+    let in_node = |cmd: &[&str], stdin: Option<&str>| -> String {
+        use std::io::Write;
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &node])
+            .args(cmd)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let load_upstream = || {
+        in_node(
+            &["iptables-nft-restore", "--noflush"],
+            Some(UPSTREAM_IPTABLES),
+        )
+    };
+    let saved = || in_node(&["iptables-nft-save"], None);
+    load_upstream();
+    let vip = sock("198.19.0.130", 80);
+    assert_eq!(
+        bed.tcp_spread("a1", vip, 5).0,
+        pods(&["a2"]),
+        "upstream's rules are live"
+    );
+
+    bed.write_manifest(
+        "s",
+        &service("s", &format!("  clusterIP: 198.19.0.130\n{PORTS}"), &["a1"]),
+    );
+    bed.start_proxy(&[]);
+    bed.eventually("upstream's chains removed after the first sync", || {
+        !saved().contains("KUBE-SERVICES")
+    });
+    let rules = saved();
+    for kept in ["-A KUBE-MARK-MASQ -j MARK", "-A INPUT -j KUBE-FIREWALL"] {
+        assert!(rules.contains(kept), "kubelet's {kept} kept:\n{rules}");
+    }
+    for gone in ["KUBE-SVC-", "KUBE-SEP-", "KUBE-FORWARD", "KUBE-POSTROUTING"] {
+        assert!(!rules.contains(gone), "{gone} removed:\n{rules}");
+    }
+    assert_eq!(
+        bed.tcp_spread("a2", vip, 10).0,
+        pods(&["a1"]),
+        "now served by this proxy"
+    );
+
+    // --cleanup removes them as well (and this proxy's tables).
+    bed.stop_proxy();
+    load_upstream();
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node,
+            env!("CARGO_BIN_EXE_kube-proxy"),
+            "--cleanup",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rules = saved();
+    assert!(
+        !rules.contains("KUBE-SERVICES") && rules.contains("KUBE-MARK-MASQ"),
+        "{rules}"
+    );
+    assert_eq!(bed.ruleset("ip"), "");
+}
+
 /// A UDP client that keeps its source port sends to a Service whose only endpoint (a1) is
 /// then replaced by b1. a1's server keeps running, so a stale conntrack entry would keep
 /// answering "a1". Returns what the client sees after the change, and the proxy's log.

@@ -1,0 +1,243 @@
+//! Removal of what upstream kube-proxy's iptables and ipvs modes leave in iptables (reference
+//! §4.7), for `--cleanup` and when the proxy takes over a node in nftables mode.
+//!
+//! From `iptables-save` output, [`cleanup_script`] computes one `iptables-restore --noflush`
+//! script per backend and family: delete the jumps from other chains into kube-proxy's
+//! chains, flush those chains, delete them. Applied in one restore, so it is atomic. Chains
+//! shared with kubelet (`KUBE-MARK-MASQ`, `KUBE-MARK-DROP`, filter `KUBE-FIREWALL`, the
+//! kubelet canary) are left alone, as upstream leaves them.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use tracing::{debug, info, warn};
+
+/// Whether `chain` of `table` is one of upstream kube-proxy's (iptables or ipvs mode).
+pub fn is_kube_proxy_chain(table: &str, chain: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "KUBE-SVC-",
+        "KUBE-SVL-",
+        "KUBE-SEP-",
+        "KUBE-FW-",
+        "KUBE-EXT-",
+        "KUBE-XLB-",
+    ];
+    match table {
+        "nat" => {
+            matches!(
+                chain,
+                "KUBE-SERVICES"
+                    | "KUBE-NODEPORTS"
+                    | "KUBE-POSTROUTING"
+                    | "KUBE-PROXY-CANARY"
+                    | "KUBE-LOAD-BALANCER"
+                    | "KUBE-NODE-PORT"
+            ) || PREFIXES.iter().any(|p| chain.starts_with(p))
+        }
+        "filter" => matches!(
+            chain,
+            "KUBE-SERVICES"
+                | "KUBE-EXTERNAL-SERVICES"
+                | "KUBE-FORWARD"
+                | "KUBE-NODEPORTS"
+                | "KUBE-PROXY-FIREWALL"
+                | "KUBE-PROXY-CANARY"
+                | "KUBE-SOURCE-RANGES-FIREWALL"
+                | "KUBE-IPVS-FILTER"
+                | "KUBE-IPVS-OUT-FILTER"
+        ),
+        "mangle" => chain == "KUBE-PROXY-CANARY",
+        _ => false,
+    }
+}
+
+/// The `iptables-restore --noflush` script removing kube-proxy's chains found in `saved`
+/// (`iptables-save` output), or `None` if there are none.
+pub fn cleanup_script(saved: &str) -> Option<String> {
+    let mut script = String::new();
+    let mut table = String::new();
+    let mut chains: Vec<String> = Vec::new();
+    let mut jumps: Vec<String> = Vec::new();
+    let mut found = false;
+    for line in saved.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = name.trim().to_string();
+            chains.clear();
+            jumps.clear();
+        } else if let Some(rest) = line.strip_prefix(':') {
+            let chain = rest.split_whitespace().next().unwrap_or("");
+            if is_kube_proxy_chain(&table, chain) {
+                chains.push(chain.to_string());
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split_whitespace().next().unwrap_or("");
+            let target = rule
+                .split_whitespace()
+                .skip_while(|w| *w != "-j" && *w != "-g")
+                .nth(1)
+                .unwrap_or("");
+            if !is_kube_proxy_chain(&table, chain) && is_kube_proxy_chain(&table, target) {
+                jumps.push(format!("-D {rule}"));
+            }
+        } else if line.trim() == "COMMIT" && !(chains.is_empty() && jumps.is_empty()) {
+            found = true;
+            script.push_str(&format!("*{table}\n"));
+            for jump in &jumps {
+                script.push_str(jump);
+                script.push('\n');
+            }
+            // Flush all first: kube-proxy's chains jump into each other.
+            for chain in &chains {
+                script.push_str(&format!("-F {chain}\n"));
+            }
+            for chain in &chains {
+                script.push_str(&format!("-X {chain}\n"));
+            }
+            script.push_str("COMMIT\n");
+        }
+    }
+    found.then_some(script)
+}
+
+/// The iptables backends with state in this network namespace: (save, restore) commands.
+fn backends() -> Vec<(&'static str, &'static str)> {
+    let mut found = Vec::new();
+    let installed = |cmd: &str| {
+        Command::new(cmd)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    for (save, restore, legacy_tables) in [
+        ("iptables-nft-save", "iptables-nft-restore", None),
+        ("ip6tables-nft-save", "ip6tables-nft-restore", None),
+        (
+            "iptables-legacy-save",
+            "iptables-legacy-restore",
+            Some("/proc/net/ip_tables_names"),
+        ),
+        (
+            "ip6tables-legacy-save",
+            "ip6tables-legacy-restore",
+            Some("/proc/net/ip6_tables_names"),
+        ),
+    ] {
+        // Looking at the legacy backend when it has no table would load its kernel module
+        // and create empty tables: only look when it is in use.
+        if let Some(names) = legacy_tables {
+            if std::fs::read_to_string(names).map_or(true, |t| t.trim().is_empty()) {
+                continue;
+            }
+        }
+        if installed(save) {
+            found.push((save, restore));
+        }
+    }
+    found
+}
+
+/// Removes upstream kube-proxy's iptables chains from every backend in use. Returns false if
+/// something could not be removed (logged with the command and its error).
+pub fn remove_leftovers() -> bool {
+    let mut ok = true;
+    for (save, restore) in backends() {
+        let saved = match Command::new(save).output() {
+            Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+            Ok(out) => {
+                debug!(command = save, error = %String::from_utf8_lossy(&out.stderr).trim(), "Cannot list iptables rules");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let Some(script) = cleanup_script(&saved) else {
+            continue;
+        };
+        let applied = Command::new(restore)
+            .arg("--noflush")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                if let Some(mut stdin) = child.stdin.take() {
+                    stdin.write_all(script.as_bytes())?;
+                }
+                child.wait_with_output()
+            });
+        match applied {
+            Ok(out) if out.status.success() => {
+                info!(command = restore, "Removed kube-proxy's iptables chains")
+            }
+            Ok(out) => {
+                ok = false;
+                warn!(command = restore, error = %String::from_utf8_lossy(&out.stderr).trim(), "Cannot remove kube-proxy's iptables chains");
+            }
+            Err(e) => {
+                ok = false;
+                warn!(command = restore, error = %e, "Cannot run iptables-restore");
+            }
+        }
+    }
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAVED: &str = r#"# Generated by iptables-save v1.8.9 (nf_tables)
+*mangle
+:PREROUTING ACCEPT [0:0]
+:KUBE-KUBELET-CANARY - [0:0]
+:KUBE-PROXY-CANARY - [0:0]
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:KUBE-FIREWALL - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-FORWARD - [0:0]
+-A INPUT -j KUBE-FIREWALL
+-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-ABC - [0:0]
+:KUBE-SEP-DEF - [0:0]
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-SERVICES -d 198.19.0.10/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-ABC
+-A KUBE-SVC-ABC -j KUBE-SEP-DEF
+-A KUBE-SEP-DEF -p tcp -m tcp -j DNAT --to-destination 198.18.1.2:8080
+COMMIT
+"#;
+
+    #[test]
+    fn removes_kube_proxy_chains_and_their_jumps_only() {
+        let script = cleanup_script(SAVED).unwrap();
+        assert_eq!(
+            script,
+            "*mangle\n-F KUBE-PROXY-CANARY\n-X KUBE-PROXY-CANARY\nCOMMIT\n\
+             *filter\n\
+             -D INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+             -D FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
+             -F KUBE-SERVICES\n-F KUBE-FORWARD\n-X KUBE-SERVICES\n-X KUBE-FORWARD\nCOMMIT\n\
+             *nat\n\
+             -D PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+             -F KUBE-SERVICES\n-F KUBE-SVC-ABC\n-F KUBE-SEP-DEF\n\
+             -X KUBE-SERVICES\n-X KUBE-SVC-ABC\n-X KUBE-SEP-DEF\nCOMMIT\n"
+        );
+        assert_eq!(
+            cleanup_script("*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-MARK-MASQ - [0:0]\nCOMMIT\n"),
+            None
+        );
+    }
+}
