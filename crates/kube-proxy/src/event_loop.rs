@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, trace, warn};
 
 use crate::dataplane::{Dataplane, NodeView, SyncInput};
-use crate::metrics::{family_labels, unix_seconds, Metrics, PolicyLabels};
+use crate::metrics::{family_labels, unix_seconds, Metrics, NoLocalEndpoints};
 use crate::scheduler::{Scheduler, SchedulerConfig, SyncKind};
 use crate::source::{ObjectEvent, SourceEvent};
 use crate::sync_status::SharedSyncStatus;
@@ -70,6 +70,8 @@ pub struct EventLoop {
     /// EndpointSlice change-trigger times not yet programmed, per family (network
     /// programming latency).
     trigger_times: BTreeMap<IpFamily, Vec<SystemTime>>,
+    /// Service ports counted in `kubeproxy_sync_proxy_rules_no_local_endpoints_total`.
+    no_local: BTreeMap<IpFamily, NoLocalEndpoints>,
     /// Deletes stale UDP conntrack entries of a family after a sync that changed UDP ports.
     conntrack_cleanup: Option<ConntrackCleanup>,
     /// Health-check node ports of eTP-Local load balancers.
@@ -143,6 +145,7 @@ impl EventLoop {
             trigger_times: BTreeMap::new(),
             started_at: SystemTime::now(),
             conntrack_cleanup: None,
+            no_local: BTreeMap::new(),
             health_checks: None,
             after_first_sync: None,
         }
@@ -464,6 +467,8 @@ impl EventLoop {
                     // frontends), or everything was rewritten.
                     let udp_changed =
                         pending.full || pending.changed.iter().any(|n| n.protocol == Protocol::Udp);
+                    let no_local = self.no_local.entry(*family).or_default();
+                    no_local.update(plan, &pending.changed, pending.full);
                     *pending = Pending::default();
                     let now = SystemTime::now();
                     self.status.lock().unwrap().updated(*family, now);
@@ -477,7 +482,7 @@ impl EventLoop {
                             .get_or_create(&labels)
                             .observe(latency.as_secs_f64());
                     }
-                    report_no_local_endpoints(m, *family, plan);
+                    no_local.report(m, *family);
                     if let (true, Some(cleanup)) = (udp_changed, self.conntrack_cleanup.as_mut()) {
                         let started = Instant::now();
                         match cleanup(*family, &self.state, &node.local_addresses) {
@@ -527,30 +532,6 @@ impl EventLoop {
         if !all_ok {
             debug!(retry_in = ?self.scheduler.current_backoff(), "Sync retry scheduled");
         }
-    }
-}
-
-/// `kubeproxy_sync_proxy_rules_no_local_endpoints_total`: Services with a Local policy that
-/// have endpoints, but none on this node (per policy; Services without endpoints do not count).
-fn report_no_local_endpoints(metrics: &Metrics, family: IpFamily, plan: &FamilyPlan) {
-    let mut internal = BTreeSet::new();
-    let mut external = BTreeSet::new();
-    for (name, port) in &plan.services {
-        if port.internal_without_local_endpoints() {
-            internal.insert(&name.service);
-        }
-        if port.external_without_local_endpoints() {
-            external.insert(&name.service);
-        }
-    }
-    for (policy, services) in [("internal", internal), ("external", external)] {
-        metrics
-            .no_local_endpoints
-            .get_or_create(&PolicyLabels {
-                ip_family: family.as_str(),
-                traffic_policy: policy,
-            })
-            .set(services.len() as i64);
     }
 }
 

@@ -8,8 +8,10 @@
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use kube_proxy_config::ProxyMode;
-use kube_proxy_model::IpFamily;
+use kube_proxy_model::{FamilyPlan, IpFamily, ServicePortName};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -311,6 +313,68 @@ impl Metrics {
             &self.sync_partial_duration
         };
         kind.get_or_create(&labels).observe(seconds);
+    }
+}
+
+/// The service ports behind `kubeproxy_sync_proxy_rules_no_local_endpoints_total` of one
+/// family: Local policy, endpoints elsewhere, none on this node. Kept up to date from the
+/// ports each sync changed, so a sync does not walk every port of a large cluster.
+#[derive(Debug, Default)]
+pub struct NoLocalEndpoints {
+    /// (internal, external) for each port where either holds.
+    ports: BTreeMap<ServicePortName, (bool, bool)>,
+}
+
+impl NoLocalEndpoints {
+    /// Re-evaluates `changed` ports (all of them when `full`) in `plan`.
+    pub fn update(&mut self, plan: &FamilyPlan, changed: &BTreeSet<ServicePortName>, full: bool) {
+        let flags = |name: &ServicePortName| {
+            plan.services.get(name).map(|p| {
+                (
+                    p.internal_without_local_endpoints(),
+                    p.external_without_local_endpoints(),
+                )
+            })
+        };
+        let names: Box<dyn Iterator<Item = &ServicePortName>> = if full {
+            self.ports.clear();
+            Box::new(plan.services.keys())
+        } else {
+            Box::new(changed.iter())
+        };
+        for name in names {
+            match flags(name) {
+                Some(f) if f != (false, false) => {
+                    self.ports.insert(name.clone(), f);
+                }
+                _ => {
+                    self.ports.remove(name);
+                }
+            }
+        }
+    }
+
+    /// Sets the gauges: Services (not ports) per policy, as upstream counts them.
+    pub fn report(&self, metrics: &Metrics, family: IpFamily) {
+        let mut internal = BTreeSet::new();
+        let mut external = BTreeSet::new();
+        for (name, (i, e)) in &self.ports {
+            if *i {
+                internal.insert(&name.service);
+            }
+            if *e {
+                external.insert(&name.service);
+            }
+        }
+        for (policy, services) in [("internal", internal), ("external", external)] {
+            metrics
+                .no_local_endpoints
+                .get_or_create(&PolicyLabels {
+                    ip_family: family.as_str(),
+                    traffic_policy: policy,
+                })
+                .set(services.len() as i64);
+        }
     }
 }
 

@@ -347,6 +347,13 @@ fn syncs_are_reported_in_metrics() {
         ),
         Some(1.0)
     );
+    let external = "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"}";
+    assert_eq!(sample(&metrics, external), Some(1.0), "still remote only");
+    // The endpoint moves to this node: counted no more (updated by a partial sync).
+    remote.endpoints[0].node_name = Some("node-a".into());
+    el.handle(SourceEvent::EndpointSlices(ObjectEvent::Apply(remote)));
+    el.sync(SyncKind::Partial);
+    assert_eq!(sample(&metrics, external), Some(0.0));
 }
 
 /// Conntrack cleanup runs after full syncs and after syncs that changed a UDP port, not
