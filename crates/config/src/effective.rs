@@ -62,6 +62,48 @@ pub enum NodePortAddresses {
     Cidrs(Vec<IpNet>),
 }
 
+impl NodePortAddresses {
+    /// The addresses of one IP family (`v6`) that accept NodePort traffic, given the node's
+    /// IPs of that family (primary first) and every address on the host of that family;
+    /// `None` means every local address. Loopback addresses are never selected.
+    pub fn select(
+        &self,
+        v6: bool,
+        node_ips: &[IpAddr],
+        local_addresses: &[IpAddr],
+    ) -> Option<Vec<IpAddr>> {
+        match self {
+            NodePortAddresses::All => None,
+            NodePortAddresses::Primary => Some(
+                node_ips
+                    .iter()
+                    .take(1)
+                    .filter(|ip| !ip.is_loopback())
+                    .copied()
+                    .collect(),
+            ),
+            NodePortAddresses::Cidrs(cidrs) => {
+                let cidrs: Vec<&IpNet> = cidrs
+                    .iter()
+                    .filter(|c| matches!(c, IpNet::V6(_)) == v6)
+                    .collect();
+                if cidrs.is_empty() || cidrs.iter().any(|c| c.prefix_len() == 0) {
+                    // A family without any CIDR in the list accepts all its addresses (upstream).
+                    return None;
+                }
+                let mut ips: Vec<IpAddr> = local_addresses
+                    .iter()
+                    .filter(|ip| !ip.is_loopback() && cidrs.iter().any(|c| c.contains(*ip)))
+                    .copied()
+                    .collect();
+                ips.sort();
+                ips.dedup();
+                Some(ips)
+            }
+        }
+    }
+}
+
 /// Conntrack sysctls to set at start (each `None` means "leave it alone").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConntrackSettings {

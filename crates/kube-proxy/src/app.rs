@@ -169,31 +169,10 @@ fn cleanup() -> ExitCode {
         }
     }
     failed |= !crate::iptables_cleanup::remove_leftovers();
-    failed |= !remove_ipvs_interface();
     if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
-    }
-}
-
-/// Deletes the dummy interface upstream's ipvs mode binds service IPs to, if present.
-fn remove_ipvs_interface() -> bool {
-    if !std::path::Path::new("/sys/class/net/kube-ipvs0").exists() {
-        return true;
-    }
-    match std::process::Command::new("ip")
-        .args(["link", "delete", "kube-ipvs0"])
-        .status()
-    {
-        Ok(status) if status.success() => {
-            info!("Removed ipvs mode's interface kube-ipvs0");
-            true
-        }
-        other => {
-            error!(result = ?other, "Cannot remove ipvs mode's interface kube-ipvs0");
-            false
-        }
     }
 }
 
@@ -271,7 +250,7 @@ async fn run(
             .unwrap_or(true),
     };
     let status: SharedSyncStatus = Arc::default();
-    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let metrics = Arc::new(crate::metrics::Metrics::new(settings.mode));
     metrics.initialize(&IpFamily::ALL);
     // Upstream's timeout: a change queued longer than twice the sync period is unhealthy.
     let health = crate::health::HealthState {
@@ -288,7 +267,7 @@ async fn run(
     }
     if let Some(address) = settings.metrics_bind_address {
         let mut registry = prometheus_client::registry::Registry::default();
-        metrics.register(&mut registry, settings.mode);
+        metrics.register(&mut registry);
         registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
         let server = crate::metrics_server::MetricsServer {
             registry,
@@ -322,7 +301,6 @@ async fn run(
         // place (not before, so traffic keeps flowing during the switch).
         event_loop = event_loop.after_first_sync(Box::new(|| {
             crate::iptables_cleanup::remove_leftovers();
-            remove_ipvs_interface();
         }));
         // Health-check node ports belong to a proxy that programs the node's traffic.
         event_loop = event_loop.with_health_checks(crate::service_health::HealthCheckServers::new(

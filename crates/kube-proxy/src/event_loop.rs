@@ -504,12 +504,7 @@ impl EventLoop {
                 }
                 Err(err) => {
                     all_ok = false;
-                    if self.dataplane.name() == "nftables" {
-                        self.metrics
-                            .nftables_sync_failures
-                            .get_or_create(&labels)
-                            .inc();
-                    }
+                    self.metrics.record_sync_failure(*family);
                     pending.full = true;
                     error!(error = %err, changed = pending.changed.len(), "Sync failed; will retry with a full sync");
                 }

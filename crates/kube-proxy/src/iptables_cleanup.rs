@@ -1,5 +1,5 @@
-//! Removal of what upstream kube-proxy's iptables and ipvs modes leave in iptables (reference
-//! §4.7), for `--cleanup` and when the proxy takes over a node in nftables mode.
+//! Removal of what upstream kube-proxy's iptables and ipvs modes leave in iptables, and ipvs
+//! mode's `kube-ipvs0` interface (reference §4.7), for `--cleanup` and when the proxy takes over a node in nftables mode.
 //!
 //! From `iptables-save` output, [`cleanup_script`] computes one `iptables-restore --noflush`
 //! script per backend and family: delete the jumps from other chains into kube-proxy's
@@ -138,10 +138,11 @@ fn backends() -> Vec<(&'static str, &'static str)> {
     found
 }
 
-/// Removes upstream kube-proxy's iptables chains from every backend in use. Returns false if
-/// something could not be removed (logged with the command and its error).
+/// Removes upstream kube-proxy's iptables chains from every backend in use and ipvs mode's
+/// interface. Returns false if something could not be removed (logged with the command and
+/// its error).
 pub fn remove_leftovers() -> bool {
-    let mut ok = true;
+    let mut ok = remove_ipvs_interface();
     for (save, restore) in backends() {
         let saved = match Command::new(save).output() {
             Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -181,6 +182,26 @@ pub fn remove_leftovers() -> bool {
         }
     }
     ok
+}
+
+/// Deletes the dummy interface upstream's ipvs mode binds service IPs to, if present.
+fn remove_ipvs_interface() -> bool {
+    if !std::path::Path::new("/sys/class/net/kube-ipvs0").exists() {
+        return true;
+    }
+    match Command::new("ip")
+        .args(["link", "delete", "kube-ipvs0"])
+        .status()
+    {
+        Ok(status) if status.success() => {
+            info!("Removed ipvs mode's interface kube-ipvs0");
+            true
+        }
+        other => {
+            warn!(result = ?other, "Cannot remove ipvs mode's interface kube-ipvs0");
+            false
+        }
+    }
 }
 
 #[cfg(test)]

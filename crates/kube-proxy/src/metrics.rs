@@ -65,6 +65,8 @@ fn network_programming_histogram() -> Histogram {
 /// simply never exported), so callers need no mode checks.
 #[derive(Debug)]
 pub struct Metrics {
+    /// The proxy mode: which metrics are registered and which failure counter counts.
+    mode: ProxyMode,
     pub sync_duration: HistogramFamily,
     pub sync_full_duration: HistogramFamily,
     pub sync_partial_duration: HistogramFamily,
@@ -88,10 +90,18 @@ pub struct Metrics {
     pub conntrack_deleted_entries: Family<FamilyLabels, Counter>,
 }
 
+/// For a proxy in upstream's default mode.
 impl Default for Metrics {
     fn default() -> Self {
+        Metrics::new(ProxyMode::Iptables)
+    }
+}
+
+impl Metrics {
+    pub fn new(mode: ProxyMode) -> Self {
         let histograms = || HistogramFamily::new_with_constructor(sync_duration_histogram);
         Metrics {
+            mode,
             sync_duration: histograms(),
             sync_full_duration: histograms(),
             sync_partial_duration: histograms(),
@@ -173,8 +183,8 @@ impl Metrics {
         }
     }
 
-    /// Registers what upstream registers for `mode` under the `kubeproxy_` prefix.
-    pub fn register(&self, registry: &mut Registry, mode: ProxyMode) {
+    /// Registers what upstream registers for the mode under the `kubeproxy_` prefix.
+    pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("kubeproxy");
         r.register(
             "sync_proxy_rules_duration_seconds",
@@ -242,7 +252,7 @@ impl Metrics {
             "Cumulative conntrack flows deleted by conntrack reconciler",
             self.conntrack_deleted_entries.clone(),
         );
-        match mode {
+        match self.mode {
             ProxyMode::Iptables => {
                 self.register_full_and_partial(r);
                 r.register(
@@ -300,6 +310,15 @@ impl Metrics {
             "SyncProxyRules latency in seconds for partial resyncs",
             self.sync_partial_duration.clone(),
         );
+    }
+
+    /// Counts a failed sync of `family` in the mode's failure counter.
+    pub fn record_sync_failure(&self, family: IpFamily) {
+        let counter = match self.mode {
+            ProxyMode::Nftables => &self.nftables_sync_failures,
+            ProxyMode::Iptables | ProxyMode::Ipvs => &self.iptables_restore_failures,
+        };
+        counter.get_or_create(&family_labels(family)).inc();
     }
 
     /// Records one sync of `family` that took `elapsed`.

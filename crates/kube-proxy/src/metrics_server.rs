@@ -185,10 +185,10 @@ mod tests {
     use kube_proxy_model::IpFamily;
 
     fn server(profiling: bool) -> MetricsServer {
-        let metrics = Metrics::default();
+        let metrics = Metrics::new(ProxyMode::Nftables);
         metrics.initialize(&IpFamily::ALL);
         let mut registry = Registry::default();
-        metrics.register(&mut registry, ProxyMode::Nftables);
+        metrics.register(&mut registry);
         metrics.endpoint_changes_total.inc_by(3);
         metrics.observe_sync(IpFamily::V4, true, std::time::Duration::from_millis(3));
         MetricsServer {

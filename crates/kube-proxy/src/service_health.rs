@@ -22,6 +22,7 @@ use std::time::SystemTime;
 
 use hyper::StatusCode;
 use kube_proxy_config::NodePortAddresses;
+use kube_proxy_model::endpoints::merge_slices;
 use kube_proxy_model::{ClusterState, IpFamily, NamespacedName, NodeView};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -44,17 +45,14 @@ pub fn target_for(state: &ClusterState, service: &NamespacedName) -> Option<Targ
         .find_map(|p| p.health_check_node_port)?
         .get();
     let mut ips: BTreeMap<IpFamily, HashSet<IpAddr>> = BTreeMap::new();
-    for slice in state.slices_of(service) {
-        if slice.ports.is_empty() {
-            continue;
-        }
-        for endpoint in &slice.endpoints {
-            let local = endpoint
-                .node_name
-                .as_deref()
-                .is_some_and(|n| !n.is_empty() && n == state.node_name());
-            if local && endpoint.ready {
-                ips.entry(slice.family).or_default().insert(endpoint.ip);
+    for family in IpFamily::ALL {
+        let endpoints = merge_slices(
+            state.slices_of(service).filter(|s| s.family == family),
+            state.node_name(),
+        );
+        for endpoint in endpoints.values().flatten() {
+            if endpoint.is_local && endpoint.ready {
+                ips.entry(family).or_default().insert(endpoint.ip);
             }
         }
     }
@@ -92,28 +90,29 @@ pub enum ListenOn {
     Addresses(Vec<IpAddr>),
 }
 
-/// The addresses selected by `nodePortAddresses` (as the NodePort rules select them).
+/// The addresses selected by `nodePortAddresses` (as the NodePort rules select them; a
+/// family whose every address matches listens on each of them).
 pub fn listen_addresses(
     setting: &NodePortAddresses,
     views: &BTreeMap<IpFamily, NodeView>,
 ) -> ListenOn {
+    if *setting == NodePortAddresses::All {
+        return ListenOn::Wildcard;
+    }
     let mut addresses = Vec::new();
     for (family, view) in views {
-        match setting {
-            NodePortAddresses::All => return ListenOn::Wildcard,
-            NodePortAddresses::Primary => {
-                addresses.extend(view.node_ips.first().filter(|ip| !ip.is_loopback()));
-            }
-            NodePortAddresses::Cidrs(cidrs) => {
-                let cidrs: Vec<_> = cidrs
-                    .iter()
-                    .filter(|c| IpFamily::of_net(c) == *family)
-                    .collect();
-                addresses.extend(view.local_addresses.iter().filter(|ip| {
-                    !ip.is_loopback() && (cidrs.is_empty() || cidrs.iter().any(|c| c.contains(*ip)))
-                }));
-            }
-        }
+        let selected = setting.select(
+            *family == IpFamily::V6,
+            &view.node_ips,
+            &view.local_addresses,
+        );
+        addresses.extend(selected.unwrap_or_else(|| {
+            view.local_addresses
+                .iter()
+                .filter(|ip| !ip.is_loopback())
+                .copied()
+                .collect()
+        }));
     }
     addresses.sort();
     addresses.dedup();

@@ -72,33 +72,13 @@ impl Context {
                 Some(LocalMatch::InterfacePrefix(prefix.clone()))
             }
         };
-        let nodeports = match &config.node_port_addresses {
-            NodePortAddresses::All => NodePortMatch::AllLocal,
-            NodePortAddresses::Primary => NodePortMatch::Ips(
-                node.node_ips
-                    .iter()
-                    .take(1)
-                    .filter(|ip| !ip.is_loopback())
-                    .copied()
-                    .collect(),
-            ),
-            NodePortAddresses::Cidrs(cidrs) => {
-                let cidrs: Vec<&IpNet> = cidrs.iter().filter(of_family).collect();
-                if cidrs.is_empty() || cidrs.iter().any(|c| c.prefix_len() == 0) {
-                    // A family without any CIDR in the list accepts all its addresses (upstream).
-                    NodePortMatch::AllLocal
-                } else {
-                    let mut ips: Vec<IpAddr> = node
-                        .local_addresses
-                        .iter()
-                        .filter(|ip| !ip.is_loopback() && cidrs.iter().any(|c| c.contains(*ip)))
-                        .copied()
-                        .collect();
-                    ips.sort();
-                    ips.dedup();
-                    NodePortMatch::Ips(ips)
-                }
-            }
+        let nodeports = match config.node_port_addresses.select(
+            family == IpFamily::V6,
+            &node.node_ips,
+            &node.local_addresses,
+        ) {
+            None => NodePortMatch::AllLocal,
+            Some(ips) => NodePortMatch::Ips(ips),
         };
         Context {
             family,

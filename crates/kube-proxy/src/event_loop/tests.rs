@@ -231,7 +231,7 @@ async fn run_loop_syncs_once_listed_and_follows_changes() {
 /// `kubeproxy_sync_proxy_rules_endpoint_changes_total`.
 fn sample(metrics: &Metrics, series: &str) -> Option<f64> {
     let mut registry = prometheus_client::registry::Registry::default();
-    metrics.register(&mut registry, kube_proxy_config::ProxyMode::Nftables);
+    metrics.register(&mut registry);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     let text = crate::metrics_server::openmetrics_to_classic(&text);
@@ -242,7 +242,7 @@ fn sample(metrics: &Metrics, series: &str) -> Option<f64> {
 #[test]
 fn syncs_are_reported_in_metrics() {
     let recorder = Recorder::default();
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(kube_proxy_config::ProxyMode::Nftables));
     let mut el = event_loop(&recorder).with_metrics(metrics.clone());
     // As if the proxy had started a minute ago.
     el.started_at = SystemTime::now() - Duration::from_secs(60);
@@ -361,7 +361,7 @@ fn syncs_are_reported_in_metrics() {
 #[test]
 fn conntrack_cleanup_runs_when_udp_ports_change() {
     let recorder = Recorder::default();
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(kube_proxy_config::ProxyMode::Nftables));
     let calls = Arc::new(Mutex::new(Vec::new()));
     let seen = calls.clone();
     let mut el = event_loop(&recorder)
