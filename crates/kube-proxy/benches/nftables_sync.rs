@@ -24,7 +24,7 @@ use kube_proxy::scheduler::{SchedulerConfig, SyncKind};
 use kube_proxy::source::{ObjectEvent, SourceEvent};
 use kube_proxy_config::{DetectLocal, NodePortAddresses};
 use kube_proxy_model::{IpFamily, PlanContext};
-use kube_proxy_nftables::{NftConfig, NftProxier, Runner};
+use kube_proxy_nftables::{NftConfig, NftProxier, RunError, Runner};
 use serde_json::json;
 
 /// Counts live heap bytes, to tell the proxy's own data from allocator overhead.
@@ -69,7 +69,7 @@ struct CountingRunner {
 }
 
 impl Runner for CountingRunner {
-    fn apply(&mut self, script: &str) -> Result<(), String> {
+    fn apply(&mut self, script: &str) -> Result<(), RunError> {
         let started = Instant::now();
         let result = self.inner.apply(script);
         let done = Instant::now();
@@ -274,7 +274,8 @@ fn run_scale(n: usize, m: usize) {
             .enable_all()
             .build()
             .unwrap()
-            .block_on(el.run(rx));
+            .block_on(el.run(rx))
+            .expect("the sync loop failed");
     });
     let send = |event: SourceEvent| tx.blocking_send(event).unwrap();
     let wait_applied = |before: usize| {

@@ -164,7 +164,7 @@ fn cleanup() -> ExitCode {
             Ok(()) => info!(family, "Removed table kube-proxy"),
             Err(e) => {
                 failed = true;
-                error!(family, error = %e.trim(), "Cannot remove table kube-proxy");
+                error!(family, error = %e.to_string().trim(), "Cannot remove table kube-proxy");
             }
         }
     }
@@ -296,6 +296,14 @@ async fn run(
     let mut event_loop = event_loop
         .exit_after_first_sync(flags.once == Some(true))
         .with_metrics(metrics);
+    if flags.manifests.is_none() {
+        // As upstream: the first ruleset is written with the node's IPs (and pod CIDRs when
+        // they tell local traffic), so wait for the Node. Standalone manifests may not have one.
+        event_loop = event_loop.wait_for_node(crate::event_loop::NodeWait {
+            need_pod_cidrs: settings.detect_local == kube_proxy_config::DetectLocal::NodeCidr,
+            timeout: crate::event_loop::NodeWait::UPSTREAM_TIMEOUT,
+        });
+    }
     if programs_kernel(&flags, settings, print_format) {
         // Taking over from upstream's iptables or ipvs mode: their rules go once ours are in
         // place (not before, so traffic keeps flowing during the switch).
@@ -316,18 +324,22 @@ async fn run(
     }
     // The loop owns all state and blocks while a dataplane applies rules, so it gets its own
     // thread and runtime; sources and servers stay responsive on the main runtime.
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) =
+        tokio::sync::oneshot::channel::<Result<(), crate::event_loop::LoopError>>();
     std::thread::Builder::new()
         .name("sync-loop".into())
         .spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build();
-            match runtime {
+            let result = match runtime {
                 Ok(runtime) => runtime.block_on(event_loop.run(rx)),
-                Err(e) => error!(error = %e, "Cannot start the sync loop runtime"),
-            }
-            let _ = done_tx.send(());
+                Err(e) => {
+                    error!(error = %e, "Cannot start the sync loop runtime");
+                    Ok(())
+                }
+            };
+            let _ = done_tx.send(result);
         })?;
 
     tokio::select! {
@@ -335,7 +347,11 @@ async fn run(
             // Rules stay in place, so traffic keeps flowing while the proxy restarts.
             info!("Received termination signal; exiting and leaving the programmed rules in place");
         }
-        _ = done_rx => {}
+        done = done_rx => {
+            if let Ok(Err(e)) = done {
+                return Err(e.into());
+            }
+        }
     }
     Ok(())
 }

@@ -77,10 +77,7 @@ impl Dataplane for StatePrinter {
         self.out
             .write_all(text.as_bytes())
             .and_then(|_| self.out.flush())
-            .map_err(|e| SyncError {
-                family,
-                message: format!("cannot write the state to stdout: {e}"),
-            })?;
+            .map_err(|e| SyncError::from_output(family, &e))?;
         Ok(report)
     }
 }

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, trace, warn};
 
 use crate::dataplane::{Dataplane, NodeView, SyncInput};
+use kube_proxy_model::dataplane::SyncErrorKind;
 use crate::metrics::{family_labels, unix_seconds, Metrics, NoLocalEndpoints};
 use crate::scheduler::{Scheduler, SchedulerConfig, SyncKind};
 use crate::source::{ObjectEvent, SourceEvent};
@@ -60,8 +61,16 @@ pub struct EventLoop {
     /// Return from `run` after the first sync in which every family succeeded (`--once`).
     exit_after_first_sync: bool,
     all_ok_once: bool,
+    /// The dataplane's output was closed by its reader (`--dry-run | head`): stop.
+    output_closed: bool,
     /// Whether the Node list in progress contained this proxy's Node.
     node_listed: bool,
+    /// ServiceCIDRs of a list in progress (a handful: kept whole, applied at its end).
+    listing_cidrs: Vec<k8s_openapi::api::networking::v1::ServiceCIDR>,
+    /// Waiting for the Node before the first sync: the requirement and when waiting began.
+    node_wait: Option<(NodeWait, Instant)>,
+    /// "Waiting for the Node" was logged.
+    node_wait_logged: bool,
     metrics: Arc<Metrics>,
     /// Change totals already added to the `*_changes_total` counters.
     counts_reported: ChangeCounts,
@@ -81,6 +90,31 @@ pub struct EventLoop {
     /// Trigger times older than this are from before the proxy started (a relist), not
     /// changes this proxy programs: upstream ignores them too.
     started_at: SystemTime,
+}
+
+/// The first sync waits for this proxy's Node, as upstream's NodeManager does: the Node must
+/// exist with addresses (and pod CIDRs when local traffic is detected by them), so the first
+/// ruleset already has the node's IPs. Past the timeout the process gives up.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeWait {
+    pub need_pod_cidrs: bool,
+    pub timeout: std::time::Duration,
+}
+
+impl NodeWait {
+    /// Upstream's bound: five minutes.
+    pub const UPSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+}
+
+/// Why the event loop stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    #[error("this node's Node object {node:?} {problem} after {waited:?}; check --hostname-override and that the kubelet registered the node")]
+    NodeNotReady {
+        node: String,
+        problem: &'static str,
+        waited: std::time::Duration,
+    },
 }
 
 /// Deletes the stale UDP conntrack entries of a family given the state and this host's
@@ -138,7 +172,11 @@ impl EventLoop {
             announced_ready: false,
             exit_after_first_sync: false,
             all_ok_once: false,
+            output_closed: false,
             node_listed: false,
+            node_wait: None,
+            node_wait_logged: false,
+            listing_cidrs: Vec::new(),
             metrics: Arc::new(Metrics::default()),
             counts_reported: ChangeCounts::default(),
             counts_at_checkout: ChangeCounts::default(),
@@ -179,6 +217,56 @@ impl EventLoop {
         self
     }
 
+    /// Holds the first sync until this proxy's Node is known with addresses (API mode).
+    pub fn wait_for_node(mut self, wait: NodeWait) -> Self {
+        self.node_wait = Some((wait, Instant::now()));
+        self
+    }
+
+    /// Whether syncing may start: both kinds listed and, if required, the Node known. Errs
+    /// once the Node wait has timed out.
+    fn ready(&mut self, now: Instant) -> Result<bool, LoopError> {
+        if !self.state.ready_to_sync() {
+            return Ok(false);
+        }
+        let Some((wait, since)) = self.node_wait else {
+            return Ok(true);
+        };
+        let problem = match self.state.node() {
+            None => Some("does not exist"),
+            Some(node) if node.addresses.is_empty() => Some("has no addresses"),
+            Some(node) if wait.need_pod_cidrs && node.pod_cidrs.is_empty() => {
+                Some("has no PodCIDR allocated")
+            }
+            Some(_) => None,
+        };
+        let Some(problem) = problem else {
+            if self.node_wait_logged {
+                info!(node = self.state.node_name(), waited = ?now.duration_since(since), "Node object is ready; starting to sync");
+            }
+            self.node_wait = None;
+            return Ok(true);
+        };
+        let waited = now.duration_since(since);
+        if waited >= wait.timeout {
+            return Err(LoopError::NodeNotReady {
+                node: self.state.node_name().to_string(),
+                problem,
+                waited,
+            });
+        }
+        if !self.node_wait_logged {
+            self.node_wait_logged = true;
+            info!(
+                node = self.state.node_name(),
+                problem,
+                timeout = ?wait.timeout,
+                "Waiting for this node's Node object before the first sync"
+            );
+        }
+        Ok(false)
+    }
+
     /// Makes `run` return after the first fully successful sync.
     pub fn exit_after_first_sync(mut self, yes: bool) -> Self {
         self.exit_after_first_sync = yes;
@@ -197,8 +285,9 @@ impl EventLoop {
         self.syncs
     }
 
-    /// Runs until every sender is gone.
-    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) {
+    /// Runs until every sender is gone (or `--once`, or a closed output); errs if the Node
+    /// did not become ready in time.
+    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) -> Result<(), LoopError> {
         {
             // Upstream marks every family updated when the sync loop starts.
             let mut status = self.status.lock().unwrap();
@@ -213,17 +302,26 @@ impl EventLoop {
         }
         loop {
             let now = Instant::now();
-            if self.state.ready_to_sync() {
+            let ready = self.ready(now)?;
+            if ready {
                 if let Some(kind) = self.scheduler.due(now) {
                     self.sync(kind);
+                    if self.output_closed {
+                        info!("Standard output was closed by its reader; exiting");
+                        return Ok(());
+                    }
                     if self.exit_after_first_sync && self.all_ok_once {
                         info!("First sync done; exiting as asked (--once)");
-                        return;
+                        return Ok(());
                     }
                     continue;
                 }
             }
-            let deadline = self.scheduler.next_due(now);
+            let deadline = match self.node_wait {
+                // Wake up to give up waiting for the Node (a Node event wakes up sooner).
+                Some((wait, since)) if !ready && self.state.ready_to_sync() => since + wait.timeout,
+                _ => self.scheduler.next_due(now),
+            };
             tokio::select! {
                 event = events.recv() => match event {
                     Some(event) => {
@@ -235,7 +333,7 @@ impl EventLoop {
                     }
                     None => {
                         info!("All sources stopped; the sync loop ends");
-                        return;
+                        return Ok(());
                     }
                 },
                 _ = tokio::time::sleep_until(deadline.into()) => {}
@@ -319,6 +417,29 @@ impl EventLoop {
                 if self.state.set_node(Some(&obj)) == Outcome::Changed {
                     debug!(node = self.state.node_name(), "Node object updated");
                 }
+            }
+            SourceEvent::ServiceCidrs(ObjectEvent::Replace(list)) => {
+                let outcomes = self.state.replace_service_cidrs(list.iter());
+                log_outcomes("ServiceCIDR", outcomes);
+            }
+            SourceEvent::ServiceCidrs(ObjectEvent::ListStart) => self.listing_cidrs = Vec::new(),
+            SourceEvent::ServiceCidrs(ObjectEvent::Listed(obj)) => self.listing_cidrs.push(obj),
+            SourceEvent::ServiceCidrs(ObjectEvent::ListDone) => {
+                let list = std::mem::take(&mut self.listing_cidrs);
+                let outcomes = self.state.replace_service_cidrs(list.iter());
+                log_outcomes("ServiceCIDR", outcomes);
+                info!(
+                    ipv4 = ?self.state.service_cidrs(IpFamily::V4),
+                    ipv6 = ?self.state.service_cidrs(IpFamily::V6),
+                    "ServiceCIDRs listed"
+                );
+            }
+            SourceEvent::ServiceCidrs(ObjectEvent::Apply(obj)) => {
+                let name = obj.metadata.name.clone().unwrap_or_default();
+                log_outcome("ServiceCIDR", &name, self.state.apply_service_cidr(&obj));
+            }
+            SourceEvent::ServiceCidrs(ObjectEvent::Delete(obj)) => {
+                self.state.delete_service_cidr(&obj);
             }
             SourceEvent::Node(ObjectEvent::Delete(_)) => {
                 self.state.set_node(None);
@@ -438,12 +559,14 @@ impl EventLoop {
             let node = node_view(&self.state, &self.addressing, *family);
             views.insert(*family, node.clone());
             let apply_started = Instant::now();
+            let service_cidrs = self.state.service_cidrs(*family);
             let input = SyncInput {
                 family: *family,
                 plan,
                 changed: &pending.changed,
                 full: pending.full,
                 node: &node,
+                service_cidrs: &service_cidrs,
             };
             let result = self.dataplane.sync(input);
             self.metrics.observe_sync(
@@ -466,7 +589,7 @@ impl EventLoop {
                     // Upstream's ConntrackCleanupRequired: a UDP port changed (endpoints or
                     // frontends), or everything was rewritten.
                     let udp_changed =
-                        pending.full || pending.changed.iter().any(|n| n.protocol == Protocol::Udp);
+                        report.full || pending.changed.iter().any(|n| n.protocol == Protocol::Udp);
                     let no_local = self.no_local.entry(*family).or_default();
                     no_local.update(plan, &pending.changed, pending.full);
                     *pending = Pending::default();
@@ -501,6 +624,11 @@ impl EventLoop {
                             .get_or_create(&labels)
                             .observe(started.elapsed().as_secs_f64());
                     }
+                }
+                Err(err) if err.kind == SyncErrorKind::OutputClosed => {
+                    all_ok = false;
+                    self.output_closed = true;
+                    break;
                 }
                 Err(err) => {
                     all_ok = false;

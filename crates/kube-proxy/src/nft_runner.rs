@@ -3,37 +3,45 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use kube_proxy_nftables::Runner;
+use kube_proxy_nftables::{RunError, Runner};
 
 /// `nft -f -`: one atomic transaction per call.
 #[derive(Debug, Default)]
 pub struct NftCommand;
 
 impl Runner for NftCommand {
-    fn apply(&mut self, script: &str) -> Result<(), String> {
+    fn apply(&mut self, script: &str) -> Result<(), RunError> {
         let mut child = Command::new("nft")
             .args(["-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot run nft: {e} (is the nftables package installed?)"))?;
+            .map_err(|e| {
+                RunError::Unavailable(format!(
+                    "cannot run nft: {e} (is the nftables package installed?)"
+                ))
+            })?;
         let written = child
             .stdin
             .take()
             .map(|mut stdin| stdin.write_all(script.as_bytes()));
         let output = child
             .wait_with_output()
-            .map_err(|e| format!("nft did not finish: {e}"))?;
+            .map_err(|e| RunError::Unavailable(format!("nft did not finish: {e}")))?;
         if let Some(Err(e)) = written {
             if output.status.success() {
-                return Err(format!("cannot write the transaction to nft: {e}"));
+                return Err(RunError::Unavailable(format!(
+                    "cannot write the transaction to nft: {e}"
+                )));
             }
         }
         if output.status.success() {
             Ok(())
         } else {
-            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+            Err(RunError::Rejected(
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            ))
         }
     }
 }
@@ -43,12 +51,15 @@ impl Runner for NftCommand {
 pub struct PrintTransactions;
 
 impl Runner for PrintTransactions {
-    fn apply(&mut self, script: &str) -> Result<(), String> {
+    fn apply(&mut self, script: &str) -> Result<(), RunError> {
         let mut out = std::io::stdout().lock();
         out.write_all(script.as_bytes())
             .and_then(|_| out.write_all(b"\n"))
             .and_then(|_| out.flush())
-            .map_err(|e| format!("cannot write to stdout: {e}"))
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::BrokenPipe => RunError::OutputClosed,
+                _ => RunError::Unavailable(format!("cannot write to standard output: {e}")),
+            })
     }
 }
 

@@ -186,6 +186,50 @@ fn main_job_follows_manifest_changes() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `kube-proxy ... | head`: once the reader of standard output has gone, the process ends (as
+/// a command-line tool does on a closed pipe) instead of retrying the failed write forever.
+#[test]
+fn a_closed_standard_output_ends_the_process() {
+    let manifests = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/manifests");
+    for args in [
+        &["--proxy-mode=nftables", "--dry-run", "--once"][..],
+        &["--print-state"][..],
+        &["--print-state=json"][..],
+    ] {
+        let mut child = bin()
+            .args(["--manifests", manifests, "--hostname-override=node-a"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before anything is written.
+        drop(child.stdout.take());
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                child.kill().unwrap();
+                panic!("{args:?}: still running 20 s after its standard output was closed");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut log = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+        assert!(status.success(), "{args:?}: {status:?}\n{log}");
+        assert!(
+            log.contains("Standard output was closed"),
+            "{args:?}: the reason is logged\n{log}"
+        );
+        assert!(
+            !log.contains("will retry"),
+            "{args:?}: a closed output is not retried\n{log}"
+        );
+    }
+}
+
 #[test]
 fn sigterm_exits_promptly_and_cleanly() {
     let dir = temp_dir("term");

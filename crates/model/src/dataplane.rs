@@ -33,6 +33,9 @@ pub struct SyncInput<'a> {
     pub changed: &'a BTreeSet<ServicePortName>,
     pub full: bool,
     pub node: &'a NodeView,
+    /// The cluster's ServiceCIDRs of the family (empty until known): traffic to an address in
+    /// them that no Service holds is dropped (upstream's nftables mode).
+    pub service_cidrs: &'a [IpNet],
 }
 
 /// What one successful sync did, for logs and metrics.
@@ -50,6 +53,42 @@ pub struct SyncReport {
 pub struct SyncError {
     pub family: IpFamily,
     pub message: String,
+    pub kind: SyncErrorKind,
+}
+
+/// What the caller should do about a failed sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncErrorKind {
+    /// Nothing was applied; retry later with a full sync (a rejected transaction, a held lock,
+    /// a missing tool that may be installed meanwhile).
+    Retry,
+    /// The output the dataplane writes to (`--dry-run`, `--print-state`) was closed by its
+    /// reader: stop, as a command-line tool does on a closed pipe.
+    OutputClosed,
+}
+
+impl SyncError {
+    pub fn retry(family: IpFamily, message: impl Into<String>) -> Self {
+        SyncError {
+            family,
+            message: message.into(),
+            kind: SyncErrorKind::Retry,
+        }
+    }
+
+    /// The error for a failed write to the dataplane's output: `OutputClosed` when the reader
+    /// went away (broken pipe), else retryable.
+    pub fn from_output(family: IpFamily, error: &std::io::Error) -> Self {
+        SyncError {
+            family,
+            message: format!("cannot write to standard output: {error}"),
+            kind: if error.kind() == std::io::ErrorKind::BrokenPipe {
+                SyncErrorKind::OutputClosed
+            } else {
+                SyncErrorKind::Retry
+            },
+        }
+    }
 }
 
 pub trait Dataplane: Send {

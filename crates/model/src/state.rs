@@ -5,11 +5,13 @@
 //! not read, an identical relist) are discarded here, so they never trigger a sync. Relists
 //! ("replace everything") are diffed against what is stored.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
+use ipnet::IpNet;
 
 use crate::endpoints::{convert_slice, slice_key, ConvertedSlice, SliceInfo};
 use crate::names::NamespacedName;
@@ -46,16 +48,20 @@ pub struct Changes {
     pub services: BTreeSet<NamespacedName>,
     /// Something every Service depends on changed (the node's zone or IPs): replan all.
     pub full: bool,
+    /// The ServiceCIDRs changed: no plan changes, but the dataplane's rules for unallocated
+    /// ClusterIPs do.
+    pub service_cidrs: bool,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && !self.full
+        self.services.is_empty() && !self.full && !self.service_cidrs
     }
     /// Folds `other` into `self` (used to keep changes of a failed sync for the retry).
     pub fn merge(&mut self, other: Changes) {
         self.services.extend(other.services);
         self.full |= other.full;
+        self.service_cidrs |= other.service_cidrs;
     }
 }
 
@@ -76,6 +82,8 @@ pub struct ClusterState {
     /// Shared copies of repeated strings (namespaces, port and node names, zones).
     interner: HashSet<Arc<str>>,
     node: Option<NodeInfo>,
+    /// `spec.cidrs` of each ServiceCIDR object, by name; upstream uses their union.
+    service_cidrs: BTreeMap<String, Vec<IpNet>>,
     pending: Changes,
     counts: ChangeCounts,
     synced: Synced,
@@ -413,6 +421,85 @@ impl ClusterState {
         Outcome::Changed
     }
 
+    /// The union of every ServiceCIDR's ranges of `family`, sorted (what upstream's nftables
+    /// mode drops traffic to, outside allocated ClusterIPs). Empty until ServiceCIDRs are known.
+    pub fn service_cidrs(&self, family: crate::IpFamily) -> Vec<IpNet> {
+        let mut cidrs: Vec<IpNet> = self
+            .service_cidrs
+            .values()
+            .flatten()
+            .filter(|c| crate::IpFamily::of_net(c) == family)
+            .copied()
+            .collect();
+        cidrs.sort();
+        cidrs.dedup();
+        cidrs
+    }
+
+    /// Adds or updates one ServiceCIDR. Unparsable ranges are skipped and named.
+    pub fn apply_service_cidr(&mut self, object: &ServiceCIDR) -> Outcome {
+        let Some(name) = object.metadata.name.clone() else {
+            return Outcome::Invalid("ServiceCIDR without a name".into());
+        };
+        let mut cidrs = Vec::new();
+        let mut bad = Vec::new();
+        for text in object.spec.as_ref().and_then(|s| s.cidrs.as_ref()).into_iter().flatten() {
+            match text.trim().parse::<IpNet>() {
+                Ok(net) => cidrs.push(net.trunc()),
+                Err(_) => bad.push(text.clone()),
+            }
+        }
+        let before = self.union_of_service_cidrs();
+        self.service_cidrs.insert(name, cidrs);
+        let changed = self.note_service_cidrs(before);
+        match (bad.is_empty(), changed) {
+            (false, _) => Outcome::ChangedWithWarnings(format!(
+                "spec.cidrs: invalid CIDRs {bad:?} ignored"
+            )),
+            (true, true) => Outcome::Changed,
+            (true, false) => Outcome::Unchanged,
+        }
+    }
+
+    pub fn delete_service_cidr(&mut self, object: &ServiceCIDR) {
+        if let Some(name) = &object.metadata.name {
+            let before = self.union_of_service_cidrs();
+            self.service_cidrs.remove(name);
+            self.note_service_cidrs(before);
+        }
+    }
+
+    /// Replaces every ServiceCIDR (a complete list); returns each object's outcome.
+    pub fn replace_service_cidrs<'a>(
+        &mut self,
+        objects: impl Iterator<Item = &'a ServiceCIDR>,
+    ) -> Vec<(String, Outcome)> {
+        let before = self.union_of_service_cidrs();
+        let pending = self.pending.service_cidrs;
+        self.service_cidrs.clear();
+        let outcomes = objects
+            .map(|o| {
+                let name = o.metadata.name.clone().unwrap_or_else(|| "<unnamed>".into());
+                (name, self.apply_service_cidr(o))
+            })
+            .collect();
+        // Only the difference of the whole list counts, not the steps in between.
+        self.pending.service_cidrs = pending;
+        self.note_service_cidrs(before);
+        outcomes
+    }
+
+    fn union_of_service_cidrs(&self) -> BTreeSet<IpNet> {
+        self.service_cidrs.values().flatten().copied().collect()
+    }
+
+    /// Marks the ServiceCIDRs changed if their union differs from `before`.
+    fn note_service_cidrs(&mut self, before: BTreeSet<IpNet>) -> bool {
+        let changed = before != self.union_of_service_cidrs();
+        self.pending.service_cidrs |= changed;
+        changed
+    }
+
     fn mark_service(&mut self, key: NamespacedName, endpoints: bool) {
         if endpoints {
             self.counts.endpoint_slice_changes += 1;
@@ -427,6 +514,39 @@ impl ClusterState {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn service_cidr(name: &str, cidrs: &[&str]) -> ServiceCIDR {
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"cidrs": cidrs}})).unwrap()
+    }
+
+    #[test]
+    fn service_cidrs_are_the_union_per_family_and_changes_are_noticed() {
+        let mut state = ClusterState::new("node-a");
+        assert!(state.service_cidrs(crate::IpFamily::V4).is_empty());
+        let default = service_cidr("kubernetes", &["198.19.0.0/16", "2001:db8:19::/112"]);
+        assert_eq!(state.apply_service_cidr(&default), Outcome::Changed);
+        // Host bits are cleared, as nft needs a network address.
+        let extra = service_cidr("extra", &["198.19.255.1/24", "bogus"]);
+        assert!(matches!(
+            state.apply_service_cidr(&extra),
+            Outcome::ChangedWithWarnings(w) if w.contains("bogus")
+        ));
+        assert_eq!(
+            state.service_cidrs(crate::IpFamily::V4),
+            vec!["198.19.0.0/16".parse::<IpNet>().unwrap(), "198.19.255.0/24".parse().unwrap()]
+        );
+        assert_eq!(
+            state.service_cidrs(crate::IpFamily::V6),
+            vec!["2001:db8:19::/112".parse::<IpNet>().unwrap()]
+        );
+        assert!(state.take_changes().service_cidrs);
+        // A relist with the same content changes nothing.
+        state.replace_service_cidrs([&extra, &default].into_iter());
+        assert!(!state.has_pending_changes());
+        state.delete_service_cidr(&extra);
+        assert!(state.take_changes().service_cidrs);
+        assert_eq!(state.service_cidrs(crate::IpFamily::V4).len(), 1);
+    }
 
     fn service(name: &str, ip: &str) -> Service {
         serde_json::from_value(

@@ -53,6 +53,8 @@ pub struct Context {
     pub local: Option<LocalMatch>,
     pub nodeports: NodePortMatch,
     pub node_ips: Vec<IpAddr>,
+    /// ServiceCIDRs of the family: unallocated addresses in them are dropped.
+    pub service_cidrs: Vec<IpNet>,
 }
 
 impl Context {
@@ -87,7 +89,14 @@ impl Context {
             local,
             nodeports,
             node_ips: node.node_ips.clone(),
+            service_cidrs: Vec::new(),
         }
+    }
+
+    /// The same context with these ServiceCIDRs.
+    pub fn with_service_cidrs(mut self, cidrs: &[IpNet]) -> Context {
+        self.service_cidrs = cidrs.to_vec();
+        self
     }
 
     /// `ip` or `ip6`.

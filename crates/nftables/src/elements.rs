@@ -69,6 +69,18 @@ impl SetName {
         }
     }
 
+    /// `map` for maps, `set` for sets: nft's commands name the kind (`flush map`, `delete
+    /// set`), and the wrong one fails with "No such file or directory".
+    pub fn keyword(self) -> &'static str {
+        match self {
+            SetName::Backends(_)
+            | SetName::NodePortBackends(_)
+            | SetName::ServiceIps
+            | SetName::ServiceNodePorts => "map",
+            _ => "set",
+        }
+    }
+
     /// The `set`/`map` declaration body for a family.
     pub fn declaration(self, family: IpFamily) -> String {
         let addr = match family {
@@ -76,91 +88,76 @@ impl SetName {
             IpFamily::V6 => "ipv6_addr",
         };
         let frontend = format!("{addr} . inet_proto . inet_service");
-        let (kind, body, comment) = match self {
-            SetName::ClusterIps => ("set", format!("type {addr}"), "Active ClusterIPs"),
+        let (body, comment) = match self {
+            SetName::ClusterIps => (format!("type {addr}"), "Active ClusterIPs"),
             SetName::NodePortIps => (
-                "set",
                 format!("type {addr}"),
                 "IPs that accept NodePort traffic",
             ),
             SetName::Dnat(_) => (
-                "set",
                 format!("type {frontend}"),
                 "frontends DNATed to this many endpoints",
             ),
             SetName::NodePortDnat(_) => (
-                "set",
                 "type inet_proto . inet_service".into(),
                 "NodePorts DNATed to this many endpoints",
             ),
             SetName::Backends(_) => (
-                "map",
                 format!("type {frontend} : {addr} . inet_service"),
                 "endpoint slot of each frontend",
             ),
             SetName::NodePortBackends(_) => (
-                "map",
                 format!("type inet_proto . inet_service : {addr} . inet_service"),
                 "endpoint slot of each NodePort",
             ),
             SetName::ExternalMasquerade => (
-                "set",
                 format!("type {frontend}"),
                 "external IPs and LB IPs whose traffic is masqueraded",
             ),
             SetName::NodePortMasquerade => (
-                "set",
                 "type inet_proto . inet_service".into(),
                 "NodePorts whose traffic is masqueraded",
             ),
             SetName::NoEndpointReject => (
-                "set",
                 format!("type {frontend}"),
                 "frontends of services with no endpoints",
             ),
             SetName::NoEndpointDrop => (
-                "set",
                 format!("type {frontend}"),
                 "frontends of services with no local endpoints",
             ),
             SetName::NodePortNoEndpointReject => (
-                "set",
                 "type inet_proto . inet_service".into(),
                 "NodePorts of services with no endpoints",
             ),
             SetName::NodePortNoEndpointDrop => (
-                "set",
                 "type inet_proto . inet_service".into(),
                 "NodePorts of services with no local endpoints",
             ),
             SetName::FirewallIps => (
-                "set",
                 format!("type {frontend}"),
                 "destinations that are subject to LoadBalancerSourceRanges",
             ),
             SetName::FirewallAllow => (
-                "set",
                 format!("type {frontend} . {addr}; flags interval"),
                 "allowed sources of each destination with LoadBalancerSourceRanges",
             ),
             SetName::HairpinConnections => (
-                "set",
                 format!("type {addr} . {addr} . inet_proto . inet_service"),
                 "service hairpin connections",
             ),
             SetName::ServiceIps => (
-                "map",
                 format!("type {frontend} : verdict"),
                 "ClusterIP, ExternalIP and LoadBalancer IP traffic handled by per-service chains",
             ),
             SetName::ServiceNodePorts => (
-                "map",
                 "type inet_proto . inet_service : verdict".into(),
                 "NodePort traffic handled by per-service chains",
             ),
         };
         format!(
-            "{kind} {} {{ {body}; comment \"{comment}\"; }}",
+            "{} {} {{ {body}; comment \"{comment}\"; }}",
+            self.keyword(),
             self.name()
         )
     }

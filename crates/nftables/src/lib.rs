@@ -14,7 +14,7 @@ pub mod skeleton;
 pub mod transaction;
 
 pub use context::NftConfig;
-pub use proxier::{Clock, NftProxier, Runner};
+pub use proxier::{Clock, NftProxier, RunError, Runner};
 
 /// A runner that records every transaction and applies nothing (tests, `--dry-run`).
 #[derive(Debug, Default)]
@@ -25,9 +25,9 @@ pub struct RecordingRunner {
 }
 
 impl Runner for RecordingRunner {
-    fn apply(&mut self, script: &str) -> Result<(), String> {
+    fn apply(&mut self, script: &str) -> Result<(), RunError> {
         if let Some(message) = self.fail_next.take() {
-            return Err(message);
+            return Err(RunError::Rejected(message));
         }
         self.scripts.push(script.to_string());
         Ok(())

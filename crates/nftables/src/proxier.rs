@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube_proxy_model::dataplane::{Dataplane, SyncError, SyncInput, SyncReport};
+use kube_proxy_model::dataplane::{Dataplane, SyncError, SyncErrorKind, SyncInput, SyncReport};
 use kube_proxy_model::plan::ServicePortPlan;
 use kube_proxy_model::{IpFamily, ServicePortName};
 
@@ -29,8 +29,22 @@ use crate::transaction::Transaction;
 
 /// Runs a transaction against the kernel (`nft -f -`), or anything that stands in for it.
 pub trait Runner: Send {
-    /// Applies `script` atomically. The error is nft's message.
-    fn apply(&mut self, script: &str) -> Result<(), String>;
+    /// Applies `script` atomically; on error nothing was applied.
+    fn apply(&mut self, script: &str) -> Result<(), RunError>;
+}
+
+/// Why a transaction was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// nft rejected it; the text is nft's message (with the line it failed at).
+    #[error("{0}")]
+    Rejected(String),
+    /// nft could not be run (missing binary, no permission); the text says what to do.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The transaction was to be printed, and the reader of standard output went away.
+    #[error("standard output was closed")]
+    OutputClosed,
 }
 
 /// Where time comes from (injected so tests control the deferred deletions).
@@ -94,10 +108,12 @@ impl<R: Runner> NftProxier<R> {
         &mut self.runner
     }
 
-    /// Builds and applies the transaction for one sync; returns the number of nft commands.
-    pub fn sync_family(&mut self, input: SyncInput<'_>) -> Result<usize, SyncError> {
+    /// Builds and applies the transaction for one sync; returns the number of nft commands
+    /// and whether everything was rewritten (asked for, or forced by a new table or context).
+    pub fn sync_family(&mut self, input: SyncInput<'_>) -> Result<(usize, bool), SyncError> {
         let now = (self.clock)();
-        let ctx = Context::resolve(&self.config, input.family, input.node);
+        let ctx = Context::resolve(&self.config, input.family, input.node)
+            .with_service_cidrs(input.service_cidrs);
         let state = self.families.entry(input.family).or_default();
         let full = input.full || !state.initialized || state.ctx.as_ref() != Some(&ctx);
         let mut warnings = Vec::new();
@@ -108,21 +124,33 @@ impl<R: Runner> NftProxier<R> {
         };
         self.warnings.extend(warnings);
         if tx.is_empty() {
-            return Ok(0);
+            return Ok((0, full));
         }
         match self.runner.apply(tx.text()) {
             Ok(()) => {
                 state.ctx = Some(ctx);
                 state.initialized = true;
-                Ok(tx.len())
+                Ok((tx.len(), full))
             }
-            Err(stderr) => {
+            Err(error) => {
                 // The kernel kept the previous ruleset; the bookkeeping no longer matches it, so
                 // the next sync rebuilds the table from scratch.
                 *state = FamilyState::default();
+                let (message, kind) = match error {
+                    RunError::Rejected(stderr) => (
+                        format!("nft transaction failed at {}", tx.explain(&stderr)),
+                        SyncErrorKind::Retry,
+                    ),
+                    RunError::Unavailable(message) => (message, SyncErrorKind::Retry),
+                    RunError::OutputClosed => (
+                        "standard output was closed".to_string(),
+                        SyncErrorKind::OutputClosed,
+                    ),
+                };
                 Err(SyncError {
                     family: input.family,
-                    message: format!("nft transaction failed at {}", tx.explain(&stderr)),
+                    message,
+                    kind,
                 })
             }
         }
@@ -135,11 +163,11 @@ impl<R: Runner> Dataplane for NftProxier<R> {
     }
 
     fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, SyncError> {
-        let statements = self.sync_family(input)?;
+        let (statements, full) = self.sync_family(input)?;
         Ok(SyncReport {
             service_ports: input.plan.services.len(),
             changed: input.changed.len(),
-            full: input.full,
+            full,
             statements,
         })
     }
@@ -464,7 +492,10 @@ fn full_sync(
             .into_iter()
             .chain(dnat_sets.iter().copied());
         for set in static_sets.chain(skeleton::slot_sets(old_slots)) {
-            tx.line(None, format!("flush set {fam} {TABLE} {}", set.name()));
+            tx.line(
+                None,
+                format!("flush {} {fam} {TABLE} {}", set.keyword(), set.name()),
+            );
         }
     }
     state.slots = slots;
@@ -500,7 +531,10 @@ fn full_sync(
             tx.line(None, format!("delete set {fam} {TABLE} {}", quote(set)));
         }
         for set in old_dnat.iter().filter(|s| !dnat_sets.contains(*s)) {
-            tx.line(None, format!("delete set {fam} {TABLE} {}", set.name()));
+            tx.line(
+                None,
+                format!("delete {} {fam} {TABLE} {}", set.keyword(), set.name()),
+            );
         }
         if !matches!(ctx.nodeports, NodePortMatch::Ips(_))
             && state

@@ -243,7 +243,19 @@ pub fn write_static_rules(tx: &mut Transaction, ctx: &Context) {
             format!("ct status dnat {ip} saddr . {ip} daddr . meta l4proto . th dport @hairpin-connections masquerade fully-random"),
         ],
     );
-    chain(tx, "cluster-ips-check", vec![format!("{ip} daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"")]);
+    let mut cluster_ips_check = vec![format!(
+        "{ip} daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\""
+    )];
+    if !ctx.service_cidrs.is_empty() {
+        // Only once the ServiceCIDRs are known: an address in them that no Service holds (a
+        // deleted Service's, another proxy's) goes nowhere rather than out of the node.
+        let cidrs: Vec<String> = ctx.service_cidrs.iter().map(|c| c.to_string()).collect();
+        cluster_ips_check.push(format!(
+            "{ip} daddr {{ {} }} drop comment \"Drop traffic to unallocated ClusterIPs\"",
+            cidrs.join(", ")
+        ));
+    }
+    chain(tx, "cluster-ips-check", cluster_ips_check);
     chain(
         tx,
         "service-endpoints-check",

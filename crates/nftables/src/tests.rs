@@ -46,6 +46,7 @@ pub struct Harness {
     pub proxier: NftProxier<RecordingRunner>,
     pub now: Arc<Mutex<Instant>>,
     pub node: NodeView,
+    pub service_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl Harness {
@@ -65,6 +66,7 @@ impl Harness {
                 node_ips: vec!["192.0.2.10".parse().unwrap()],
                 ..Default::default()
             },
+            service_cidrs: Vec::new(),
         }
     }
 
@@ -85,6 +87,7 @@ impl Harness {
             changed: &changed,
             full,
             node: &self.node,
+            service_cidrs: &self.service_cidrs,
         };
         self.proxier.sync(input).unwrap();
         let scripts = &self.proxier.runner().scripts;
@@ -336,6 +339,7 @@ fn failed_transaction_rebuilds_next_time() {
         changed: &changed,
         full: false,
         node: &h.node,
+        service_cidrs: &[],
     };
     let err = h.proxier.sync(input).unwrap_err().to_string();
     assert!(
@@ -348,4 +352,42 @@ fn failed_transaction_rebuilds_next_time() {
         "rebuilt after failure:\n{tx}"
     );
     assert!(tx.contains("198.19.0.51") && tx.contains("198.19.0.50"));
+}
+
+/// A full sync of a table this process built (hourly, or when node addresses or ServiceCIDRs
+/// change) flushes maps as maps: `flush set` on a map fails with "No such file or directory".
+/// Known ServiceCIDRs add upstream's drop of unallocated ClusterIPs.
+#[test]
+fn full_resync_of_a_built_table_and_service_cidrs() {
+    let mut h = Harness::new(config());
+    h.state.apply_service(&service(
+        "web",
+        json!({"clusterIP": "198.19.0.10"}),
+    ));
+    h.state
+        .apply_slice(&slice("web", &[("198.18.1.2", NODE), ("198.18.2.2", "node-b")]));
+    let first = h.sync(true);
+    assert!(first.contains("delete table ip kube-proxy"), "{first}");
+    assert!(!first.contains("unallocated"), "no ServiceCIDRs known yet");
+
+    h.service_cidrs = vec!["198.19.0.0/16".parse().unwrap()];
+    let resync = h.sync(false);
+    assert!(
+        !resync.contains("delete table"),
+        "the table is rewritten in place: {resync}"
+    );
+    for map in ["service-ips", "service-nodeports", "backends-0"] {
+        assert!(
+            resync.contains(&format!("flush map ip kube-proxy {map}\n")),
+            "{map} flushed as a map: {resync}"
+        );
+        assert!(!resync.contains(&format!("flush set ip kube-proxy {map}\n")));
+    }
+    assert!(resync.contains("flush set ip kube-proxy cluster-ips\n"));
+    assert!(
+        resync.contains("add rule ip kube-proxy cluster-ips-check ip daddr { 198.19.0.0/16 } drop comment \"Drop traffic to unallocated ClusterIPs\""),
+        "{resync}"
+    );
+    // Unchanged context: nothing more to do.
+    assert_eq!(h.sync(false), "");
 }

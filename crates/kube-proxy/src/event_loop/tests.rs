@@ -37,10 +37,7 @@ impl Dataplane for Recorder {
             full,
         ));
         if *self.fail.lock().unwrap() {
-            return Err(SyncError {
-                family,
-                message: "injected failure".into(),
-            });
+            return Err(SyncError::retry(family, "injected failure"));
         }
         Ok(SyncReport {
             service_ports: plan.services.len(),
@@ -224,7 +221,7 @@ async fn run_loop_syncs_once_listed_and_follows_changes() {
     assert_eq!(calls.len(), 4, "{calls:?}");
     assert_eq!(calls[2].2, vec!["ns/b:p".to_string()]);
     drop(tx);
-    task.await.unwrap();
+    task.await.unwrap().unwrap();
 }
 
 /// Reads one sample of the encoded registry (classic format), e.g.
@@ -414,4 +411,69 @@ fn conntrack_cleanup_runs_when_udp_ports_change() {
         ),
         Some(2.0)
     );
+}
+
+fn node(addresses: &[&str]) -> k8s_openapi::api::core::v1::Node {
+    let addresses: Vec<serde_json::Value> = addresses
+        .iter()
+        .map(|a| json!({"type": "InternalIP", "address": a}))
+        .collect();
+    serde_json::from_value(json!({"metadata": {"name": "node-a"}, "status": {"addresses": addresses}}))
+        .unwrap()
+}
+
+/// As upstream's NodeManager: the first sync waits until the Node exists with addresses, so
+/// the first ruleset already has the node's IPs; the Node arriving last is the normal case.
+#[test]
+fn first_sync_waits_for_the_node_with_addresses() {
+    let recorder = Recorder::default();
+    let wait = NodeWait {
+        need_pod_cidrs: false,
+        timeout: Duration::from_secs(300),
+    };
+    let mut el = event_loop(&recorder).wait_for_node(wait);
+    el.handle(SourceEvent::Services(ObjectEvent::Replace(vec![service(
+        "a",
+        "198.19.0.1",
+    )])));
+    el.handle(SourceEvent::EndpointSlices(ObjectEvent::Replace(vec![])));
+    let now = Instant::now();
+    assert!(!el.ready(now).unwrap(), "no Node yet");
+    el.handle(SourceEvent::Node(ObjectEvent::Replace(vec![node(&[])])));
+    assert!(!el.ready(now).unwrap(), "a Node without addresses");
+    el.handle(SourceEvent::Node(ObjectEvent::Apply(node(&["192.0.2.10"]))));
+    assert!(el.ready(now).unwrap());
+    // Once ready, a later loss of the Node does not stop syncing.
+    el.handle(SourceEvent::Node(ObjectEvent::Delete(node(&["192.0.2.10"]))));
+    assert!(el.ready(now).unwrap());
+}
+
+#[test]
+fn waiting_for_pod_cidrs_and_giving_up() {
+    let recorder = Recorder::default();
+    let wait = NodeWait {
+        need_pod_cidrs: true,
+        timeout: Duration::from_secs(300),
+    };
+    let mut el = event_loop(&recorder).wait_for_node(wait);
+    el.handle(SourceEvent::Services(ObjectEvent::Replace(vec![])));
+    el.handle(SourceEvent::EndpointSlices(ObjectEvent::Replace(vec![])));
+    el.handle(SourceEvent::Node(ObjectEvent::Replace(vec![node(&["192.0.2.10"])])));
+    let now = Instant::now();
+    assert!(!el.ready(now).unwrap(), "NodeCIDR mode needs the pod CIDRs");
+    let err = el.ready(now + Duration::from_secs(301)).unwrap_err();
+    assert!(
+        err.to_string().contains("has no PodCIDR allocated"),
+        "{err}"
+    );
+}
+
+/// Without a Node wait (standalone manifests) syncing starts once both kinds are listed.
+#[test]
+fn standalone_mode_does_not_wait_for_a_node() {
+    let recorder = Recorder::default();
+    let mut el = event_loop(&recorder);
+    el.handle(SourceEvent::Services(ObjectEvent::Replace(vec![])));
+    el.handle(SourceEvent::EndpointSlices(ObjectEvent::Replace(vec![])));
+    assert!(el.ready(Instant::now()).unwrap());
 }

@@ -1,5 +1,5 @@
-//! Standalone source: a directory of YAML/JSON manifests holding Services, EndpointSlices and
-//! Nodes, so the proxy runs with no cluster at all.
+//! Standalone source: a directory of YAML/JSON manifests holding Services, EndpointSlices,
+//! Nodes and ServiceCIDRs, so the proxy runs with no cluster at all.
 //!
 //! Files may hold several documents (`---`) and `kind: List` documents; other kinds are
 //! skipped. The directory is polled: a changed, added or removed file re-sends the complete
@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
@@ -24,6 +25,7 @@ pub struct FileObjects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
     pub nodes: Vec<Node>,
+    pub service_cidrs: Vec<ServiceCIDR>,
     /// Problems that skipped single objects (the rest of the file was used).
     pub warnings: Vec<String>,
 }
@@ -72,7 +74,7 @@ fn collect(path: &Path, position: &str, document: Value, out: &mut FileObjects) 
         ))
     };
     match kind.as_str() {
-        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
+        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" | "ServiceCIDRList" => {
             let items = match document.get("items") {
                 Some(Value::Array(items)) => items.clone(),
                 _ => Vec::new(),
@@ -91,6 +93,10 @@ fn collect(path: &Path, position: &str, document: Value, out: &mut FileObjects) 
         },
         "Node" => match decode::<Node>(document) {
             Ok(obj) => out.nodes.push(obj),
+            Err(e) => skip(e),
+        },
+        "ServiceCIDR" => match decode::<ServiceCIDR>(document) {
+            Ok(obj) => out.service_cidrs.push(obj),
             Err(e) => skip(e),
         },
         "" => skip("document has no kind".into()),
@@ -169,8 +175,10 @@ impl ManifestDir {
         let mut services = Vec::new();
         let mut slices = Vec::new();
         let mut nodes = Vec::new();
+        let mut service_cidrs = Vec::new();
         for (_, objects) in self.files.values() {
             services.extend(objects.services.iter().cloned());
+            service_cidrs.extend(objects.service_cidrs.iter().cloned());
             slices.extend(objects.slices.iter().cloned());
             nodes.extend(
                 objects
@@ -185,6 +193,7 @@ impl ManifestDir {
             SourceEvent::Services(ObjectEvent::Replace(services)),
             SourceEvent::EndpointSlices(ObjectEvent::Replace(slices)),
             SourceEvent::Node(ObjectEvent::Replace(nodes)),
+            SourceEvent::ServiceCidrs(ObjectEvent::Replace(service_cidrs)),
         ]
     }
 }
@@ -269,6 +278,11 @@ items:
 kind: Node
 apiVersion: v1
 metadata: {name: node-a}
+---
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: kubernetes}
+spec: {cidrs: [198.19.0.0/16, "2001:db8:19::/112"]}
 "#;
 
     #[test]
@@ -277,6 +291,7 @@ metadata: {name: node-a}
         assert_eq!(objects.services.len(), 1);
         assert_eq!(objects.slices.len(), 1);
         assert_eq!(objects.nodes.len(), 1);
+        assert_eq!(objects.service_cidrs.len(), 1);
         assert!(objects.warnings.is_empty(), "{:?}", objects.warnings);
     }
 

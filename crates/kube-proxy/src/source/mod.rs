@@ -12,6 +12,7 @@ pub mod manifests;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 
 /// A change to one kind of object.
 #[derive(Clone, Debug)]
@@ -48,6 +49,8 @@ pub enum SourceEvent {
     EndpointSlices(ObjectEvent<EndpointSlice>),
     /// The proxy's own Node (a `Replace` holds zero or one Node).
     Node(ObjectEvent<Node>),
+    /// The cluster's ServiceCIDRs (networking.k8s.io/v1): where ClusterIPs are allocated.
+    ServiceCidrs(ObjectEvent<ServiceCIDR>),
 }
 
 /// Label selector for Services and EndpointSlices, as upstream's informers use it.
