@@ -17,11 +17,11 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, trace, warn};
 
 use crate::dataplane::{Dataplane, NodeView, SyncInput};
-use kube_proxy_model::dataplane::SyncErrorKind;
 use crate::metrics::{family_labels, unix_seconds, Metrics, NoLocalEndpoints};
 use crate::scheduler::{Scheduler, SchedulerConfig, SyncKind};
 use crate::source::{ObjectEvent, SourceEvent};
 use crate::sync_status::SharedSyncStatus;
+use kube_proxy_model::dataplane::SyncErrorKind;
 
 /// What a family still has to program: changes since its last successful sync.
 #[derive(Debug, Default)]

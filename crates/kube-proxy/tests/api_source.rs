@@ -130,6 +130,12 @@ async fn list_watch_disconnect_and_410_gone() {
         service_lists, 2,
         "one list at start, one relist after 410: {requests:#?}"
     );
+    for list in requests.iter().filter(|r| !r.contains("watch=true")) {
+        assert!(
+            list.contains("resourceVersion=0") && !list.contains("limit="),
+            "lists are served from the API server's watch cache, unpaged: {list}"
+        );
+    }
     assert!(
         requests.iter().any(|r| r.starts_with("/api/v1/services?") && r.contains("labelSelector=%21service.kubernetes.io%2Fservice-proxy-name%2C%21service.kubernetes.io%2Fheadless")),
         "upstream's label selector is used: {requests:#?}"
@@ -187,4 +193,60 @@ async fn starting_event_on_the_node() {
     assert_eq!(event["regarding"]["kind"], "Node");
     assert_eq!(event["regarding"]["name"], "node-a");
     assert_eq!(event["regarding"]["uid"], "node-a");
+}
+
+/// ServiceCIDRs are listed and watched like the other kinds; an API server that does not serve
+/// them (before 1.33) is no error: nothing is sent, and Services still flow.
+#[tokio::test]
+async fn service_cidrs_are_listed_when_served() {
+    for served in [true, false] {
+        let fake = Arc::new(Mutex::new(Fake::default()));
+        {
+            let mut f = fake.lock().unwrap();
+            f.service_lists.push_back(("10".into(), vec![]));
+            f.service_cidrs = served.then(|| {
+                vec![
+                    json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+                    "metadata": {"name": "kubernetes", "resourceVersion": "3"},
+                    "spec": {"cidrs": ["198.19.0.0/16", "2001:db8:19::/112"]}}),
+                ]
+            });
+        }
+        let url = serve(fake.clone()).await;
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let source = tokio::spawn(api::run(client, "node-a".into(), tx));
+        let mut state = ClusterState::new("node-a");
+        let mut listing = Vec::new();
+        let mut services_listed = false;
+        while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+            match event {
+                SourceEvent::ServiceCidrs(ObjectEvent::Listed(cidr)) => listing.push(cidr),
+                SourceEvent::ServiceCidrs(ObjectEvent::ListDone) => {
+                    state.replace_service_cidrs(listing.iter());
+                }
+                SourceEvent::Services(ObjectEvent::ListDone) => services_listed = true,
+                _ => {}
+            }
+        }
+        assert!(services_listed, "served={served}");
+        let v4: Vec<String> = state
+            .service_cidrs(kube_proxy_model::IpFamily::V4)
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        if served {
+            assert_eq!(v4, ["198.19.0.0/16"]);
+        } else {
+            assert!(v4.is_empty());
+        }
+        let requests = fake.lock().unwrap().requests.clone();
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.starts_with("/apis/networking.k8s.io/v1/servicecidrs?")),
+            "{requests:#?}"
+        );
+        source.abort();
+    }
 }

@@ -8,10 +8,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
-use ipnet::IpNet;
 
 use crate::endpoints::{convert_slice, slice_key, ConvertedSlice, SliceInfo};
 use crate::names::NamespacedName;
@@ -443,7 +443,13 @@ impl ClusterState {
         };
         let mut cidrs = Vec::new();
         let mut bad = Vec::new();
-        for text in object.spec.as_ref().and_then(|s| s.cidrs.as_ref()).into_iter().flatten() {
+        for text in object
+            .spec
+            .as_ref()
+            .and_then(|s| s.cidrs.as_ref())
+            .into_iter()
+            .flatten()
+        {
             match text.trim().parse::<IpNet>() {
                 Ok(net) => cidrs.push(net.trunc()),
                 Err(_) => bad.push(text.clone()),
@@ -453,9 +459,9 @@ impl ClusterState {
         self.service_cidrs.insert(name, cidrs);
         let changed = self.note_service_cidrs(before);
         match (bad.is_empty(), changed) {
-            (false, _) => Outcome::ChangedWithWarnings(format!(
-                "spec.cidrs: invalid CIDRs {bad:?} ignored"
-            )),
+            (false, _) => {
+                Outcome::ChangedWithWarnings(format!("spec.cidrs: invalid CIDRs {bad:?} ignored"))
+            }
             (true, true) => Outcome::Changed,
             (true, false) => Outcome::Unchanged,
         }
@@ -479,7 +485,11 @@ impl ClusterState {
         self.service_cidrs.clear();
         let outcomes = objects
             .map(|o| {
-                let name = o.metadata.name.clone().unwrap_or_else(|| "<unnamed>".into());
+                let name = o
+                    .metadata
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| "<unnamed>".into());
                 (name, self.apply_service_cidr(o))
             })
             .collect();
@@ -516,7 +526,8 @@ mod tests {
     use serde_json::json;
 
     fn service_cidr(name: &str, cidrs: &[&str]) -> ServiceCIDR {
-        serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"cidrs": cidrs}})).unwrap()
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"cidrs": cidrs}}))
+            .unwrap()
     }
 
     #[test]
@@ -533,7 +544,10 @@ mod tests {
         ));
         assert_eq!(
             state.service_cidrs(crate::IpFamily::V4),
-            vec!["198.19.0.0/16".parse::<IpNet>().unwrap(), "198.19.255.0/24".parse().unwrap()]
+            vec![
+                "198.19.0.0/16".parse::<IpNet>().unwrap(),
+                "198.19.255.0/24".parse().unwrap()
+            ]
         );
         assert_eq!(
             state.service_cidrs(crate::IpFamily::V6),

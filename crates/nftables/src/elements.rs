@@ -90,10 +90,7 @@ impl SetName {
         let frontend = format!("{addr} . inet_proto . inet_service");
         let (body, comment) = match self {
             SetName::ClusterIps => (format!("type {addr}"), "Active ClusterIPs"),
-            SetName::NodePortIps => (
-                format!("type {addr}"),
-                "IPs that accept NodePort traffic",
-            ),
+            SetName::NodePortIps => (format!("type {addr}"), "IPs that accept NodePort traffic"),
             SetName::Dnat(_) => (
                 format!("type {frontend}"),
                 "frontends DNATed to this many endpoints",

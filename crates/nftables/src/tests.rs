@@ -360,12 +360,12 @@ fn failed_transaction_rebuilds_next_time() {
 #[test]
 fn full_resync_of_a_built_table_and_service_cidrs() {
     let mut h = Harness::new(config());
-    h.state.apply_service(&service(
-        "web",
-        json!({"clusterIP": "198.19.0.10"}),
-    ));
     h.state
-        .apply_slice(&slice("web", &[("198.18.1.2", NODE), ("198.18.2.2", "node-b")]));
+        .apply_service(&service("web", json!({"clusterIP": "198.19.0.10"})));
+    h.state.apply_slice(&slice(
+        "web",
+        &[("198.18.1.2", NODE), ("198.18.2.2", "node-b")],
+    ));
     let first = h.sync(true);
     assert!(first.contains("delete table ip kube-proxy"), "{first}");
     assert!(!first.contains("unallocated"), "no ServiceCIDRs known yet");

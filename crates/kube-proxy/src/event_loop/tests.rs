@@ -418,8 +418,10 @@ fn node(addresses: &[&str]) -> k8s_openapi::api::core::v1::Node {
         .iter()
         .map(|a| json!({"type": "InternalIP", "address": a}))
         .collect();
-    serde_json::from_value(json!({"metadata": {"name": "node-a"}, "status": {"addresses": addresses}}))
-        .unwrap()
+    serde_json::from_value(
+        json!({"metadata": {"name": "node-a"}, "status": {"addresses": addresses}}),
+    )
+    .unwrap()
 }
 
 /// As upstream's NodeManager: the first sync waits until the Node exists with addresses, so
@@ -444,7 +446,9 @@ fn first_sync_waits_for_the_node_with_addresses() {
     el.handle(SourceEvent::Node(ObjectEvent::Apply(node(&["192.0.2.10"]))));
     assert!(el.ready(now).unwrap());
     // Once ready, a later loss of the Node does not stop syncing.
-    el.handle(SourceEvent::Node(ObjectEvent::Delete(node(&["192.0.2.10"]))));
+    el.handle(SourceEvent::Node(ObjectEvent::Delete(node(&[
+        "192.0.2.10",
+    ]))));
     assert!(el.ready(now).unwrap());
 }
 
@@ -458,7 +462,9 @@ fn waiting_for_pod_cidrs_and_giving_up() {
     let mut el = event_loop(&recorder).wait_for_node(wait);
     el.handle(SourceEvent::Services(ObjectEvent::Replace(vec![])));
     el.handle(SourceEvent::EndpointSlices(ObjectEvent::Replace(vec![])));
-    el.handle(SourceEvent::Node(ObjectEvent::Replace(vec![node(&["192.0.2.10"])])));
+    el.handle(SourceEvent::Node(ObjectEvent::Replace(vec![node(&[
+        "192.0.2.10",
+    ])])));
     let now = Instant::now();
     assert!(!el.ready(now).unwrap(), "NodeCIDR mode needs the pod CIDRs");
     let err = el.ready(now + Duration::from_secs(301)).unwrap_err();

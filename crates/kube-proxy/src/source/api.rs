@@ -1,23 +1,34 @@
 //! API-server source: list+watch of Services and EndpointSlices (with upstream's label
-//! selector) and of the proxy's own Node (field selector), on `kube::runtime::watcher`.
+//! selector), of the proxy's own Node (field selector) and of the cluster's ServiceCIDRs.
 //!
-//! The watcher resumes a broken watch from the last resourceVersion, relists when the server
-//! answers `410 Gone`, and backs off exponentially (0.8 s to 30 s) on errors; this module
-//! logs each of those and streams every (re)list as `ListStart`, `Listed`..., `ListDone`, so the
-//! receiver converts objects one at a time and never applies a half-listed kind.
+//! Lists are cheap for the API server and for us, as upstream's informers make them:
+//! * `resourceVersion=0` without paging, so the API server answers from its watch cache
+//!   instead of reading etcd page by page;
+//! * the response is split into items while it streams in ([`ListSplitter`]) and each item is
+//!   decoded and handed to the event loop at once, so the body is never held whole and the
+//!   event loop converts objects while the rest is still arriving;
+//! * each kind is listed by its own task, so Services and EndpointSlices decode in parallel.
+//!
+//! After a list the kind is watched from the list's resourceVersion (with bookmarks). A watch
+//! that ends is resumed from the last version seen; `410 Gone` (the version is too old) means
+//! a relist, streamed as `ListStart`, `Listed`..., `ListDone`, so the receiver never applies a
+//! half-listed kind and deletes what the relist no longer has. Errors back off exponentially
+//! from 0.8 s to 30 s. Each of these is logged.
 
 use std::fmt::Debug;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::Api;
-use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
+use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use kube::{Client, Config, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
+use super::list_splitter::ListSplitter;
 use super::{EventSender, ObjectEvent, SourceEvent, PROXY_LABEL_SELECTOR};
 
 /// How to reach the API server, from `--kubeconfig`, `--master` and `clientConnection`.
@@ -72,88 +83,299 @@ pub async fn client(settings: &ClientSettings) -> anyhow::Result<Client> {
     Client::try_from(config).context("failed to build the API client")
 }
 
-/// Runs the three watches until the receiver is gone.
+/// Runs the four list+watch loops until the receiver is gone.
 pub async fn run(client: Client, node_name: String, tx: EventSender) {
-    let labels = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
-    let node_fields = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
-    tokio::join!(
-        watch_kind::<Service>(
-            Api::all(client.clone()),
+    let labels = Selection {
+        labels: Some(PROXY_LABEL_SELECTOR.into()),
+        fields: None,
+    };
+    let tasks = [
+        tokio::spawn(list_watch::<Service>(
+            client.clone(),
             labels.clone(),
             "Services",
             tx.clone(),
-            SourceEvent::Services
-        ),
-        watch_kind::<EndpointSlice>(
-            Api::all(client.clone()),
+            SourceEvent::Services,
+        )),
+        tokio::spawn(list_watch::<EndpointSlice>(
+            client.clone(),
             labels,
             "EndpointSlices",
             tx.clone(),
-            SourceEvent::EndpointSlices
-        ),
-        watch_kind::<Node>(Api::all(client), node_fields, "Node", tx, SourceEvent::Node),
-    );
+            SourceEvent::EndpointSlices,
+        )),
+        tokio::spawn(list_watch::<Node>(
+            client.clone(),
+            Selection {
+                labels: None,
+                fields: Some(format!("metadata.name={node_name}")),
+            },
+            "Node",
+            tx.clone(),
+            SourceEvent::Node,
+        )),
+        tokio::spawn(list_watch::<ServiceCIDR>(
+            client,
+            Selection::default(),
+            "ServiceCIDRs",
+            tx,
+            SourceEvent::ServiceCidrs,
+        )),
+    ];
+    for task in tasks {
+        let _ = task.await;
+    }
 }
 
-async fn watch_kind<K>(
-    api: Api<K>,
-    config: watcher::Config,
+/// Which objects of a kind are watched.
+#[derive(Clone, Debug, Default)]
+struct Selection {
+    labels: Option<String>,
+    fields: Option<String>,
+}
+
+/// Why a list or watch failed.
+#[derive(Debug, thiserror::Error)]
+enum ListWatchError {
+    #[error("{0}")]
+    Request(#[from] kube::Error),
+    #[error("the API server answered {status}: {message}")]
+    Status { status: u16, message: String },
+    #[error("reading the response failed: {0}")]
+    Body(String),
+    #[error("{0}")]
+    Malformed(#[from] super::list_splitter::MalformedList),
+    /// The receiver is gone: stop quietly.
+    #[error("the event loop has stopped")]
+    Closed,
+}
+
+/// Exponential backoff, as kube's and client-go's reflectors: 0.8 s doubling to 30 s.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(800);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Self::MAX);
+    }
+}
+
+async fn list_watch<K>(
+    client: Client,
+    selection: Selection,
     what: &'static str,
     tx: EventSender,
     wrap: fn(ObjectEvent<K>) -> SourceEvent,
 ) where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-    K::DynamicType: Default,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    let stream = watcher::watcher(api, config)
-        .default_backoff()
-        // managedFields are large and unused: drop them before they are buffered.
-        .modify(|obj| obj.managed_fields_mut().clear());
-    let mut stream = std::pin::pin!(stream);
-    let mut listed = 0usize;
+    let mut backoff = Backoff::new();
     let mut lists = 0u64;
     let mut failing = false;
-    while let Some(item) = stream.next().await {
-        let event = match item {
-            Ok(Event::Init) => {
-                listed = 0;
-                if lists == 0 {
-                    info!(kind = what, "Listing objects");
-                } else {
-                    info!(
-                        kind = what,
-                        "Relisting objects (the watch could not be resumed, e.g. 410 Gone)"
-                    );
-                }
-                ObjectEvent::ListStart
-            }
-            Ok(Event::InitApply(obj)) => {
-                listed += 1;
-                ObjectEvent::Listed(obj)
-            }
-            Ok(Event::InitDone) => {
+    'list: loop {
+        if lists == 0 {
+            info!(kind = what, "Listing objects");
+        } else {
+            info!(
+                kind = what,
+                "Relisting objects (the watch could not be resumed, e.g. 410 Gone)"
+            );
+        }
+        let started = Instant::now();
+        let mut version = match list::<K>(&client, &selection, &tx, wrap).await {
+            Ok((version, count, bytes)) => {
                 lists += 1;
                 info!(
                     kind = what,
-                    count = listed,
+                    count,
+                    bytes,
+                    elapsed = ?started.elapsed(),
                     "Listed objects; watching for changes"
                 );
-                ObjectEvent::ListDone
+                if failing {
+                    info!(kind = what, "List/watch recovered");
+                    failing = false;
+                }
+                backoff.reset();
+                version
             }
-            Ok(Event::Apply(obj)) => ObjectEvent::Apply(obj),
-            Ok(Event::Delete(obj)) => ObjectEvent::Delete(obj),
+            Err(ListWatchError::Closed) => return,
+            Err(ListWatchError::Status { status: 404, .. }) if what == "ServiceCIDRs" => {
+                if !failing {
+                    info!("ServiceCIDRs are not served by this API server (networking.k8s.io/v1, Kubernetes 1.33 and later); traffic to unallocated ClusterIPs is not dropped");
+                    failing = true;
+                }
+                tokio::time::sleep(Duration::from_secs(300)).await;
+                continue 'list;
+            }
             Err(error) => {
-                warn!(kind = what, error = %error, "List/watch failed; retrying with backoff");
+                warn!(kind = what, error = %error, retry_in = ?backoff.next, "List failed; retrying with backoff");
                 failing = true;
-                continue;
+                backoff.wait().await;
+                continue 'list;
             }
         };
-        if failing {
-            info!(kind = what, "List/watch recovered");
-            failing = false;
+        // Watch from the list's version until it must be relisted.
+        loop {
+            match watch::<K>(&client, &selection, &mut version, &tx, wrap).await {
+                Ok(WatchEnd::TimedOut) => {
+                    debug!(kind = what, version = %version, "Watch ended; resuming");
+                    backoff.reset();
+                }
+                Ok(WatchEnd::Gone) => continue 'list,
+                Err(ListWatchError::Closed) => return,
+                Err(error) => {
+                    warn!(kind = what, error = %error, retry_in = ?backoff.next, "Watch failed; resuming with backoff");
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+}
+
+/// Lists every object of the kind (from the API server's watch cache), streaming them to the
+/// receiver; returns the list's resourceVersion, the object count and the body size.
+async fn list<K>(
+    client: &Client,
+    selection: &Selection,
+    tx: &EventSender,
+    wrap: fn(ObjectEvent<K>) -> SourceEvent,
+) -> Result<(String, usize, usize), ListWatchError>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Send + 'static,
+{
+    let mut params = ListParams::default();
+    params.label_selector = selection.labels.clone();
+    params.field_selector = selection.fields.clone();
+    // "0": any version the watch cache has, unpaged, as upstream's informers list.
+    params.resource_version = Some("0".into());
+    let request = kube::core::Request::new(K::url_path(&(), None))
+        .list(&params)
+        .map_err(kube::Error::BuildRequest)?;
+    let response = client.send(request.map(kube::client::Body::from)).await?;
+    let status = response.status();
+    let mut body = response.into_body();
+    if !status.is_success() {
+        let bytes = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        return Err(ListWatchError::Status {
+            status: status.as_u16(),
+            message: status_message(&bytes),
+        });
+    }
+    if tx.send(wrap(ObjectEvent::ListStart)).await.is_err() {
+        return Err(ListWatchError::Closed);
+    }
+    let mut splitter = ListSplitter::new();
+    let mut bytes = 0usize;
+    let mut decoded: Vec<K> = Vec::new();
+    let mut undecodable = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ListWatchError::Body(e.to_string()))?;
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        bytes += chunk.len();
+        splitter.feed(&chunk, |item| match serde_json::from_slice::<K>(item) {
+            Ok(object) => decoded.push(object),
+            Err(e) => {
+                undecodable += 1;
+                warn!(kind = %K::kind(&()), error = %e, "Skipping an object that does not decode");
+            }
+        })?;
+        for mut object in decoded.drain(..) {
+            // managedFields are large and unused.
+            object.managed_fields_mut().clear();
+            if tx.send(wrap(ObjectEvent::Listed(object))).await.is_err() {
+                return Err(ListWatchError::Closed);
+            }
+        }
+    }
+    let (version, count) = splitter.finish()?;
+    if tx.send(wrap(ObjectEvent::ListDone)).await.is_err() {
+        return Err(ListWatchError::Closed);
+    }
+    Ok((version, count - undecodable, bytes))
+}
+
+enum WatchEnd {
+    /// The server closed the watch (its timeout): resume from the last version.
+    TimedOut,
+    /// `410 Gone`: the version is no longer in the server's history; relist.
+    Gone,
+}
+
+/// Watches from `version`, streaming changes to the receiver and advancing `version`.
+async fn watch<K>(
+    client: &Client,
+    selection: &Selection,
+    version: &mut String,
+    tx: &EventSender,
+    wrap: fn(ObjectEvent<K>) -> SourceEvent,
+) -> Result<WatchEnd, ListWatchError>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let mut params = WatchParams::default().timeout(290);
+    params.label_selector = selection.labels.clone();
+    params.field_selector = selection.fields.clone();
+    let api: Api<K> = Api::all(client.clone());
+    let stream = api.watch(&params, version).await?;
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        let event = match event? {
+            WatchEvent::Added(object) | WatchEvent::Modified(object) => ObjectEvent::Apply(object),
+            WatchEvent::Deleted(object) => ObjectEvent::Delete(object),
+            WatchEvent::Bookmark(bookmark) => {
+                *version = bookmark.metadata.resource_version;
+                continue;
+            }
+            WatchEvent::Error(status) if status.code == 410 => return Ok(WatchEnd::Gone),
+            WatchEvent::Error(status) => {
+                return Err(ListWatchError::Status {
+                    status: status.code,
+                    message: status.message,
+                })
+            }
+        };
+        let mut event = event;
+        if let ObjectEvent::Apply(object) | ObjectEvent::Delete(object) = &mut event {
+            // managedFields are large and unused.
+            object.managed_fields_mut().clear();
+            if let Some(v) = object.resource_version() {
+                *version = v;
+            }
         }
         if tx.send(wrap(event)).await.is_err() {
-            return;
+            return Err(ListWatchError::Closed);
         }
+    }
+    Ok(WatchEnd::TimedOut)
+}
+
+/// The message of a `Status` body, or the body itself.
+fn status_message(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Status {
+        #[serde(default)]
+        message: String,
+    }
+    match serde_json::from_slice::<Status>(body) {
+        Ok(status) if !status.message.is_empty() => status.message,
+        _ => String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod events;
+pub mod list_splitter;
 pub mod manifests;
 
 use k8s_openapi::api::core::v1::{Node, Service};

@@ -48,6 +48,13 @@ pub struct Fake {
     pub nodes: Vec<Value>,
     /// Objects created with POST: (path, body).
     pub posted: Vec<(String, Value)>,
+    /// The ServiceCIDRs every list returns; `None`: the API is not served (404).
+    pub service_cidrs: Option<Vec<Value>>,
+    /// Pre-serialized list bodies by path, served in 64 KiB chunks as a real API server
+    /// streams a large list (for benchmarks at scale; takes precedence over the fields above).
+    pub prepared: std::collections::HashMap<String, Bytes>,
+    /// Delay before answering Node lists (a Node that shows up after the other kinds).
+    pub node_delay: Option<Duration>,
     hanging: Vec<mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>>,
 }
 
@@ -57,7 +64,7 @@ pub fn service(name: &str, ip: &str, rv: &str) -> Value {
            "spec": {"clusterIP": ip, "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]}})
 }
 
-fn list(kind: &str, rv: &str, items: Vec<Value>) -> Value {
+pub fn list(kind: &str, rv: &str, items: Vec<Value>) -> Value {
     json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": rv}, "items": items})
 }
 
@@ -129,7 +136,43 @@ async fn handle(
             .insert("content-type", "application/json".parse().unwrap());
         return Ok(resp);
     }
+    let prepared = if watching {
+        None
+    } else {
+        fake.lock().unwrap().prepared.get(&path).cloned()
+    };
+    if let Some(bytes) = prepared {
+        let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = (0..bytes.len())
+            .step_by(65536)
+            .map(|i| Ok(Frame::data(bytes.slice(i..bytes.len().min(i + 65536)))))
+            .collect();
+        let mut resp = Response::new(BodyExt::boxed(StreamBody::new(futures::stream::iter(
+            chunks,
+        ))));
+        resp.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        return Ok(resp);
+    }
+    if path == "/api/v1/nodes" && !watching {
+        let delay = fake.lock().unwrap().node_delay;
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+    }
     let body = match (path.as_str(), watching) {
+        ("/apis/networking.k8s.io/v1/servicecidrs", false) => {
+            let cidrs = fake.lock().unwrap().service_cidrs.clone();
+            match cidrs {
+                Some(items) => body_of(&list("ServiceCIDRList", "3", items)),
+                None => {
+                    let mut resp = Response::new(body_of(
+                        &json!({"kind": "Status", "code": 404, "message": "the server could not find the requested resource"}),
+                    ));
+                    *resp.status_mut() = hyper::StatusCode::NOT_FOUND;
+                    return Ok(resp);
+                }
+            }
+        }
         ("/api/v1/services", false) => {
             let (rv, items) = fake
                 .lock()
