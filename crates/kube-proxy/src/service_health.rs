@@ -16,7 +16,7 @@
 //! [`listen_addresses`]); [`HealthCheckServers`] owns the sockets.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -87,11 +87,38 @@ pub fn reply(
 pub enum ListenOn {
     /// Every address: one dual-stack wildcard socket.
     Wildcard,
-    Addresses(Vec<IpAddr>),
+    /// Per family: every address of the family (its wildcard, `0.0.0.0` or `::` IPv6-only),
+    /// or these addresses.
+    PerFamily(Vec<(IpFamily, Option<Vec<IpAddr>>)>),
 }
 
-/// The addresses selected by `nodePortAddresses` (as the NodePort rules select them; a
-/// family whose every address matches listens on each of them).
+impl ListenOn {
+    /// The sockets to bind for `port`. Link-local IPv6 addresses are left out: they are
+    /// bound only with their interface's scope, and a load balancer never probes them.
+    fn sockets(&self, port: u16) -> Vec<SocketAddr> {
+        match self {
+            ListenOn::Wildcard => vec![SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)],
+            ListenOn::PerFamily(families) => families
+                .iter()
+                .flat_map(|(family, addresses)| match addresses {
+                    None => vec![SocketAddr::new(family.unspecified(), port)],
+                    Some(ips) => ips
+                        .iter()
+                        .filter(|ip| !is_unscoped_link_local(ip))
+                        .map(|ip| SocketAddr::new(*ip, port))
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn is_unscoped_link_local(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
+}
+
+/// The addresses selected by `nodePortAddresses`, per family: a family the setting does not
+/// restrict (no CIDR of it in the list, as upstream) listens on all its addresses.
 pub fn listen_addresses(
     setting: &NodePortAddresses,
     views: &BTreeMap<IpFamily, NodeView>,
@@ -99,24 +126,19 @@ pub fn listen_addresses(
     if *setting == NodePortAddresses::All {
         return ListenOn::Wildcard;
     }
-    let mut addresses = Vec::new();
-    for (family, view) in views {
-        let selected = setting.select(
-            *family == IpFamily::V6,
-            &view.node_ips,
-            &view.local_addresses,
-        );
-        addresses.extend(selected.unwrap_or_else(|| {
-            view.local_addresses
-                .iter()
-                .filter(|ip| !ip.is_loopback())
-                .copied()
-                .collect()
-        }));
-    }
-    addresses.sort();
-    addresses.dedup();
-    ListenOn::Addresses(addresses)
+    ListenOn::PerFamily(
+        views
+            .iter()
+            .map(|(family, view)| {
+                let selected = setting.select(
+                    *family == IpFamily::V6,
+                    &view.node_ips,
+                    &view.local_addresses,
+                );
+                (*family, selected)
+            })
+            .collect(),
+    )
 }
 
 /// One Service's running server.
@@ -125,6 +147,8 @@ struct Instance {
     counts: Arc<Mutex<BTreeMap<IpFamily, usize>>>,
     stop: CancellationToken,
     bound: Vec<SocketAddr>,
+    /// Addresses that could not be bound yet (retried at every sync).
+    unbound: Vec<SocketAddr>,
 }
 
 /// Opens, updates and closes the health-check servers.
@@ -212,8 +236,14 @@ impl HealthCheckServers {
             }
         }
         for (name, target) in &self.targets {
-            match self.running.get(name) {
-                Some(instance) => *instance.counts.lock().unwrap() = target.local_endpoints.clone(),
+            match self.running.remove(name) {
+                Some(mut instance) => {
+                    *instance.counts.lock().unwrap() = target.local_endpoints.clone();
+                    if !instance.unbound.is_empty() {
+                        self.bind_missing(name, &mut instance, &listen);
+                    }
+                    self.running.insert(name.clone(), instance);
+                }
                 None => {
                     if let Some(instance) = self.open(name, target, &listen) {
                         self.running.insert(name.clone(), instance);
@@ -224,45 +254,55 @@ impl HealthCheckServers {
     }
 
     fn open(&self, name: &NamespacedName, target: &Target, listen: &ListenOn) -> Option<Instance> {
-        let addresses: Vec<SocketAddr> = match listen {
-            ListenOn::Wildcard => vec![SocketAddr::new("::".parse().unwrap(), target.port)],
-            ListenOn::Addresses(ips) => ips
-                .iter()
-                .map(|ip| SocketAddr::new(*ip, target.port))
-                .collect(),
+        let mut instance = Instance {
+            port: target.port,
+            counts: Arc::new(Mutex::new(target.local_endpoints.clone())),
+            stop: CancellationToken::new(),
+            bound: Vec::new(),
+            unbound: listen.sockets(target.port),
         };
-        let mut listeners = Vec::new();
-        for address in &addresses {
-            let bound = std::net::TcpListener::bind(address).or_else(|e| match listen {
+        self.bind_missing(name, &mut instance, listen);
+        if instance.bound.is_empty() {
+            instance.stop.cancel();
+            return None;
+        }
+        info!(service = %name, port = target.port, addresses = ?instance.bound, "Opened health check node port");
+        debug!(service = %name, local_endpoints = ?target.local_endpoints, "Health check counts");
+        Some(instance)
+    }
+
+    /// Binds and serves the addresses of `instance` not bound yet. One address that cannot
+    /// be bound (taken, not configured yet) must not take the others down: it is retried at
+    /// the next sync.
+    fn bind_missing(&self, name: &NamespacedName, instance: &mut Instance, listen: &ListenOn) {
+        let dual_stack = *listen == ListenOn::Wildcard;
+        for address in std::mem::take(&mut instance.unbound) {
+            let bound = bind(address, dual_stack).or_else(|e| match dual_stack {
                 // A host without IPv6: all IPv4 addresses instead.
-                ListenOn::Wildcard => std::net::TcpListener::bind(SocketAddr::new(
-                    "0.0.0.0".parse().unwrap(),
-                    target.port,
-                )),
-                _ => Err(e),
+                true => bind(
+                    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), address.port()),
+                    false,
+                ),
+                false => Err(e),
             });
-            match bound.and_then(|l| l.set_nonblocking(true).map(|()| l)) {
-                Ok(listener) => listeners.push(listener),
-                Err(e) => {
+            let listener = match bound {
+                Ok(listener) => listener,
+                Err(error) => {
                     warn!(
                         service = %name,
                         address = %address,
-                        error = %e,
-                        "Cannot open the health check node port; load balancers will see this node as unhealthy for the Service. Retrying at the next sync"
+                        error = %error,
+                        "Cannot open the health check node port on this address; load balancers probing it will see this node as unhealthy for the Service. Retrying at the next sync"
                     );
-                    return None;
+                    instance.unbound.push(address);
+                    continue;
                 }
+            };
+            if let Ok(local) = listener.local_addr() {
+                instance.bound.push(local);
             }
-        }
-        let counts = Arc::new(Mutex::new(target.local_endpoints.clone()));
-        let stop = CancellationToken::new();
-        let bound = listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect();
-        for listener in listeners {
-            let handler = self.handler(name.clone(), counts.clone());
-            let stop = stop.clone();
+            let handler = self.handler(name.clone(), instance.counts.clone());
+            let stop = instance.stop.clone();
             self.runtime.spawn(async move {
                 match tokio::net::TcpListener::from_std(listener) {
                     Ok(listener) => crate::http::serve(listener, handler, stop).await,
@@ -270,14 +310,6 @@ impl HealthCheckServers {
                 }
             });
         }
-        info!(service = %name, port = target.port, "Opened health check node port");
-        debug!(service = %name, local_endpoints = ?target.local_endpoints, "Health check counts");
-        Some(Instance {
-            port: target.port,
-            counts,
-            stop,
-            bound,
-        })
     }
 
     fn handler(
@@ -308,6 +340,21 @@ impl HealthCheckServers {
             response
         })
     }
+}
+
+/// A listening socket on `address`. IPv6 sockets are IPv6-only unless `dual_stack`, so that an
+/// IPv6 wildcard and IPv4 addresses can be bound side by side.
+fn bind(address: SocketAddr, dual_stack: bool) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(!dual_stack)?;
+    }
+    socket.bind(&address.into())?;
+    socket.listen(128)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 impl Drop for HealthCheckServers {
@@ -420,23 +467,44 @@ mod tests {
                 },
             ),
         ]);
-        let ips =
-            |list: &[&str]| ListenOn::Addresses(list.iter().map(|s| s.parse().unwrap()).collect());
+        let ips = |list: &[&str]| Some(list.iter().map(|s| s.parse().unwrap()).collect());
         assert_eq!(
             listen_addresses(&NodePortAddresses::All, &views),
             ListenOn::Wildcard
         );
         assert_eq!(
             listen_addresses(&NodePortAddresses::Primary, &views),
-            ips(&["192.0.2.10", "2001:db8:2::10"])
+            ListenOn::PerFamily(vec![
+                (IpFamily::V4, ips(&["192.0.2.10"])),
+                (IpFamily::V6, ips(&["2001:db8:2::10"]))
+            ])
         );
-        // A family without a CIDR keeps all its (non-loopback) addresses, as upstream.
+        // A family without a CIDR listens on all its addresses (its wildcard), as upstream;
+        // the IPv6 wildcard is IPv6-only, so it and the IPv4 address bind side by side.
+        let v4_only = listen_addresses(
+            &NodePortAddresses::Cidrs(vec!["198.51.100.0/24".parse().unwrap()]),
+            &views,
+        );
         assert_eq!(
-            listen_addresses(
-                &NodePortAddresses::Cidrs(vec!["198.51.100.0/24".parse().unwrap()]),
-                &views
-            ),
-            ips(&["198.51.100.3", "2001:db8:2::10"])
+            v4_only,
+            ListenOn::PerFamily(vec![
+                (IpFamily::V4, ips(&["198.51.100.3"])),
+                (IpFamily::V6, None)
+            ])
+        );
+        assert_eq!(
+            v4_only.sockets(32000),
+            vec![
+                "198.51.100.3:32000".parse::<SocketAddr>().unwrap(),
+                "[::]:32000".parse().unwrap()
+            ]
+        );
+        // Link-local addresses cannot be bound without their interface: left out.
+        let link_local =
+            ListenOn::PerFamily(vec![(IpFamily::V6, ips(&["fe80::1", "2001:db8:2::10"]))]);
+        assert_eq!(
+            link_local.sockets(1),
+            vec!["[2001:db8:2::10]:1".parse::<SocketAddr>().unwrap()]
         );
     }
 }

@@ -977,3 +977,195 @@ fn health_check_node_ports() {
             == Some("ConnectionRefused")
     });
 }
+
+/// `--nodeport-addresses` with only an IPv4 CIDR on a dual-stack node: the IPv4 health check
+/// listens on the node's address in the CIDR (and not on its other IPv4 addresses), IPv6 on
+/// every IPv6 address (a family without a CIDR is not restricted, as upstream), and the node's
+/// link-local addresses, which cannot be bound without their interface, do not stop either.
+#[test]
+fn health_check_with_an_ipv4_only_node_port_addresses_flag() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("hc4");
+    let spec = format!("  type: LoadBalancer\n  clusterIP: 198.19.0.46\n  clusterIPs: [198.19.0.46, \"2001:db8:19::46\"]\n  ipFamilyPolicy: PreferDualStack\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32002\n{PORTS_NP}");
+    bed.write_manifest("lb", &service("lb", &spec, &["a1", "b1"]));
+    bed.start_proxy(&["--nodeport-addresses=192.0.2.0/24"]);
+    let mut last = Err(String::new());
+    bed.eventually("the IPv4 health check answers", || {
+        last = http_get_from(&bed, "client", sock(testbed::NODE_A, 32002));
+        last.is_ok()
+    });
+    let (status, _, body) = last.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"localEndpoints\": 1"), "{body}");
+    let (status, _, _) = http_get_from(&bed, "client", sock(testbed::NODE_A6, 32002)).unwrap();
+    assert_eq!(status, 200, "IPv6 is not restricted by an IPv4 CIDR");
+    // The node's pod-bridge address is outside the CIDR: nothing listens there.
+    assert_eq!(
+        http_get_from(&bed, "a1", sock("198.18.1.1", 32002))
+            .err()
+            .as_deref(),
+        Some("ConnectionRefused")
+    );
+    let log = bed.proxy_log();
+    assert!(
+        !log.contains("Cannot open the health check node port"),
+        "every address bound:\n{log}"
+    );
+}
+
+/// Upstream's "Drop traffic to unallocated ClusterIPs": once the ServiceCIDRs are known, an
+/// address inside them that no Service (of this proxy) holds is dropped instead of leaving
+/// the node. In the bed, 198.19.0.99 is routed to pod b1 so that a packet that is not dropped
+/// is answered: before the ServiceCIDR is known (and after it is gone) b1 answers; while it
+/// is known, the same connection times out, for an address nobody has, a Service that was
+/// just deleted and a Service labelled for another proxy; real ClusterIPs keep working.
+#[test]
+fn unallocated_cluster_ips_are_dropped_once_service_cidrs_are_known() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("cidr");
+    bed.ip("b1", "addr add 198.19.0.99/32 dev eth0");
+    bed.ip("node", "route add 198.19.0.99/32 via 192.0.2.11");
+    bed.ip("nodeb", "route add 198.19.0.99/32 via 198.18.2.2");
+    bed.write_manifest(
+        "web",
+        &service(
+            "web",
+            &format!("  clusterIP: 198.19.0.10\n{PORTS}"),
+            &["a2"],
+        ),
+    );
+    bed.start_proxy(&[]);
+    let stray = sock("198.19.0.99", 8080);
+    assert_eq!(bed.tcp("a1", stray, None).pod(), Some("b1"), "routed on");
+
+    let cidrs = "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\nspec: {cidrs: [198.19.0.0/16, \"2001:db8:19::/112\"]}\n";
+    bed.write_manifest("servicecidr", cidrs);
+    bed.wait_for_rules("ip", "Drop traffic to unallocated ClusterIPs");
+    assert_eq!(bed.tcp("a1", stray, None), Outcome::Timeout, "from a pod");
+    assert_eq!(
+        bed.tcp("node", stray, None),
+        Outcome::Timeout,
+        "from the node"
+    );
+    assert_eq!(
+        bed.tcp("a1", sock("198.19.0.10", 80), None).pod(),
+        Some("a2"),
+        "an allocated ClusterIP still works"
+    );
+    assert_eq!(
+        bed.tcp("a1", sock("198.19.0.10", 81), None),
+        Outcome::Refused,
+        "a wrong port of a ClusterIP is still rejected"
+    );
+    // A Service at that address is served; deleted, its address is dropped again.
+    bed.write_manifest(
+        "gone",
+        &service(
+            "gone",
+            "  clusterIP: 198.19.0.99\n  ports:\n  - {name: p, port: 8080, protocol: TCP}",
+            &["a1"],
+        ),
+    );
+    bed.eventually("the Service at 198.19.0.99 is served", || {
+        bed.tcp("a2", stray, None).pod() == Some("a1")
+    });
+    bed.remove_manifest("gone");
+    bed.eventually("the deleted Service's address is dropped", || {
+        bed.tcp("a2", stray, None) == Outcome::Timeout
+    });
+    // A Service another proxy handles is not ours: its address is dropped too, as upstream.
+    bed.write_manifest(
+        "other",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: t, labels: {service.kubernetes.io/service-proxy-name: other-proxy}}\nspec:\n  clusterIP: 198.19.0.99\n  ports: [{name: p, port: 8080}]\n",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(bed.tcp("a1", stray, None), Outcome::Timeout);
+
+    bed.remove_manifest("servicecidr");
+    bed.eventually("without ServiceCIDRs nothing is dropped", || {
+        bed.tcp("a1", stray, None).pod() == Some("b1")
+    });
+    let log = bed.proxy_log();
+    assert!(
+        !log.contains("Sync failed"),
+        "the full resyncs for ServiceCIDR changes rewrite the table in place:\n{log}"
+    );
+}
+
+/// Against an API server whose Node answer comes last: the proxy waits for its Node (as
+/// upstream's NodeManager) and writes its first ruleset with the node's addresses, with no
+/// failed sync on the way; NodePorts answer on the node's IP from the first sync.
+#[test]
+fn the_node_arriving_last_delays_the_first_sync() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("late");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _guard = runtime.enter();
+    let fake = std::sync::Arc::new(std::sync::Mutex::new(fakeapi::Fake::default()));
+    {
+        let mut f = fake.lock().unwrap();
+        let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "t", "resourceVersion": "3"},
+            "spec": {"type": "NodePort", "clusterIP": "198.19.0.101", "ports": [{"name": "p", "port": 80, "targetPort": 8080, "nodePort": 30101, "protocol": "TCP"}]}});
+        f.service_lists.push_back(("3".into(), vec![svc]));
+        f.slices = vec![
+            serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-1", "namespace": "t", "resourceVersion": "4", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["198.18.1.2"], "nodeName": "node-a"}]}),
+        ];
+        f.nodes = vec![
+            serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "resourceVersion": "5"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.10"}]}}),
+        ];
+        f.node_delay = Some(Duration::from_secs(2));
+    }
+    let listener = testbed::in_netns(&bed.ns("node"), || {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    });
+    let url = fakeapi::serve_on(fake.clone(), listener);
+    let kubeconfig = std::env::temp_dir().join(format!("{}-kubeconfig", bed.prefix));
+    std::fs::write(
+        &kubeconfig,
+        format!("apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: fake, user: {{}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\ncurrent-context: fake\n"),
+    )
+    .unwrap();
+    let args: Vec<String> = [
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--hostname-override=node-a",
+        "--proxy-mode=nftables",
+        "--cluster-cidr=198.18.0.0/16",
+        "--healthz-bind-address=",
+        "--metrics-bind-address=",
+        "-v=2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    bed.start_proxy_with(&args);
+    assert_eq!(
+        bed.tcp("client", sock(testbed::NODE_A, 30101), None).pod(),
+        Some("a1"),
+        "{}",
+        bed.proxy_log()
+    );
+    let log = bed.proxy_log();
+    let waiting = log
+        .find("Waiting for this node's Node object")
+        .expect("waited for the Node");
+    let ready = log.find("Node object is ready").expect("the Node came");
+    let synced = log.find("\"Synced\"").unwrap();
+    assert!(waiting < ready && ready < synced, "{log}");
+    assert!(
+        !log.lines().any(|l| l.starts_with('E')),
+        "no error, no failed sync:\n{log}"
+    );
+    let _ = std::fs::remove_file(kubeconfig);
+}

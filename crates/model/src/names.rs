@@ -25,6 +25,13 @@ impl IpFamily {
     pub fn of_net(net: &ipnet::IpNet) -> IpFamily {
         IpFamily::of(&net.addr())
     }
+    /// The family's wildcard address (`0.0.0.0` or `::`).
+    pub fn unspecified(self) -> IpAddr {
+        match self {
+            IpFamily::V4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            IpFamily::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        }
+    }
     pub fn as_str(self) -> &'static str {
         match self {
             IpFamily::V4 => "IPv4",

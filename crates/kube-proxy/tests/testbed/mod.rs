@@ -159,6 +159,11 @@ impl TestBed {
         format!("{}-{role}", self.prefix)
     }
 
+    /// `ip <args>` in the namespace of `role` (test-specific addresses and routes).
+    pub fn ip(&self, role: &str, args: &str) {
+        ip(&self.ns(role), args);
+    }
+
     fn add_ns(&mut self, role: &str) -> String {
         let name = self.ns(role);
         run(&["ip", "netns", "add", &name]).unwrap();
