@@ -491,6 +491,29 @@ fn sctp_services_are_programmed() {
 /// The command line of the issue, against an API server (the fake list/watch server, bound
 /// inside node-a's namespace): the proxy lists and watches, programs the kernel, and traffic
 /// flows.
+/// Serves `fake` inside node-a's namespace and starts the proxy against it through a
+/// kubeconfig, with `args` after `--kubeconfig K`; returns the kubeconfig's path.
+fn start_against_fake_api(
+    bed: &mut TestBed,
+    fake: &std::sync::Arc<std::sync::Mutex<fakeapi::Fake>>,
+    args: &[&str],
+) -> std::path::PathBuf {
+    let listener = testbed::in_netns(&bed.ns("node"), || {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    });
+    let url = fakeapi::serve_on(fake.clone(), listener);
+    let kubeconfig = std::env::temp_dir().join(format!("{}-kubeconfig", bed.prefix));
+    std::fs::write(
+        &kubeconfig,
+        format!("apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: fake, user: {{}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\ncurrent-context: fake\n"),
+    )
+    .unwrap();
+    let mut all = vec!["--kubeconfig".to_string(), kubeconfig.display().to_string()];
+    all.extend(args.iter().map(|s| s.to_string()));
+    bed.start_proxy_with(&all);
+    kubeconfig
+}
+
 #[test]
 fn upstream_command_line_against_an_api_server() {
     if !testbed::available() {
@@ -517,36 +540,24 @@ fn upstream_command_line_against_an_api_server() {
             "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.10"}]}}),
         ];
     }
-    let listener = testbed::in_netns(&bed.ns("node"), || {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
-    });
-    let url = fakeapi::serve_on(fake.clone(), listener);
-    let kubeconfig = std::env::temp_dir().join(format!("{}-kubeconfig", bed.prefix));
-    std::fs::write(
-        &kubeconfig,
-        format!("apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: fake, user: {{}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\ncurrent-context: fake\n"),
-    )
-    .unwrap();
-    let args: Vec<String> = [
-        "--kubeconfig",
-        kubeconfig.to_str().unwrap(),
-        "--hostname-override",
-        "node-a",
-        "--proxy-mode",
-        "nftables",
-        "--cluster-cidr",
-        "198.18.0.0/16",
-        "--healthz-bind-address",
-        "0.0.0.0:10256",
-        "--metrics-bind-address",
-        "127.0.0.1:10249",
-        "--conntrack-max-per-core=0",
-        "-v=2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    bed.start_proxy_with(&args);
+    let kubeconfig = start_against_fake_api(
+        &mut bed,
+        &fake,
+        &[
+            "--hostname-override",
+            "node-a",
+            "--proxy-mode",
+            "nftables",
+            "--cluster-cidr",
+            "198.18.0.0/16",
+            "--healthz-bind-address",
+            "0.0.0.0:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+            "--conntrack-max-per-core=0",
+            "-v=2",
+        ],
+    );
     assert_eq!(
         bed.tcp_spread("a2", sock("198.19.0.100", 80), 30).0,
         pods(&["a1", "b1"]),
@@ -1126,30 +1137,18 @@ fn the_node_arriving_last_delays_the_first_sync() {
         ];
         f.node_delay = Some(Duration::from_secs(2));
     }
-    let listener = testbed::in_netns(&bed.ns("node"), || {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
-    });
-    let url = fakeapi::serve_on(fake.clone(), listener);
-    let kubeconfig = std::env::temp_dir().join(format!("{}-kubeconfig", bed.prefix));
-    std::fs::write(
-        &kubeconfig,
-        format!("apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: fake, user: {{}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\ncurrent-context: fake\n"),
-    )
-    .unwrap();
-    let args: Vec<String> = [
-        "--kubeconfig",
-        kubeconfig.to_str().unwrap(),
-        "--hostname-override=node-a",
-        "--proxy-mode=nftables",
-        "--cluster-cidr=198.18.0.0/16",
-        "--healthz-bind-address=",
-        "--metrics-bind-address=",
-        "-v=2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    bed.start_proxy_with(&args);
+    let kubeconfig = start_against_fake_api(
+        &mut bed,
+        &fake,
+        &[
+            "--hostname-override=node-a",
+            "--proxy-mode=nftables",
+            "--cluster-cidr=198.18.0.0/16",
+            "--healthz-bind-address=",
+            "--metrics-bind-address=",
+            "-v=2",
+        ],
+    );
     assert_eq!(
         bed.tcp("client", sock(testbed::NODE_A, 30101), None).pod(),
         Some("a1"),

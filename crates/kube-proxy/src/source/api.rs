@@ -255,11 +255,13 @@ async fn list<K>(
 where
     K: Resource<DynamicType = ()> + DeserializeOwned + Send + 'static,
 {
-    let mut params = ListParams::default();
-    params.label_selector = selection.labels.clone();
-    params.field_selector = selection.fields.clone();
-    // "0": any version the watch cache has, unpaged, as upstream's informers list.
-    params.resource_version = Some("0".into());
+    let params = ListParams {
+        label_selector: selection.labels.clone(),
+        field_selector: selection.fields.clone(),
+        // "0": any version the watch cache has, unpaged, as upstream's informers list.
+        resource_version: Some("0".into()),
+        ..Default::default()
+    };
     let request = kube::core::Request::new(K::url_path(&(), None))
         .list(&params)
         .map_err(kube::Error::BuildRequest)?;
