@@ -17,7 +17,7 @@ fi
 
 echo "==> building kube-proxy (release)"
 cargo build --release --locked -p kube-proxy
-BIN=$PWD/target/release/kube-proxy
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/kube-proxy
 PROXY_ARGS=(--proxy-mode=nftables --manifests=examples/manifests --hostname-override=node-a
             --cluster-cidr=198.18.0.0/16,2001:db8:18::/48)
 
