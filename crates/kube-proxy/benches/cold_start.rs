@@ -9,6 +9,8 @@
 //! list and sync parts apart, the proxy's peak RSS and the peak RSS of its largest child
 //! (`nft` loading the first transaction).
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -240,25 +242,5 @@ fn run_scale(n: usize, m: usize) {
 }
 
 fn main() {
-    if let Ok(scale) = std::env::var("KP_BENCH_CHILD") {
-        let (n, m) = scale.split_once('x').expect("NxM");
-        run_scale(n.parse().unwrap(), m.parse().unwrap());
-        return;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        println!("cold_start: needs root (it creates its own network namespaces); skipped");
-        return;
-    }
-    let scales = std::env::var("KP_BENCH_SCALES").unwrap_or_else(|_| "10000x2,50000x5".into());
-    let exe = std::env::current_exe().unwrap();
-    for scale in scales.split(',') {
-        let status = Command::new(&exe)
-            .env("KP_BENCH_CHILD", scale)
-            .status()
-            .unwrap();
-        if !status.success() {
-            eprintln!("scale {scale} failed: {status}");
-            std::process::exit(1);
-        }
-    }
+    common::run_scales("cold_start", run_scale);
 }

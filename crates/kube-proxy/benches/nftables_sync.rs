@@ -10,8 +10,9 @@
 // The only unsafe code of the project: a counting global allocator that measures live heap.
 #![allow(unsafe_code)]
 
+mod common;
+
 use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -350,27 +351,5 @@ fn run_scale(n: usize, m: usize) {
 }
 
 fn main() {
-    if let Ok(scale) = std::env::var("KP_BENCH_CHILD") {
-        let (n, m) = scale.split_once('x').expect("NxM");
-        run_scale(n.parse().unwrap(), m.parse().unwrap());
-        return;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        println!("nftables_sync: needs root (it creates its own network namespaces); skipped");
-        return;
-    }
-    let scales = std::env::var("KP_BENCH_SCALES").unwrap_or_else(|_| "10000x2,50000x5".into());
-    let exe = std::env::current_exe().unwrap();
-    for scale in scales.split(',') {
-        let status = Command::new(&exe)
-            .env("KP_BENCH_CHILD", scale)
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
-            .status()
-            .unwrap();
-        if !status.success() {
-            eprintln!("scale {scale} failed: {status}");
-            std::process::exit(1);
-        }
-    }
+    common::run_scales("nftables_sync", run_scale);
 }

@@ -419,20 +419,13 @@ impl EventLoop {
                 }
             }
             SourceEvent::ServiceCidrs(ObjectEvent::Replace(list)) => {
-                let outcomes = self.state.replace_service_cidrs(list.iter());
-                log_outcomes("ServiceCIDR", outcomes);
+                self.replace_service_cidrs(list);
             }
             SourceEvent::ServiceCidrs(ObjectEvent::ListStart) => self.listing_cidrs = Vec::new(),
             SourceEvent::ServiceCidrs(ObjectEvent::Listed(obj)) => self.listing_cidrs.push(obj),
             SourceEvent::ServiceCidrs(ObjectEvent::ListDone) => {
                 let list = std::mem::take(&mut self.listing_cidrs);
-                let outcomes = self.state.replace_service_cidrs(list.iter());
-                log_outcomes("ServiceCIDR", outcomes);
-                info!(
-                    ipv4 = ?self.state.service_cidrs(IpFamily::V4),
-                    ipv6 = ?self.state.service_cidrs(IpFamily::V6),
-                    "ServiceCIDRs listed"
-                );
+                self.replace_service_cidrs(list);
             }
             SourceEvent::ServiceCidrs(ObjectEvent::Apply(obj)) => {
                 let name = obj.metadata.name.clone().unwrap_or_default();
@@ -481,6 +474,17 @@ impl EventLoop {
             }
         }
         self.report_change_counts();
+    }
+
+    /// Replaces every ServiceCIDR (a relist or a re-read directory) and logs the result.
+    fn replace_service_cidrs(&mut self, list: Vec<k8s_openapi::api::networking::v1::ServiceCIDR>) {
+        let outcomes = self.state.replace_service_cidrs(list.iter());
+        log_outcomes("ServiceCIDR", outcomes);
+        debug!(
+            ipv4 = ?self.state.service_cidrs(IpFamily::V4),
+            ipv6 = ?self.state.service_cidrs(IpFamily::V6),
+            "ServiceCIDRs replaced"
+        );
     }
 
     /// Remembers when the change behind an accepted EndpointSlice update happened.

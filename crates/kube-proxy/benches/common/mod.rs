@@ -1,0 +1,30 @@
+//! What the benchmarks share: one child process per scale, so each measures its own peak RSS
+//! in its own network namespace.
+
+use std::process::Command;
+
+/// Runs `run_scale(n, m)` for each `NxM` of `KP_BENCH_SCALES` (default `10000x2,50000x5`),
+/// each in a child process of this benchmark; as root only.
+pub fn run_scales(name: &str, run_scale: fn(usize, usize)) {
+    if let Ok(scale) = std::env::var("KP_BENCH_CHILD") {
+        let (n, m) = scale.split_once('x').expect("NxM");
+        run_scale(n.parse().unwrap(), m.parse().unwrap());
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        println!("{name}: needs root (it creates its own network namespaces); skipped");
+        return;
+    }
+    let scales = std::env::var("KP_BENCH_SCALES").unwrap_or_else(|_| "10000x2,50000x5".into());
+    let exe = std::env::current_exe().unwrap();
+    for scale in scales.split(',') {
+        let status = Command::new(&exe)
+            .env("KP_BENCH_CHILD", scale)
+            .status()
+            .unwrap();
+        if !status.success() {
+            eprintln!("scale {scale} failed: {status}");
+            std::process::exit(1);
+        }
+    }
+}
