@@ -6,8 +6,10 @@
 //! Run as root: `cargo bench --bench cold_start` (scales from `KP_BENCH_SCALES`, default
 //! `10000x2,50000x5`; each in a child process with its own namespace). Prints, per scale:
 //! process start to each kind listed, to the first sync and to both families programmed, the
-//! list and sync parts apart, the proxy's peak RSS and the peak RSS of its largest child
-//! (`nft` loading the first transaction).
+//! list and sync parts apart, the proxy's peak RSS and the largest peak RSS of its `nft`
+//! runs (measured with /usr/bin/time through a wrapper in the proxy's PATH); the same for a
+//! restart over the table it built; then, with the restarted proxy idle, the time from an
+//! API write (an endpoint change; a new Service with its EndpointSlice) to the kernel.
 
 mod common;
 
@@ -134,74 +136,36 @@ fn run_scale(n: usize, m: usize) {
     }
     let url = runtime.block_on(fakeapi::serve(fake.clone()));
 
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kube-proxy"))
-        .args([
-            "--master",
-            &url,
-            "--hostname-override=node-a",
-            "--proxy-mode=nftables",
-            "--cluster-cidr=198.18.0.0/16",
-            "--healthz-bind-address=",
-            "--metrics-bind-address=",
-            "--conntrack-max-per-core=0",
-            "-v=2",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let stderr = child.stderr.take().unwrap();
-    let mut marks: Vec<(&str, Duration)> = Vec::new();
-    let mut synced = [false, false];
-    let mut log = Vec::new();
-    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-        let at = started.elapsed();
-        if line.contains("Listed objects") && line.contains("kind=\"Services\"") {
-            marks.push(("Services listed", at));
-        } else if line.contains("Listed objects") && line.contains("kind=\"EndpointSlices\"") {
-            marks.push(("EndpointSlices listed", at));
-        } else if line.contains("starting to sync") {
-            marks.push(("sync started", at));
-        } else if line.contains("\"Synced\" family=\"IPv4\"") && !synced[0] {
-            synced[0] = true;
-            marks.push(("IPv4 in the kernel", at));
-        } else if line.contains("\"Synced\" family=\"IPv6\"") && !synced[1] {
-            synced[1] = true;
-            marks.push(("IPv6 in the kernel", at));
-        }
-        if line.starts_with('E') {
-            log.push(line.clone());
-        }
-        if synced == [true, true] {
-            break;
-        }
-    }
-    let total = started.elapsed();
-    let proxy_peak = rss_kib(pid, "VmHWM:");
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
+    // The cold start: a new node, no table.
+    let mut first = Proxy::start(&url);
+    let cold = first.wait_synced();
+    let proxy_peak = rss_kib(first.pid, "VmHWM:");
+    first.stop();
+    let nft_peak = take_nft_peak();
+    assert_eq!(
+        cluster_ips_in_kernel(),
+        n,
+        "every ClusterIP is in the kernel"
     );
-    let _ = child.wait();
-    // The largest of the proxy and the children it waited for (nft), in KiB.
-    let children_peak =
-        nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
-            .map(|u| u.max_rss() as u64)
-            .unwrap_or(0);
-    let programmed = Command::new("nft")
-        .args(["list", "set", "ip", "kube-proxy", "cluster-ips"])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .matches("198.19.")
-                .count()
-        })
-        .unwrap_or(0);
-    assert!(log.is_empty(), "errors logged: {log:#?}");
-    assert_eq!(programmed, n, "every ClusterIP is in the kernel");
 
+    // A restart over that table (a DaemonSet rollout), then changes through the API.
+    let mut second = Proxy::start(&url);
+    let restart = second.wait_synced();
+    let restart_nft_peak = take_nft_peak();
+    let endpoint_changes = change_latencies(&fake, &second.lines, n, m, ChangeKind::Endpoint);
+    let new_services = change_latencies(&fake, &second.lines, n, m, ChangeKind::NewService);
+    second.stop();
+    assert_eq!(
+        cluster_ips_in_kernel(),
+        n + CHANGE_SAMPLES,
+        "every ClusterIP is in the kernel (the new Services too)"
+    );
+    let Synced {
+        marks,
+        total,
+        statements,
+        transactions,
+    } = cold;
     let at = |what: &str| {
         marks
             .iter()
@@ -219,26 +183,341 @@ fn run_scale(n: usize, m: usize) {
         println!("  {what:<24} {}", secs(*when));
     }
     println!(
-        "  process start to kernel  {}  (lists {}, sync {})",
+        "  process start to kernel  {}  (lists {}, sync {}; IPv4: {statements} nft commands in {transactions} transactions)",
         secs(total),
         secs(lists_done),
         secs(total.saturating_sub(lists_done))
     );
-    let nft_peak = if children_peak > proxy_peak {
-        children_peak
-    } else {
-        0
-    };
+    let restart_lists = restart
+        .marks
+        .iter()
+        .find(|(w, _)| *w == "sync started")
+        .map(|(_, d)| *d)
+        .unwrap_or_default();
     println!(
-        "  peak RSS: proxy {:.0} MiB, largest child (nft) {}, sum {:.0} MiB",
-        proxy_peak as f64 / 1024.0,
-        if nft_peak > 0 {
-            format!("{:.0} MiB", nft_peak as f64 / 1024.0)
-        } else {
-            "below the proxy's".into()
-        },
-        (proxy_peak + nft_peak) as f64 / 1024.0
+        "  restart over that table: process start to kernel {}  (lists {}, sync {}; IPv4: {} nft commands in {} transaction(s))",
+        secs(restart.total),
+        secs(restart_lists),
+        secs(restart.total.saturating_sub(restart_lists)),
+        restart.statements,
+        restart.transactions
     );
+    match nft_peak {
+        Some(nft) => println!(
+            "  peak RSS: proxy {:.0} MiB, largest nft run {:.0} MiB, sum {:.0} MiB",
+            proxy_peak as f64 / 1024.0,
+            nft as f64 / 1024.0,
+            (proxy_peak + nft) as f64 / 1024.0
+        ),
+        None => println!(
+            "  peak RSS: proxy {:.0} MiB (nft's unknown: install the time package)",
+            proxy_peak as f64 / 1024.0
+        ),
+    }
+    if let Some(nft) = restart_nft_peak {
+        println!("  restart: largest nft run {:.0} MiB", nft as f64 / 1024.0);
+    }
+    for (what, samples) in [
+        ("endpoint change, API write to kernel", endpoint_changes),
+        (
+            "new Service + EndpointSlice, API write to kernel",
+            new_services,
+        ),
+    ] {
+        println!(
+            "  {what}: median {:.1} ms, max {:.1} ms ({} samples, {} apart)",
+            ms(median(&samples)),
+            ms(samples.iter().copied().max().unwrap_or_default()),
+            samples.len(),
+            secs(CHANGE_SPACING)
+        );
+    }
+}
+
+/// The proxy binary with upstream's flags, its log lines read by a thread (with the instant
+/// each was read), so it keeps running while changes are measured.
+struct Proxy {
+    child: std::process::Child,
+    pid: u32,
+    started: Instant,
+    lines: std::sync::mpsc::Receiver<(Instant, String)>,
+}
+
+/// Process start to both families in the kernel, with the marks on the way and the first
+/// IPv4 sync's size.
+struct Synced {
+    marks: Vec<(&'static str, Duration)>,
+    total: Duration,
+    statements: usize,
+    transactions: usize,
+}
+
+impl Proxy {
+    fn start(url: &str) -> Proxy {
+        let started = Instant::now();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kube-proxy"));
+        if let Some((path, _)) = nft_meter() {
+            command.env("PATH", path);
+        }
+        let mut child = command
+            .args([
+                "--master",
+                url,
+                "--hostname-override=node-a",
+                "--proxy-mode=nftables",
+                "--cluster-cidr=198.18.0.0/16",
+                "--healthz-bind-address=",
+                "--metrics-bind-address=",
+                "--conntrack-max-per-core=0",
+                "-v=2",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let stderr = child.stderr.take().unwrap();
+        let (lines_tx, lines) = std::sync::mpsc::channel::<(Instant, String)>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if lines_tx.send((Instant::now(), line)).is_err() {
+                    return;
+                }
+            }
+        });
+        Proxy {
+            child,
+            pid,
+            started,
+            lines,
+        }
+    }
+
+    fn wait_synced(&mut self) -> Synced {
+        let mut marks: Vec<(&str, Duration)> = Vec::new();
+        let mut synced = [false, false];
+        let mut errors = Vec::new();
+        let (mut statements, mut transactions) = (0, 0);
+        let field = |line: &str, name: &str| -> usize {
+            line.split(&format!(" {name}="))
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        while let Ok((read_at, line)) = self.lines.recv_timeout(Duration::from_secs(120)) {
+            let at = read_at - self.started;
+            // KP_BENCH_VERBOSE=1: show how each sync went.
+            if std::env::var_os("KP_BENCH_VERBOSE").is_some()
+                && (line.contains("\"Synced\"")
+                    || line.contains("Read the kernel")
+                    || line.contains("nft"))
+            {
+                eprintln!("  | {line}");
+            }
+            if line.contains("Listed objects") && line.contains("kind=\"Services\"") {
+                marks.push(("Services listed", at));
+            } else if line.contains("Listed objects") && line.contains("kind=\"EndpointSlices\"") {
+                marks.push(("EndpointSlices listed", at));
+            } else if line.contains("starting to sync") {
+                marks.push(("sync started", at));
+            } else if line.contains("\"Synced\" family=\"IPv4\"") && !synced[0] {
+                synced[0] = true;
+                statements = field(&line, "statements");
+                transactions = field(&line, "transactions");
+                marks.push(("IPv4 in the kernel", at));
+            } else if line.contains("\"Synced\" family=\"IPv6\"") && !synced[1] {
+                synced[1] = true;
+                marks.push(("IPv6 in the kernel", at));
+            }
+            if line.starts_with('E') {
+                errors.push(line.clone());
+            }
+            if synced == [true, true] {
+                break;
+            }
+        }
+        assert!(errors.is_empty(), "errors logged: {errors:#?}");
+        assert_eq!(synced, [true, true], "both families synced");
+        let total = marks.iter().map(|(_, at)| *at).max().unwrap_or_default();
+        Synced {
+            marks,
+            total,
+            statements,
+            transactions,
+        }
+    }
+
+    fn stop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// A `nft` that records the peak RSS of every run (`/usr/bin/time -f %M`), first in the
+/// proxy's PATH: (PATH for the proxy, the record). None without /usr/bin/time.
+fn nft_meter() -> Option<(String, std::path::PathBuf)> {
+    static METER: std::sync::OnceLock<Option<(String, std::path::PathBuf)>> =
+        std::sync::OnceLock::new();
+    METER
+        .get_or_init(|| {
+            let time = std::path::Path::new("/usr/bin/time");
+            let nft = Command::new("sh")
+                .args(["-c", "command -v nft"])
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .filter(|p| !p.is_empty())?;
+            if !time.exists() {
+                return None;
+            }
+            let dir = std::env::temp_dir().join(format!("kp-nft-meter-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).ok()?;
+            let record = dir.join("peaks");
+            let script = format!(
+                "#!/bin/sh\nexec /usr/bin/time -a -o {} -f %M {nft} \"$@\"\n",
+                record.display()
+            );
+            let wrapper = dir.join("nft");
+            std::fs::write(&wrapper, script).ok()?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).ok()?;
+            let path = format!(
+                "{}:{}",
+                dir.display(),
+                std::env::var("PATH").unwrap_or_default()
+            );
+            Some((path, record))
+        })
+        .clone()
+}
+
+/// The largest peak RSS (KiB) of the `nft` runs recorded so far, and forgets them.
+fn take_nft_peak() -> Option<u64> {
+    let (_, record) = nft_meter()?;
+    let text = std::fs::read_to_string(&record).unwrap_or_default();
+    let _ = std::fs::remove_file(&record);
+    Some(
+        text.lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .max()
+            .unwrap_or(0),
+    )
+}
+
+fn cluster_ips_in_kernel() -> usize {
+    Command::new("nft")
+        .args(["list", "set", "ip", "kube-proxy", "cluster-ips"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .matches("198.19.")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Samples per kind of change, and their spacing: longer than the default minSyncPeriod
+/// (1 s), so each change meets an idle proxy, as an isolated change in a cluster does.
+const CHANGE_SAMPLES: usize = 10;
+const CHANGE_SPACING: Duration = Duration::from_millis(1200);
+
+#[derive(Clone, Copy, PartialEq)]
+enum ChangeKind {
+    /// One endpoint of an existing Service moves to a new pod IP (MODIFIED EndpointSlice).
+    Endpoint,
+    /// A Service and its EndpointSlice are created (ADDED, ADDED), as the API server sends
+    /// them when the endpointslice controller follows a `kubectl create`.
+    NewService,
+}
+
+/// Writes `CHANGE_SAMPLES` changes through the fake API server's open watches and measures,
+/// for each, the time from the write to the end of the nft transaction that carries it (the
+/// proxy logs "Synced" after `nft` returned, i.e. after the kernel committed); checks each
+/// change in the kernel afterwards.
+fn change_latencies(
+    fake: &Arc<Mutex<fakeapi::Fake>>,
+    lines: &std::sync::mpsc::Receiver<(Instant, String)>,
+    n: usize,
+    m: usize,
+    kind: ChangeKind,
+) -> Vec<Duration> {
+    let mut samples = Vec::new();
+    for k in 0..CHANGE_SAMPLES {
+        std::thread::sleep(CHANGE_SPACING);
+        while lines.try_recv().is_ok() {}
+        let (i, new_ip) = match kind {
+            ChangeKind::Endpoint => (k * (n / CHANGE_SAMPLES), format!("198.18.255.{}", 1 + k)),
+            ChangeKind::NewService => (n + k, pod_ip(n * m + k)),
+        };
+        let mut changed_slice = slice(i, m);
+        changed_slice["endpoints"][0]["addresses"] = json!([new_ip]);
+        changed_slice["metadata"]["resourceVersion"] = json!(format!("{}", 2000000 + i));
+        let written = Instant::now();
+        {
+            let mut f = fake.lock().unwrap();
+            if kind == ChangeKind::NewService {
+                let delivered = f.push_event(
+                    "/api/v1/services",
+                    &json!({"type": "ADDED", "object": service(i)}),
+                );
+                assert_eq!(delivered, 1, "one Service watch is open");
+            }
+            let event_type = if kind == ChangeKind::NewService {
+                "ADDED"
+            } else {
+                "MODIFIED"
+            };
+            let delivered = f.push_event(
+                "/apis/discovery.k8s.io/v1/endpointslices",
+                &json!({"type": event_type, "object": changed_slice}),
+            );
+            assert_eq!(delivered, 1, "one EndpointSlice watch is open");
+        }
+        loop {
+            let (at, line) = lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the proxy syncs the change");
+            assert!(!line.starts_with('E'), "error logged: {line}");
+            if line.contains("\"Synced\" family=\"IPv4\"") && !line.contains("changed=0") {
+                samples.push(at - written);
+                break;
+            }
+        }
+        // The endpoint lands in whichever slot its order gives it.
+        let element = format!("{{ {} . tcp . {} }}", cluster_ip(i), cluster_port(i));
+        let text: String = (0..m)
+            .map(|slot| {
+                let kernel = Command::new("nft")
+                    .args([
+                        "get",
+                        "element",
+                        "ip",
+                        "kube-proxy",
+                        &format!("backends-{slot}"),
+                        &element,
+                    ])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&kernel.stdout).into_owned()
+            })
+            .collect();
+        assert!(text.contains(&new_ip), "{new_ip} not in the kernel: {text}");
+    }
+    samples
+}
+
+fn median(samples: &[Duration]) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 fn main() {

@@ -156,7 +156,7 @@ fn cleanup() -> ExitCode {
     use kube_proxy_nftables::Runner;
     let mut failed = false;
     for family in ["ip", "ip6"] {
-        let mut nft = crate::nft_runner::NftCommand;
+        let mut nft = crate::nft_runner::NftCommand::default();
         // `add` first makes the delete succeed whether or not the table existed.
         match nft.apply(&format!(
             "add table {family} kube-proxy\ndelete table {family} kube-proxy\n"
@@ -376,6 +376,7 @@ fn build_dataplane(
                 masquerade_all: settings.masquerade_all,
                 detect_local: settings.detect_local.clone(),
                 node_port_addresses: settings.node_port_addresses.clone(),
+                staged_build_above: staged_build_above(),
             };
             let clock: kube_proxy_nftables::Clock = Box::new(std::time::Instant::now);
             if flags.dry_run == Some(true) {
@@ -390,7 +391,7 @@ fn build_dataplane(
             info!(nft = %version, "Using the nftables dataplane");
             Ok(Box::new(kube_proxy_nftables::NftProxier::new(
                 config,
-                crate::nft_runner::NftCommand,
+                crate::nft_runner::NftCommand::default(),
                 clock,
             )))
         }
@@ -432,5 +433,18 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Elements above which a new nftables table is built in stages; the default unless
+/// `KUBE_PROXY_NFT_STAGED_BUILD_ABOVE` (a diagnostic and test knob, not a flag) says otherwise.
+fn staged_build_above() -> usize {
+    let default = kube_proxy_nftables::NftConfig::default().staged_build_above;
+    match std::env::var("KUBE_PROXY_NFT_STAGED_BUILD_ABOVE") {
+        Err(_) => default,
+        Ok(text) => text.parse().unwrap_or_else(|_| {
+            warn!(value = %text, default, "KUBE_PROXY_NFT_STAGED_BUILD_ABOVE is not a number of elements; using the default");
+            default
+        }),
     }
 }

@@ -65,6 +65,7 @@ impl Dataplane for StatePrinter {
             changed: changed.len(),
             full,
             statements: 0,
+            transactions: 1,
         };
         if changed.is_empty() && self.printed_once[index] {
             return Ok(report);

@@ -344,6 +344,15 @@ impl EventLoop {
     /// Applies one source event to the state and requests a sync if anything changed.
     pub fn handle(&mut self, event: SourceEvent) {
         let node_event = matches!(event, SourceEvent::Node(_));
+        // The endpoints of a Service we already know changed: nothing else is coming with
+        // it, so the sync need not wait for the settle window (see `scheduler`).
+        let endpoints_of_known_service = match &event {
+            SourceEvent::EndpointSlices(ObjectEvent::Apply(obj) | ObjectEvent::Delete(obj)) => {
+                kube_proxy_model::endpoints::slice_key(obj)
+                    .is_some_and(|(service, _)| !self.state.service_ports(&service).is_empty())
+            }
+            _ => false,
+        };
         match event {
             SourceEvent::Services(ObjectEvent::Replace(list)) => {
                 let outcomes = self.state.replace_services(list.iter());
@@ -461,7 +470,11 @@ impl EventLoop {
                 self.scheduler.request_full(Instant::now());
             }
             if self.state.has_pending_changes() {
-                self.scheduler.request(Instant::now());
+                if endpoints_of_known_service {
+                    self.scheduler.request_now(Instant::now());
+                } else {
+                    self.scheduler.request(Instant::now());
+                }
                 let mut status = self.status.lock().unwrap();
                 let now = SystemTime::now();
                 for family in self.plans.keys() {
@@ -586,6 +599,8 @@ impl EventLoop {
                         full = report.full,
                         service_ports = report.service_ports,
                         changed = report.changed,
+                        statements = report.statements,
+                        transactions = report.transactions,
                         plan_elapsed = ?plan_elapsed,
                         apply_elapsed = ?apply_started.elapsed(),
                         "Synced"

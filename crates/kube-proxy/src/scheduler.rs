@@ -2,9 +2,11 @@
 //!
 //! Guarantees, for the nftables and iptables modes (upstream's per-mode semantics):
 //! * two syncs never start less than `min_sync_period` apart;
-//! * a change after a quiet period syncs at once (after a `settle` window of a few
-//!   milliseconds, so that a Service and its EndpointSlice written together land in one
-//!   transaction) — it does not wait for the rate limit;
+//! * a change after a quiet period syncs at once — it does not wait for the rate limit. A
+//!   change that may have a companion (a new or changed Service, whose EndpointSlice usually
+//!   follows within milliseconds) waits a `settle` window of a few milliseconds so that both
+//!   land in one transaction; a change of the endpoints of a known Service has none to wait
+//!   for and syncs without it (`request_now`);
 //! * a sync runs at least every `sync_period` even without changes (it repairs drift and
 //!   retries), and a full resync at least every `full_sync_period` (one hour);
 //! * a failed sync is retried with exponential backoff, from `min_sync_period` (at least
@@ -49,6 +51,8 @@ pub struct Scheduler {
     last_full: Option<Instant>,
     /// A change is waiting; since when.
     requested_at: Option<Instant>,
+    /// The waiting change needs no settle window.
+    immediate: bool,
     /// After a failure: when to retry, and the current backoff.
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -62,15 +66,23 @@ impl Scheduler {
             last_start: None,
             last_full: None,
             requested_at: None,
+            immediate: false,
             retry_at: None,
             backoff: Duration::ZERO,
             force_full: true, // the first sync is always full
         }
     }
 
-    /// A change was queued.
+    /// A change was queued; it may have a companion, so it waits the settle window.
     pub fn request(&mut self, now: Instant) {
         self.requested_at.get_or_insert(now);
+    }
+
+    /// A change was queued that has no companion to wait for (the endpoints of a known
+    /// Service): sync without the settle window, still within the rate limit.
+    pub fn request_now(&mut self, now: Instant) {
+        self.requested_at.get_or_insert(now);
+        self.immediate = true;
     }
 
     /// The next sync must rewrite everything.
@@ -89,7 +101,11 @@ impl Scheduler {
             due = due.min(last_full + self.config.full_sync_period);
         }
         if let Some(requested) = self.requested_at {
-            let settled = requested + self.config.settle;
+            let settled = if self.immediate {
+                requested
+            } else {
+                requested + self.config.settle
+            };
             let rate_limited = self
                 .last_start
                 .map_or(settled, |last| last + self.config.min_sync_period);
@@ -121,6 +137,7 @@ impl Scheduler {
     pub fn started(&mut self, now: Instant) {
         self.last_start = Some(now);
         self.requested_at = None;
+        self.immediate = false;
         self.retry_at = None;
     }
 
@@ -169,16 +186,37 @@ mod tests {
         assert_eq!(s.due(t0 + 20 * MS), Some(SyncKind::Full));
     }
 
-    #[test]
-    fn lone_change_after_quiet_period_is_not_rate_limited() {
+    /// A scheduler whose first (full) sync ran at t0, and an instant 10 s later.
+    fn after_first_sync() -> (Scheduler, Instant) {
         let (mut s, t0) = scheduler();
         s.request(t0);
         s.started(t0);
         s.finished(t0, SyncKind::Full, true);
-        let later = t0 + Duration::from_secs(10);
+        (s, t0 + Duration::from_secs(10))
+    }
+
+    #[test]
+    fn lone_change_after_quiet_period_is_not_rate_limited() {
+        let (mut s, later) = after_first_sync();
         s.request(later);
         assert_eq!(s.next_due(later), later + 20 * MS);
         assert_eq!(s.due(later + 20 * MS), Some(SyncKind::Partial));
+    }
+
+    #[test]
+    fn endpoint_change_of_a_known_service_skips_the_settle_window_not_the_rate_limit() {
+        let (mut s, later) = after_first_sync();
+        s.request(later);
+        s.request_now(later + 2 * MS);
+        assert_eq!(s.due(later + 2 * MS), Some(SyncKind::Partial));
+        s.started(later + 2 * MS);
+        s.finished(later + 2 * MS, SyncKind::Partial, true);
+        // The next one, even immediate, waits min_sync_period after the last start.
+        s.request_now(later + 10 * MS);
+        assert_eq!(s.next_due(later + 10 * MS), later + 1002 * MS);
+        // And a later settle-type request after it is due at the same time, not later.
+        s.request(later + 20 * MS);
+        assert_eq!(s.next_due(later + 20 * MS), later + 1002 * MS);
     }
 
     #[test]

@@ -579,9 +579,21 @@ fn upstream_command_line_against_an_api_server() {
     let _ = std::fs::remove_file(kubeconfig);
 }
 
-/// A restart (SIGTERM, then a new process whose first sync rebuilds the table) does not break
-/// an established connection: NAT state lives in conntrack, and the rules stay in place while
-/// no proxy runs.
+/// How many kernel transactions the first IPv4 sync in `log` took.
+fn first_sync_transactions(log: &str) -> usize {
+    log.lines()
+        .find(|l| l.contains("\"Synced\" family=\"IPv4\""))
+        .and_then(|l| l.split("transactions=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A restart (SIGTERM, then a new process whose first sync rewrites the table in place) does
+/// not break an established connection: NAT state lives in conntrack, and the rules stay in
+/// place while no proxy runs. The first process builds its table in stages (as a large
+/// cluster's is); the second reads the kernel's table and writes only what differs, which
+/// repairs drift: the tables end up exactly as built.
 #[test]
 fn restart_keeps_established_connections() {
     if !testbed::available() {
@@ -590,22 +602,53 @@ fn restart_keeps_established_connections() {
     let mut bed = TestBed::new("rst");
     let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: t}\nspec:\n  clusterIP: 198.19.0.110\n  ports: [{name: e, port: 80, targetPort: 8081}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: echo-1, namespace: t, labels: {kubernetes.io/service-name: echo}}\naddressType: IPv4\nports: [{name: e, port: 8081}]\nendpoints: [{addresses: [198.18.2.2], nodeName: node-b}]\n";
     bed.write_manifest("echo", yaml);
+    bed.proxy_env = vec![("KUBE_PROXY_NFT_STAGED_BUILD_ABOVE".into(), "0".into())];
     bed.start_proxy(&[]);
+    bed.proxy_env.clear();
+    assert!(
+        first_sync_transactions(&bed.proxy_log()) > 2,
+        "built in stages: {}",
+        bed.proxy_log()
+    );
+    let built = [bed.ruleset("ip"), bed.ruleset("ip6")];
+    assert!(
+        built[0].contains("198.19.0.110 . tcp . 80 : 198.18.2.2 . 8081"),
+        "{}",
+        built[0]
+    );
     let mut from_pod = bed.connect("a1", sock("198.19.0.110", 80));
     let mut from_client = bed.connect("client", sock("198.19.0.110", 80));
     assert_eq!(from_pod.exchange("one").unwrap(), "b1 one");
     assert_eq!(from_client.exchange("one").unwrap(), "b1 one");
     bed.stop_proxy();
+    // Drift while no proxy runs: one of our elements gone, a foreign one added.
+    let node = bed.ns("node");
+    for script in [
+        "delete element ip kube-proxy backends-0 { 198.19.0.110 . tcp . 80 }",
+        "add element ip kube-proxy no-endpoint-reject { 198.19.9.9 . tcp . 9 }",
+    ] {
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "exec", &node, "nft", script])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "{script}");
+    }
     assert_eq!(
         from_pod.exchange("two").unwrap(),
         "b1 two",
         "while no proxy runs"
     );
     bed.start_proxy(&[]);
+    assert_eq!(first_sync_transactions(&bed.proxy_log()), 1);
+    assert_eq!(
+        [bed.ruleset("ip"), bed.ruleset("ip6")],
+        built,
+        "the restarted proxy leaves the tables exactly as built"
+    );
     assert_eq!(
         from_pod.exchange("three").unwrap(),
         "b1 three",
-        "after the new proxy rebuilt the table"
+        "after the new proxy rewrote the table"
     );
     assert_eq!(
         from_client.exchange("three").unwrap(),

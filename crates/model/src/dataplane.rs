@@ -46,6 +46,8 @@ pub struct SyncReport {
     pub full: bool,
     /// Size of what was sent to the kernel (e.g. nft transaction lines), 0 if nothing.
     pub statements: usize,
+    /// Kernel transactions it took (more than one only for a table built in stages).
+    pub transactions: usize,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,6 +15,8 @@ pub struct NftConfig {
     pub masquerade_all: bool,
     pub detect_local: DetectLocal,
     pub node_port_addresses: NodePortAddresses,
+    /// A new table with more elements than this is built in stages (see `proxier`).
+    pub staged_build_above: usize,
 }
 
 impl Default for NftConfig {
@@ -24,6 +26,7 @@ impl Default for NftConfig {
             masquerade_all: false,
             detect_local: DetectLocal::ClusterCidr(Vec::new()),
             node_port_addresses: NodePortAddresses::Primary,
+            staged_build_above: 20_000,
         }
     }
 }

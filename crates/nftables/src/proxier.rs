@@ -23,14 +23,28 @@ use kube_proxy_model::{IpFamily, ServicePortName};
 
 use crate::context::{Context, NftConfig, NodePortMatch};
 use crate::contribution::{contribute, AffinitySet, ChainDef, Contribution};
-use crate::elements::{quote, write_element, Key, SetName, Value};
+use crate::elements::{quote, Key, SetName, Value};
+use crate::kernel::{self, Kernel, KernelTable};
 use crate::skeleton::{self, Slots, TABLE};
-use crate::transaction::Transaction;
+use crate::transaction::{ElementCommand, Transaction};
 
 /// Runs a transaction against the kernel (`nft -f -`), or anything that stands in for it.
 pub trait Runner: Send {
     /// Applies `script` atomically; on error nothing was applied.
     fn apply(&mut self, script: &str) -> Result<(), RunError>;
+
+    /// Applies `tx` atomically. A runner that can send element-only transactions as netlink
+    /// batches (`Transaction::element_commands`) overrides this; by default it is text.
+    /// A rejection names the failing line as nft does (`<source>:LINE:…`).
+    fn apply_transaction(&mut self, _family: IpFamily, tx: &Transaction) -> Result<(), RunError> {
+        self.apply(tx.text())
+    }
+
+    /// Reads what our table of `family` holds, before a full sync; a runner that cannot
+    /// read the kernel answers `Kernel::Unknown` and the sync writes everything.
+    fn snapshot(&mut self, _family: IpFamily) -> Result<Kernel, RunError> {
+        Ok(Kernel::Unknown)
+    }
 }
 
 /// Why a transaction was not applied.
@@ -88,6 +102,8 @@ pub struct NftProxier<R: Runner> {
     families: BTreeMap<IpFamily, FamilyState>,
     /// Warnings of the last sync (conflicting frontends), for the caller to log.
     warnings: Vec<String>,
+    /// Failed syncs in a row, per family.
+    failures: BTreeMap<IpFamily, u32>,
 }
 
 impl<R: Runner> NftProxier<R> {
@@ -98,6 +114,7 @@ impl<R: Runner> NftProxier<R> {
             clock,
             families: BTreeMap::new(),
             warnings: Vec::new(),
+            failures: BTreeMap::new(),
         }
     }
 
@@ -108,34 +125,55 @@ impl<R: Runner> NftProxier<R> {
         &mut self.runner
     }
 
-    /// Builds and applies the transaction for one sync; returns the number of nft commands
-    /// and whether everything was rewritten (asked for, or forced by a new table or context).
-    pub fn sync_family(&mut self, input: SyncInput<'_>) -> Result<(usize, bool), SyncError> {
+    /// Builds and applies the transaction(s) for one sync; returns the number of nft commands,
+    /// of transactions, and whether everything was rewritten (asked for, or forced by a new
+    /// table or context).
+    pub fn sync_family(&mut self, input: SyncInput<'_>) -> Result<(usize, usize, bool), SyncError> {
         let now = (self.clock)();
         let ctx = Context::resolve(&self.config, input.family, input.node)
             .with_service_cidrs(input.service_cidrs);
         let state = self.families.entry(input.family).or_default();
         let full = input.full || !state.initialized || state.ctx.as_ref() != Some(&ctx);
+        let failures = self.failures.get(&input.family).copied().unwrap_or(0);
         let mut warnings = Vec::new();
-        let tx = if full {
-            full_sync(state, &ctx, input, now, &mut warnings)
+        let transactions = if full {
+            // After two failures in a row, stop trusting the kernel's listing: rebuild.
+            let force_rebuild = failures >= 2;
+            let kernel = if force_rebuild {
+                Kernel::Unknown
+            } else {
+                self.runner.snapshot(input.family).unwrap_or_else(|error| {
+                    warnings.push(format!(
+                        "cannot read the {} kube-proxy table ({error}); rewriting all of it",
+                        input.family
+                    ));
+                    Kernel::Unknown
+                })
+            };
+            let state = self.families.entry(input.family).or_default();
+            full_sync(
+                state,
+                &ctx,
+                input,
+                now,
+                &mut warnings,
+                &kernel,
+                force_rebuild,
+                self.config.staged_build_above,
+            )
         } else {
-            partial_sync(state, &ctx, input, now, &mut warnings)
+            vec![partial_sync(state, &ctx, input, now, &mut warnings)]
         };
         self.warnings.extend(warnings);
-        if tx.is_empty() {
-            return Ok((0, full));
-        }
-        match self.runner.apply(tx.text()) {
-            Ok(()) => {
-                state.ctx = Some(ctx);
-                state.initialized = true;
-                Ok((tx.len(), full))
-            }
-            Err(error) => {
+        let state = self.families.entry(input.family).or_default();
+        let mut statements = 0;
+        let mut applied = 0;
+        for tx in transactions.iter().filter(|tx| !tx.is_empty()) {
+            if let Err(error) = self.runner.apply_transaction(input.family, tx) {
                 // The kernel kept the previous ruleset; the bookkeeping no longer matches it, so
-                // the next sync rebuilds the table from scratch.
+                // the next sync starts over from the kernel's listing.
                 *state = FamilyState::default();
+                *self.failures.entry(input.family).or_default() += 1;
                 let (message, kind) = match error {
                     RunError::Rejected(stderr) => (
                         format!("nft transaction failed at {}", tx.explain(&stderr)),
@@ -147,13 +185,19 @@ impl<R: Runner> NftProxier<R> {
                         SyncErrorKind::OutputClosed,
                     ),
                 };
-                Err(SyncError {
+                return Err(SyncError {
                     family: input.family,
                     message,
                     kind,
-                })
+                });
             }
+            statements += tx.len();
+            applied += 1;
         }
+        state.ctx = Some(ctx);
+        state.initialized = true;
+        self.failures.remove(&input.family);
+        Ok((statements, applied, full))
     }
 }
 
@@ -163,12 +207,13 @@ impl<R: Runner> Dataplane for NftProxier<R> {
     }
 
     fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, SyncError> {
-        let (statements, full) = self.sync_family(input)?;
+        let (statements, transactions, full) = self.sync_family(input)?;
         Ok(SyncReport {
             service_ports: input.plan.services.len(),
             changed: input.changed.len(),
             full,
             statements,
+            transactions,
         })
     }
 
@@ -257,33 +302,28 @@ struct ElementOps {
 
 impl ElementOps {
     fn write(
-        &self,
+        self,
         fam: &str,
         owner: Option<&Arc<ServicePortName>>,
         deletes: &mut Transaction,
         adds: &mut Transaction,
     ) {
-        for (set, keys) in &self.deletes {
-            let mut text = format!("delete element {fam} {TABLE} {} {{ ", set.name());
-            for (i, key) in keys.iter().enumerate() {
-                if i > 0 {
-                    text.push_str(", ");
-                }
-                text.push_str(&key.to_string());
-            }
-            text.push_str(" }");
-            deletes.line(owner, text);
+        for (set, keys) in self.deletes {
+            let elements = keys.into_iter().map(|key| (key, Value::None)).collect();
+            let command = ElementCommand {
+                delete: true,
+                set,
+                elements,
+            };
+            deletes.element_command(fam, owner, command);
         }
-        for (set, elements) in &self.adds {
-            let mut text = format!("add element {fam} {TABLE} {} {{ ", set.name());
-            for (i, (key, value)) in elements.iter().enumerate() {
-                if i > 0 {
-                    text.push_str(", ");
-                }
-                write_element(&mut text, key, value);
-            }
-            text.push_str(" }");
-            adds.line(owner, text);
+        for (set, elements) in self.adds {
+            let command = ElementCommand {
+                delete: false,
+                set,
+                elements,
+            };
+            adds.element_command(fam, owner, command);
         }
     }
 }
@@ -376,73 +416,118 @@ fn delete_due_stale_chains(state: &mut FamilyState, fam: &str, now: Instant, tx:
     }
 }
 
-/// Element text of a full sync, batched per set (nft parses a few large commands much faster
-/// than many small ones).
-#[derive(Default)]
-struct ElementBatches {
-    /// Per set: statements and how many elements the last one holds.
-    statements: BTreeMap<SetName, (Vec<String>, usize)>,
+/// Elements per command in a full sync's text (nft parses a few large commands much faster
+/// than many small ones) and per transaction of a staged build.
+const ELEMENTS_PER_COMMAND: usize = 1000;
+const ELEMENTS_PER_STAGE: usize = 4096;
+
+/// How a full sync meets the kernel.
+enum FullMode<'a> {
+    /// `add table; delete table;` and everything, in one transaction: the kernel state is
+    /// unknown to this process (first sync with a runner that cannot read the kernel, or
+    /// after repeated failures).
+    Rebuild,
+    /// There is no table: create it (in stages when large, hooked in the last one).
+    Fresh,
+    /// Rewrite the table in place; with the kernel's listing, only differing elements.
+    InPlace(Option<&'a KernelTable>),
 }
 
-const BATCH: usize = 1000;
-
-impl ElementBatches {
-    fn push(&mut self, fam: &str, set: SetName, key: &Key, value: &Value) {
-        let (statements, in_last) = self.statements.entry(set).or_default();
-        if statements.is_empty() || *in_last >= BATCH {
-            statements.push(format!("add element {fam} {TABLE} {} {{ ", set.name()));
-            *in_last = 0;
-        } else if let Some(last) = statements.last_mut() {
-            last.push_str(", ");
-        }
-        if let Some(last) = statements.last_mut() {
-            write_element(last, key, value);
-        }
-        *in_last += 1;
-    }
-
-    fn write(self, tx: &mut Transaction) {
-        for (_, (statements, _)) in self.statements {
-            for mut statement in statements {
-                statement.push_str(" }");
-                tx.line(None, statement);
-            }
-        }
-    }
-}
-
+/// Builds the transactions of a full sync (one, or several for a staged build of a large
+/// fresh table).
+#[allow(clippy::too_many_arguments)]
 fn full_sync(
     state: &mut FamilyState,
     ctx: &Context,
     input: SyncInput<'_>,
     now: Instant,
     warnings: &mut Vec<String>,
-) -> Transaction {
+    kernel: &Kernel,
+    force_rebuild: bool,
+    staged_above: usize,
+) -> Vec<Transaction> {
     let fam = ctx.ip();
-    let rebuild = !state.initialized;
-    let old_chains = std::mem::take(&mut state.chains);
-    let old_affinity = std::mem::take(&mut state.affinity_sets);
-    let old_dnat = std::mem::take(&mut state.dnat_created);
+    let mode = match kernel {
+        _ if force_rebuild => FullMode::Rebuild,
+        Kernel::Absent => FullMode::Fresh,
+        Kernel::Present(table) => FullMode::InPlace(Some(table)),
+        Kernel::Unknown if state.initialized => FullMode::InPlace(None),
+        Kernel::Unknown => FullMode::Rebuild,
+    };
+    let in_place = matches!(mode, FullMode::InPlace(_));
+    // What exists before this sync: from the kernel's listing when there is one, else from
+    // this process's bookkeeping.
+    let (old_chains, old_affinity, old_dnat, old_slots, old_nodeport_ips) = match &mode {
+        FullMode::InPlace(Some(table)) => {
+            let chains: HashSet<Arc<str>> = table
+                .chains
+                .iter()
+                .filter(|c| !skeleton::is_static_chain(c))
+                .map(|c| Arc::from(c.as_str()))
+                .collect();
+            let affinity: HashSet<Arc<str>> = table
+                .sets
+                .keys()
+                .filter(|s| s.starts_with("affinity-"))
+                .map(|s| Arc::from(s.as_str()))
+                .collect();
+            let named: Vec<SetName> = table
+                .sets
+                .keys()
+                .filter_map(|s| skeleton::set_named(s))
+                .collect();
+            let dnat: BTreeSet<SetName> = named
+                .iter()
+                .filter(|s| matches!(s, SetName::Dnat(_) | SetName::NodePortDnat(_)))
+                .copied()
+                .collect();
+            let mut slots = Slots::default();
+            for set in &named {
+                match set {
+                    SetName::Backends(i) => slots.addresses = slots.addresses.max(i + 1),
+                    SetName::NodePortBackends(i) => slots.node_ports = slots.node_ports.max(i + 1),
+                    _ => {}
+                }
+            }
+            let nodeport_ips = table.sets.contains_key(&SetName::NodePortIps.name());
+            (chains, affinity, dnat, slots, nodeport_ips)
+        }
+        FullMode::InPlace(None) => (
+            std::mem::take(&mut state.chains),
+            std::mem::take(&mut state.affinity_sets),
+            std::mem::take(&mut state.dnat_created),
+            state.slots,
+            state
+                .ctx
+                .as_ref()
+                .is_some_and(|c| matches!(c.nodeports, NodePortMatch::Ips(_))),
+        ),
+        FullMode::Rebuild | FullMode::Fresh => Default::default(),
+    };
+    state.chains.clear();
+    state.affinity_sets.clear();
+    state.dnat_created.clear();
     state.by_port.clear();
     state.frontend_owner.clear();
     state.shared.clear();
     state.dnat_users.clear();
-    if rebuild {
+    if !in_place {
         state.stale_chains.clear();
     }
 
-    // Every port in name order (conflicts resolve deterministically), rendered as it goes so
-    // that only text is held, never all contributions at once.
-    let mut batches = ElementBatches::default();
+    // Every port in name order (conflicts resolve deterministically).
+    let mut elements: BTreeMap<SetName, Vec<(Key, Value)>> = BTreeMap::new();
     let mut affinity_decls = Transaction::new();
     let mut chain_decls = Transaction::new();
     let mut chain_rules = Transaction::new();
     for (name, plan) in &input.plan.services {
         let (c, refused) = claim(state, plan, ctx, warnings);
         let owner = Arc::new(name.clone());
-        // Element text goes straight into the batches.
         account_adds(state, &c.elements, |set, key, value| {
-            batches.push(fam, set, key, value)
+            elements
+                .entry(set)
+                .or_default()
+                .push((key.clone(), value.clone()))
         });
         for set in &c.affinity_sets {
             if state.affinity_sets.insert(set.name.clone()) {
@@ -455,7 +540,7 @@ fn full_sync(
                 Some(&owner),
                 format!("add chain {fam} {TABLE} {}", quote(&chain.name)),
             );
-            write_chain(&mut chain_rules, fam, Some(&owner), chain, !rebuild);
+            write_chain(&mut chain_rules, fam, Some(&owner), chain, in_place);
         }
         state.by_port.insert(
             name.clone(),
@@ -465,89 +550,169 @@ fn full_sync(
             },
         );
     }
+    if let NodePortMatch::Ips(ips) = &ctx.nodeports {
+        let set = elements.entry(SetName::NodePortIps).or_default();
+        set.extend(ips.iter().map(|ip| (Key::Addr(*ip), Value::None)));
+    }
     let dnat_sets: BTreeSet<SetName> = state
         .dnat_users
         .iter()
         .filter(|(_, users)| **users > 0)
         .map(|(s, _)| *s)
         .collect();
-
-    let mut tx = Transaction::new();
-    if rebuild {
-        // Replace whatever the table held, atomically.
-        tx.line(None, format!("add table {fam} {TABLE}"));
-        tx.line(None, format!("delete table {fam} {TABLE}"));
-    }
-    let old_slots = if rebuild {
-        Slots::default()
-    } else {
-        state.slots
-    };
     let slots = Slots::needed(&dnat_sets).max(old_slots);
-    skeleton::declare(&mut tx, ctx, &dnat_sets, Slots::default());
-    skeleton::declare_slots(&mut tx, ctx, old_slots, slots);
-    if !rebuild {
-        skeleton::write_slot_rules(&mut tx, ctx, Slots::default(), old_slots, true);
-        let static_sets = skeleton::static_sets(ctx)
-            .into_iter()
-            .chain(dnat_sets.iter().copied());
-        for set in static_sets.chain(skeleton::slot_sets(old_slots)) {
-            tx.line(
-                None,
-                format!("flush {} {fam} {TABLE} {}", set.keyword(), set.name()),
-            );
-        }
+
+    // Declarations and every rule but the base chains'.
+    let mut head = Transaction::new();
+    if let FullMode::Rebuild = mode {
+        // Replace whatever the table held, atomically.
+        head.line(None, format!("add table {fam} {TABLE}"));
+        head.line(None, format!("delete table {fam} {TABLE}"));
     }
+    skeleton::declare(&mut head, ctx, &dnat_sets, Slots::default());
+    skeleton::declare_slot_objects(&mut head, ctx, Slots::default(), slots);
+    skeleton::write_slot_rules(&mut head, ctx, Slots::default(), slots, in_place);
     state.slots = slots;
-    // Affinity sets first (rules reference them), then every chain declared before any rule.
-    tx.append(affinity_decls);
-    tx.append(chain_decls);
-    skeleton::write_static_rules(&mut tx, ctx);
-    skeleton::write_dispatch(&mut tx, ctx, &dnat_sets);
-    tx.append(chain_rules);
-    batches.write(&mut tx);
-    if let NodePortMatch::Ips(ips) = &ctx.nodeports {
-        if !ips.is_empty() {
-            let list: Vec<String> = ips.iter().map(|ip| ip.to_string()).collect();
-            tx.line(
-                None,
-                format!(
-                    "add element {fam} {TABLE} nodeport-ips {{ {} }}",
-                    list.join(", ")
-                ),
-            );
+    head.append(affinity_decls);
+    head.append(chain_decls);
+    skeleton::write_static_chain_rules(&mut head, ctx);
+    skeleton::write_dispatch(&mut head, ctx, &dnat_sets);
+    head.append(chain_rules);
+
+    // Elements: every one, or the differences from the kernel.
+    let sets: Vec<SetName> = skeleton::static_sets(ctx)
+        .into_iter()
+        .chain(dnat_sets.iter().copied())
+        .chain(skeleton::slot_sets(slots))
+        .collect();
+    let mut deletes: Vec<ElementCommand> = Vec::new();
+    let mut adds: Vec<ElementCommand> = Vec::new();
+    let mut count = 0;
+    for set in sets {
+        let wanted = elements.remove(&set).unwrap_or_default();
+        let kernel_elements = match &mode {
+            FullMode::InPlace(Some(table)) => table.sets.get(&set.name()),
+            _ => None,
+        };
+        let (set_deletes, set_adds) = match kernel_elements {
+            // A set the kernel does not have yet: declared above, every element added.
+            None if matches!(mode, FullMode::InPlace(Some(_))) => (Vec::new(), wanted),
+            None => {
+                if in_place {
+                    head.line(
+                        None,
+                        format!("flush {} {fam} {TABLE} {}", set.keyword(), set.name()),
+                    );
+                }
+                (Vec::new(), wanted)
+            }
+            Some(listed) => {
+                let diffed = match listed {
+                    Some(listed) => kernel::diff(set, ctx.family, listed, wanted),
+                    None => Err(wanted),
+                };
+                match diffed {
+                    Ok(d) => (d.deletes, d.adds),
+                    Err(wanted) => {
+                        head.line(
+                            None,
+                            format!("flush {} {fam} {TABLE} {}", set.keyword(), set.name()),
+                        );
+                        (Vec::new(), wanted)
+                    }
+                }
+            }
+        };
+        count += set_adds.len();
+        if !set_deletes.is_empty() {
+            let elements = set_deletes.into_iter().map(|k| (k, Value::None)).collect();
+            deletes.push(ElementCommand {
+                delete: true,
+                set,
+                elements,
+            });
+        }
+        if !set_adds.is_empty() {
+            adds.push(ElementCommand {
+                delete: false,
+                set,
+                elements: set_adds,
+            });
         }
     }
-    if !rebuild {
+
+    let mut base = Transaction::new();
+    skeleton::write_base_rules(&mut base, ctx);
+
+    let mut cleanup = Transaction::new();
+    if in_place {
         // Objects of the previous state that are no longer wanted.
         for chain in old_chains.iter().filter(|c| !state.chains.contains(*c)) {
-            tx.line(None, format!("flush chain {fam} {TABLE} {}", quote(chain)));
-            state.stale_chains.push((chain.clone(), now));
+            cleanup.line(None, format!("flush chain {fam} {TABLE} {}", quote(chain)));
+            if !state.stale_chains.iter().any(|(n, _)| n == chain) {
+                state.stale_chains.push((chain.clone(), now));
+            }
         }
         for set in old_affinity
             .iter()
             .filter(|s| !state.affinity_sets.contains(*s))
         {
-            tx.line(None, format!("delete set {fam} {TABLE} {}", quote(set)));
+            cleanup.line(None, format!("delete set {fam} {TABLE} {}", quote(set)));
         }
         for set in old_dnat.iter().filter(|s| !dnat_sets.contains(*s)) {
-            tx.line(
+            cleanup.line(
                 None,
                 format!("delete {} {fam} {TABLE} {}", set.keyword(), set.name()),
             );
         }
-        if !matches!(ctx.nodeports, NodePortMatch::Ips(_))
-            && state
-                .ctx
-                .as_ref()
-                .is_some_and(|c| matches!(c.nodeports, NodePortMatch::Ips(_)))
-        {
-            tx.line(None, format!("delete set {fam} {TABLE} nodeport-ips"));
+        if old_nodeport_ips && !matches!(ctx.nodeports, NodePortMatch::Ips(_)) {
+            cleanup.line(None, format!("delete set {fam} {TABLE} nodeport-ips"));
         }
-        delete_due_stale_chains(state, fam, now, &mut tx);
+        delete_due_stale_chains(state, fam, now, &mut cleanup);
     }
     state.dnat_created = dnat_sets;
-    tx
+
+    if matches!(mode, FullMode::Fresh) && count > staged_above {
+        // A large new table: declarations and rules first, elements in transactions of
+        // their own, the base chains' rules last. Nothing reaches the table before that
+        // last transaction, so traffic sees no table or all of it, and no single transaction
+        // (nor the nft process reading it) holds every element.
+        let mut stages = vec![head];
+        for command in adds {
+            for chunk in command.elements.chunks(ELEMENTS_PER_STAGE) {
+                let mut tx = Transaction::new();
+                tx.element_command(
+                    fam,
+                    None,
+                    ElementCommand {
+                        delete: false,
+                        set: command.set,
+                        elements: chunk.to_vec(),
+                    },
+                );
+                stages.push(tx);
+            }
+        }
+        stages.push(base);
+        return stages;
+    }
+    let mut tx = head;
+    for command in deletes.into_iter().chain(adds) {
+        for chunk in command.elements.chunks(ELEMENTS_PER_COMMAND) {
+            tx.element_command(
+                fam,
+                None,
+                ElementCommand {
+                    delete: command.delete,
+                    set: command.set,
+                    elements: chunk.to_vec(),
+                },
+            );
+        }
+    }
+    tx.append(base);
+    tx.append(cleanup);
+    vec![tx]
 }
 
 fn partial_sync(

@@ -35,22 +35,25 @@ const STATIC_CHAINS: &[&str] = &[
     "firewall-check",
 ];
 
+/// Sets and maps that always exist.
+const ALWAYS_SETS: [SetName; 12] = [
+    SetName::ClusterIps,
+    SetName::ExternalMasquerade,
+    SetName::NodePortMasquerade,
+    SetName::NoEndpointReject,
+    SetName::NoEndpointDrop,
+    SetName::NodePortNoEndpointReject,
+    SetName::NodePortNoEndpointDrop,
+    SetName::FirewallIps,
+    SetName::FirewallAllow,
+    SetName::HairpinConnections,
+    SetName::ServiceIps,
+    SetName::ServiceNodePorts,
+];
+
 /// Sets and maps that always exist (`nodeport-ips` only when NodePorts are restricted).
 pub fn static_sets(ctx: &Context) -> Vec<SetName> {
-    let mut sets = vec![
-        SetName::ClusterIps,
-        SetName::ExternalMasquerade,
-        SetName::NodePortMasquerade,
-        SetName::NoEndpointReject,
-        SetName::NoEndpointDrop,
-        SetName::NodePortNoEndpointReject,
-        SetName::NodePortNoEndpointDrop,
-        SetName::FirewallIps,
-        SetName::FirewallAllow,
-        SetName::HairpinConnections,
-        SetName::ServiceIps,
-        SetName::ServiceNodePorts,
-    ];
+    let mut sets = ALWAYS_SETS.to_vec();
     if matches!(ctx.nodeports, NodePortMatch::Ips(_)) {
         sets.push(SetName::NodePortIps);
     }
@@ -115,6 +118,12 @@ pub fn declare(tx: &mut Transaction, ctx: &Context, dnat_sets: &BTreeSet<SetName
 
 /// Declares slot maps and chains from `from` (exclusive counts) up to `to`, with their rule.
 pub fn declare_slots(tx: &mut Transaction, ctx: &Context, from: Slots, to: Slots) {
+    declare_slot_objects(tx, ctx, from, to);
+    write_slot_rules(tx, ctx, from, to, false);
+}
+
+/// Declares slot maps and chains from `from` up to `to`, without rules.
+pub fn declare_slot_objects(tx: &mut Transaction, ctx: &Context, from: Slots, to: Slots) {
     let fam = ctx.ip();
     for i in from.addresses..to.addresses {
         tx.line(
@@ -130,7 +139,45 @@ pub fn declare_slots(tx: &mut Transaction, ctx: &Context, from: Slots, to: Slots
         );
         tx.line(None, format!("add chain {fam} {TABLE} nodeport-slot-{i}"));
     }
-    write_slot_rules(tx, ctx, from, to, false);
+}
+
+/// Whether `name` is one of the chains every table has (base, static, dispatch, slots),
+/// as opposed to the per-service chains of a previous state.
+pub fn is_static_chain(name: &str) -> bool {
+    let slot = |prefix: &str| {
+        name.strip_prefix(prefix)
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    BASE_CHAINS.iter().any(|(base, ..)| *base == name)
+        || STATIC_CHAINS.contains(&name)
+        || name == DISPATCH_CHAIN
+        || slot("slot-")
+        || slot("nodeport-slot-")
+}
+
+/// The sets and maps of the table by name (not affinity sets), to read a kernel listing.
+pub fn set_named(name: &str) -> Option<SetName> {
+    let number = |prefix: &str| {
+        name.strip_prefix(prefix)
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse::<u32>().ok())
+    };
+    if let Some(n) = number("dnat-") {
+        return Some(SetName::Dnat(n));
+    }
+    if let Some(n) = number("nodeport-dnat-") {
+        return Some(SetName::NodePortDnat(n));
+    }
+    if let Some(i) = number("backends-") {
+        return Some(SetName::Backends(i));
+    }
+    if let Some(i) = number("nodeport-backends-") {
+        return Some(SetName::NodePortBackends(i));
+    }
+    ALWAYS_SETS
+        .into_iter()
+        .chain([SetName::NodePortIps])
+        .find(|set| set.name() == name)
 }
 
 /// The single DNAT rule of each slot chain in the range (flushing first when `flush`).
@@ -167,18 +214,25 @@ pub fn set_declaration(ctx: &Context, set: SetName) -> String {
     format!("{kind} {} {TABLE} {rest}", ctx.ip())
 }
 
+fn write_chain_rules(tx: &mut Transaction, fam: &str, name: &str, rules: Vec<String>) {
+    tx.line(None, format!("flush chain {fam} {TABLE} {name}"));
+    for rule in rules {
+        tx.line(None, format!("add rule {fam} {TABLE} {name} {rule}"));
+    }
+}
+
 /// Flushes and rewrites every base and static chain (not the dispatch chain).
 pub fn write_static_rules(tx: &mut Transaction, ctx: &Context) {
+    write_base_rules(tx, ctx);
+    write_static_chain_rules(tx, ctx);
+}
+
+/// Flushes and rewrites the base chains: their rules are the only way traffic enters the
+/// table, so a table built in several transactions gets them in the last one.
+pub fn write_base_rules(tx: &mut Transaction, ctx: &Context) {
     let fam = ctx.ip();
-    let ip = ctx.ip();
-    let mark = ctx.mark_text();
-    let np = ctx.nodeport_match();
-    let frontend = format!("{ip} daddr . meta l4proto . th dport");
     let chain = |tx: &mut Transaction, name: &str, rules: Vec<String>| {
-        tx.line(None, format!("flush chain {fam} {TABLE} {name}"));
-        for rule in rules {
-            tx.line(None, format!("add rule {fam} {TABLE} {name} {rule}"));
-        }
+        write_chain_rules(tx, fam, name, rules)
     };
     chain(
         tx,
@@ -217,7 +271,18 @@ pub fn write_static_rules(tx: &mut Transaction, ctx: &Context) {
     chain(tx, "nat-prerouting", vec!["jump services".into()]);
     chain(tx, "nat-output", vec!["jump services".into()]);
     chain(tx, "nat-postrouting", vec!["jump masquerading".into()]);
+}
 
+/// Flushes and rewrites the static regular chains.
+pub fn write_static_chain_rules(tx: &mut Transaction, ctx: &Context) {
+    let fam = ctx.ip();
+    let ip = ctx.ip();
+    let mark = ctx.mark_text();
+    let np = ctx.nodeport_match();
+    let frontend = format!("{ip} daddr . meta l4proto . th dport");
+    let chain = |tx: &mut Transaction, name: &str, rules: Vec<String>| {
+        write_chain_rules(tx, fam, name, rules)
+    };
     let mut services = Vec::new();
     if ctx.masquerade_all {
         services.push(format!("{ip} daddr @cluster-ips meta mark set meta mark or {mark} comment \"masquerade all clusterIP traffic\""));

@@ -13,7 +13,7 @@ use kube_proxy_model::dataplane::{Dataplane, NodeView, SyncInput};
 use kube_proxy_model::{ClusterState, FamilyPlan, IpFamily, PlanContext, ServicePortName};
 use serde_json::{json, Value};
 
-use crate::{NftConfig, NftProxier, RecordingRunner};
+use crate::{Kernel, NftConfig, NftProxier, RecordingRunner};
 
 pub const NODE: &str = "node-a";
 
@@ -390,4 +390,137 @@ fn full_resync_of_a_built_table_and_service_cidrs() {
     );
     // Unchanged context: nothing more to do.
     assert_eq!(h.sync(false), "");
+}
+
+/// Three Services with two endpoints each, one of them with ClientIP affinity.
+fn three_services(h: &mut Harness) {
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let mut spec = json!({"clusterIP": format!("198.19.0.{}", 10 + i)});
+        if *name == "c" {
+            spec["sessionAffinity"] = json!("ClientIP");
+        }
+        h.state.apply_service(&service(name, spec));
+        h.state.apply_slice(&slice(
+            name,
+            &[
+                (&format!("198.18.1.{i}"), NODE),
+                (&format!("198.18.2.{i}"), "node-b"),
+            ],
+        ));
+    }
+}
+
+fn element_lines(script: &str) -> Vec<&str> {
+    script.lines().filter(|l| l.contains(" element ")).collect()
+}
+
+#[test]
+fn a_large_new_table_is_built_in_stages_and_hooked_last() {
+    let mut h = Harness::new(NftConfig {
+        staged_build_above: 3,
+        ..config()
+    });
+    h.proxier.runner_mut().kernel = Kernel::Absent;
+    three_services(&mut h);
+    h.sync(true);
+    let scripts = h.proxier.runner().scripts.clone();
+    assert!(scripts.len() >= 3, "{scripts:#?}");
+    let (first, rest) = scripts.split_first().unwrap();
+    let (last, middle) = rest.split_last().unwrap();
+    // First: the table, every set, chain and regular rule; no element, no base-chain rule.
+    assert!(first.contains("add table ip kube-proxy"), "{first}");
+    assert!(first.contains("add rule ip kube-proxy services"), "{first}");
+    assert!(element_lines(first).is_empty(), "{first}");
+    assert!(!first.contains("jump services"), "{first}");
+    // Then only elements, then only the base chains' rules.
+    for stage in middle {
+        assert!(
+            stage
+                .lines()
+                .all(|l| l.starts_with("add element ip kube-proxy ")),
+            "{stage}"
+        );
+    }
+    assert!(
+        last.contains("add rule ip kube-proxy nat-prerouting jump services"),
+        "{last}"
+    );
+    assert!(
+        last.lines().all(|l| {
+            l.starts_with("flush chain ip kube-proxy filter-")
+                || l.starts_with("flush chain ip kube-proxy nat-")
+                || l.starts_with("add rule ip kube-proxy filter-")
+                || l.starts_with("add rule ip kube-proxy nat-")
+        }),
+        "{last}"
+    );
+    // Below the threshold, one transaction.
+    let mut small = Harness::new(config());
+    small.proxier.runner_mut().kernel = Kernel::Absent;
+    three_services(&mut small);
+    small.sync(true);
+    assert_eq!(small.proxier.runner().scripts.len(), 1);
+}
+
+#[test]
+fn a_restart_over_its_own_table_rewrites_no_element_and_repairs_drift() {
+    // A first process builds the table (in stages, so the model has every element).
+    let mut first = Harness::new(NftConfig {
+        staged_build_above: 0,
+        ..config()
+    });
+    first.proxier.runner_mut().kernel = Kernel::Absent;
+    three_services(&mut first);
+    first.sync(true);
+    let kernel = first.proxier.runner().kernel.clone();
+    let Kernel::Present(table) = &kernel else {
+        panic!("the model has the table");
+    };
+    // a and b go through the slots; c (affinity) through its own chains.
+    assert_eq!(
+        table.sets["backends-1"].as_ref().unwrap().len(),
+        2,
+        "{table:?}"
+    );
+
+    // A new process over that table: declarations and rules again, not one element.
+    let mut second = Harness::new(config());
+    second.proxier.runner_mut().kernel = kernel.clone();
+    three_services(&mut second);
+    let text = second.sync(true);
+    assert!(!text.contains("delete table"), "{text}");
+    assert!(element_lines(&text).is_empty(), "{text}");
+    assert!(
+        text.contains("add rule ip kube-proxy nat-prerouting jump services"),
+        "{text}"
+    );
+
+    // Someone deleted one of our elements and added one of theirs: exactly those are fixed.
+    let Kernel::Present(mut drifted) = kernel else {
+        unreachable!()
+    };
+    let backends = drifted
+        .sets
+        .get_mut("backends-0")
+        .unwrap()
+        .as_mut()
+        .unwrap();
+    let removed = backends.remove(0);
+    let mut foreign = removed.clone();
+    foreign.0[0] = 203; // 203.x.x.x: a frontend no Service has
+    backends.push(foreign);
+    let mut third = Harness::new(config());
+    third.proxier.runner_mut().kernel = Kernel::Present(drifted);
+    three_services(&mut third);
+    let text = third.sync(true);
+    let lines = element_lines(&text);
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with("delete element ip kube-proxy backends-0 { 203."),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with("add element ip kube-proxy backends-0 { 198.19.0."),
+        "{lines:?}"
+    );
 }

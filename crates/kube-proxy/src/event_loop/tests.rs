@@ -44,6 +44,7 @@ impl Dataplane for Recorder {
             changed: changed.len(),
             full,
             statements: 0,
+            transactions: 1,
         })
     }
 }

@@ -19,6 +19,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 type Body = BoxBody<Bytes, std::io::Error>;
+/// The sending end of a streamed response body.
+type BodySender = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
 
 /// What a watch request is answered with.
 pub enum WatchReply {
@@ -55,7 +57,22 @@ pub struct Fake {
     pub prepared: std::collections::HashMap<String, Bytes>,
     /// Delay before answering Node lists (a Node that shows up after the other kinds).
     pub node_delay: Option<Duration>,
-    hanging: Vec<mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>>,
+    /// Open watches that wait for events: (path, sender).
+    hanging: Vec<(String, BodySender)>,
+}
+
+impl Fake {
+    /// Sends one watch event (`{"type": …, "object": …}`) to every open watch of `path`, as
+    /// a real API server does after a write; returns how many watches got it.
+    pub fn push_event(&mut self, path: &str, event: &Value) -> usize {
+        let line = Bytes::from(format!("{event}\n"));
+        self.hanging.retain(|(_, tx)| !tx.is_closed());
+        self.hanging
+            .iter()
+            .filter(|(watched, _)| watched == path)
+            .filter(|(_, tx)| tx.try_send(Ok(Frame::data(line.clone()))).is_ok())
+            .count()
+    }
 }
 
 pub fn service(name: &str, ip: &str, rv: &str) -> Value {
@@ -74,14 +91,14 @@ fn body_of(value: &Value) -> Body {
         .boxed()
 }
 
-fn streaming(fake: &Arc<Mutex<Fake>>, reply: WatchReply) -> Body {
+fn streaming(fake: &Arc<Mutex<Fake>>, path: &str, reply: WatchReply) -> Body {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(16);
     let reply_kind = match &reply {
         WatchReply::EventsThenCut(_) => ReplyKind::Cut,
         _ => ReplyKind::End,
     };
     match reply {
-        WatchReply::Hang => fake.lock().unwrap().hanging.push(tx),
+        WatchReply::Hang => fake.lock().unwrap().hanging.push((path.to_string(), tx)),
         WatchReply::Events(events) | WatchReply::EventsThenCut(events) => {
             let cut = matches!(reply_kind, ReplyKind::Cut);
             tokio::spawn(async move {
@@ -189,7 +206,7 @@ async fn handle(
                 .service_watches
                 .pop_front()
                 .unwrap_or(WatchReply::Hang);
-            streaming(&fake, reply)
+            streaming(&fake, &path, reply)
         }
         ("/apis/discovery.k8s.io/v1/endpointslices", false) => {
             let items = fake.lock().unwrap().slices.clone();
@@ -199,7 +216,7 @@ async fn handle(
             let items = fake.lock().unwrap().nodes.clone();
             body_of(&list("NodeList", "7", items))
         }
-        (_, true) => streaming(&fake, WatchReply::Hang),
+        (_, true) => streaming(&fake, &path, WatchReply::Hang),
         _ => {
             let mut resp = Response::new(body_of(&json!({"kind": "Status", "code": 404})));
             *resp.status_mut() = hyper::StatusCode::NOT_FOUND;

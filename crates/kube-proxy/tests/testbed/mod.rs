@@ -65,6 +65,8 @@ pub struct TestBed {
     proxy: Option<Child>,
     log: PathBuf,
     namespaces: Vec<String>,
+    /// Environment of the next proxy started.
+    pub proxy_env: Vec<(String, String)>,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -150,6 +152,7 @@ impl TestBed {
             proxy: None,
             log,
             namespaces: Vec::new(),
+            proxy_env: Vec::new(),
         };
         bed.build();
         bed
@@ -349,6 +352,7 @@ impl TestBed {
         all.extend(args.iter().cloned());
         let child = Command::new("ip")
             .args(&all)
+            .envs(self.proxy_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
