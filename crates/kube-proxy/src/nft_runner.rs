@@ -13,6 +13,9 @@ use tracing::{debug, info, trace, warn};
 /// Send buffer asked for (a batch is one message and must fit it; the default is 208 KiB).
 const NETLINK_SEND_BUFFER: usize = 8 << 20;
 
+/// A base chain whose rules show whether the table is hooked (see `snapshot`).
+const BASE_CHAIN_PROBE: &str = "nat-prerouting";
+
 /// Receive buffer for the kernel's answers (see `ElementSocket::receive`).
 const RECEIVE_BUFFER: usize = 64 * 1024;
 
@@ -236,6 +239,12 @@ impl ElementSocket {
                 table.chains.insert(name);
             }
         }
+        // The base chains' rules come in one transaction (the last of a staged build): one
+        // chain tells whether traffic enters the table.
+        let rules = self
+            .query(family, Query::Rules(BASE_CHAIN_PROBE))
+            .map_err(io("rules"))?;
+        table.hooked = rules.is_ok_and(|answers| answers.contains(&Answer::Rule));
         let sets = self.query(family, Query::Sets).map_err(io("sets"))?;
         for answer in sets.map_err(|e| failed("sets", errno(e)))? {
             if let Answer::Set { name, comparable } = answer {

@@ -661,6 +661,26 @@ fn restart_keeps_established_connections() {
             .unwrap(),
         "b1 new"
     );
+
+    // A build cut short (base chains without their rules, an element missing) is completed
+    // in stages again, since nothing reaches the table yet.
+    bed.stop_proxy();
+    for script in [
+        "flush chain ip kube-proxy nat-prerouting",
+        "delete element ip kube-proxy backends-0 { 198.19.0.110 . tcp . 80 }",
+    ] {
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "exec", &node, "nft", script])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "{script}");
+    }
+    bed.proxy_env = vec![("KUBE_PROXY_NFT_STAGED_BUILD_ABOVE".into(), "0".into())];
+    bed.start_proxy(&[]);
+    bed.proxy_env.clear();
+    assert_eq!(first_sync_transactions(&bed.proxy_log()), 3);
+    assert_eq!([bed.ruleset("ip"), bed.ruleset("ip6")], built);
+    assert_eq!(from_pod.exchange("four").unwrap(), "b1 four");
 }
 
 /// `--init-only` sets the conntrack sysctls a network namespace may change, tolerates the

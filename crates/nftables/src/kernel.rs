@@ -33,6 +33,9 @@ pub struct KernelTable {
     /// Every set and map by name, with its elements when they can be compared (not for
     /// interval sets and sets with timeouts, which are rewritten or kept).
     pub sets: BTreeMap<String, Option<KernelElements>>,
+    /// Whether traffic enters the table: its base chains have their rules (a table whose
+    /// staged build was cut short has none, and may be completed in stages too).
+    pub hooked: bool,
 }
 
 /// What a full sync writes for one set whose kernel elements are known.

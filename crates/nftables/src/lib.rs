@@ -75,6 +75,7 @@ impl Runner for RecordingRunner {
                 ["add", "chain", _, _, name, ..] => {
                     table.chains.insert(name.to_string());
                 }
+                ["add", "rule", _, _, "nat-prerouting", ..] => table.hooked = true,
                 ["add", "set" | "map", _, _, name, ..] => {
                     let comparable = !line.contains("interval") && !line.contains("timeout");
                     table

@@ -45,6 +45,10 @@ const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_DONE: u16 = 0x3;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
 const NFT_MSG_NEWSET: u16 = 9;
 const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_GETSETELEM: u16 = 13;
@@ -247,6 +251,8 @@ pub enum Query<'a> {
     Chains,
     Sets,
     Elements(&'a str),
+    /// The rules of one chain.
+    Rules(&'a str),
 }
 
 /// A request for `query` about our table of `family`.
@@ -258,6 +264,7 @@ pub fn query(family: IpFamily, query: Query<'_>, seq: u32) -> Vec<u8> {
         Query::Chains => (NFT_MSG_GETCHAIN, dump),
         Query::Sets => (NFT_MSG_GETSET, dump),
         Query::Elements(_) => (NFT_MSG_GETSETELEM, dump),
+        Query::Rules(_) => (NFT_MSG_GETRULE, dump),
     };
     message(
         &mut bytes,
@@ -274,6 +281,10 @@ pub fn query(family: IpFamily, query: Query<'_>, seq: u32) -> Vec<u8> {
                 attr_str(out, NFTA_SET_ELEM_LIST_TABLE, TABLE);
                 attr_str(out, NFTA_SET_ELEM_LIST_SET, set);
             }
+            Query::Rules(chain) => {
+                attr_str(out, NFTA_RULE_TABLE, TABLE);
+                attr_str(out, NFTA_RULE_CHAIN, chain);
+            }
         },
     );
     bytes
@@ -287,6 +298,8 @@ pub enum Answer {
     /// A set of our table, and whether its elements can be compared here (not an interval
     /// set, no timeouts).
     Set { name: String, comparable: bool },
+    /// A rule of the dumped chain.
+    Rule,
     /// Elements of the dumped set: key bytes and data.
     Elements(Vec<(Vec<u8>, ElementData)>),
     /// The end of a dump.
@@ -338,6 +351,11 @@ pub fn answers(datagram: &[u8], seq: u32) -> Vec<Answer> {
                                 .map_or(0, |v| u32::from_be_bytes(v.try_into().unwrap()));
                             let comparable = flags & (NFT_SET_INTERVAL | NFT_SET_TIMEOUT) == 0;
                             found.push(Answer::Set { name, comparable });
+                        }
+                    }
+                    NFT_MSG_NEWRULE => {
+                        if find_str(attrs, NFTA_RULE_TABLE).as_deref() == Some(TABLE) {
+                            found.push(Answer::Rule);
                         }
                     }
                     NFT_MSG_NEWSETELEM => {

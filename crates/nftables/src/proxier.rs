@@ -643,6 +643,7 @@ fn full_sync(
 
     let mut base = Transaction::new();
     skeleton::write_base_rules(&mut base, ctx);
+    // (Base rules come after every element: see the staged build below.)
 
     let mut cleanup = Transaction::new();
     if in_place {
@@ -672,12 +673,33 @@ fn full_sync(
     }
     state.dnat_created = dnat_sets;
 
-    if matches!(mode, FullMode::Fresh) && count > staged_above {
-        // A large new table: declarations and rules first, elements in transactions of
-        // their own, the base chains' rules last. Nothing reaches the table before that
-        // last transaction, so traffic sees no table or all of it, and no single transaction
-        // (nor the nft process reading it) holds every element.
-        let mut stages = vec![head];
+    // Nothing reaches a new table, or one whose staged build was cut short, before the rules
+    // of its base chains exist.
+    let unhooked = match &mode {
+        FullMode::Fresh => true,
+        FullMode::InPlace(Some(table)) => !table.hooked,
+        _ => false,
+    };
+    if unhooked && count > staged_above {
+        // A large table nothing reaches yet: declarations and rules first, elements in
+        // transactions of their own, the base chains' rules last. Traffic sees no table or
+        // all of it, and no single transaction (nor the nft process reading it) holds every
+        // element.
+        let mut first = head;
+        for command in deletes {
+            for chunk in command.elements.chunks(ELEMENTS_PER_COMMAND) {
+                first.element_command(
+                    fam,
+                    None,
+                    ElementCommand {
+                        delete: true,
+                        set: command.set,
+                        elements: chunk.to_vec(),
+                    },
+                );
+            }
+        }
+        let mut stages = vec![first];
         for command in adds {
             for chunk in command.elements.chunks(ELEMENTS_PER_STAGE) {
                 let mut tx = Transaction::new();
@@ -693,6 +715,7 @@ fn full_sync(
                 stages.push(tx);
             }
         }
+        base.append(cleanup);
         stages.push(base);
         return stages;
     }

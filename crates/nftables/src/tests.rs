@@ -13,7 +13,7 @@ use kube_proxy_model::dataplane::{Dataplane, NodeView, SyncInput};
 use kube_proxy_model::{ClusterState, FamilyPlan, IpFamily, PlanContext, ServicePortName};
 use serde_json::{json, Value};
 
-use crate::{Kernel, NftConfig, NftProxier, RecordingRunner};
+use crate::{Kernel, KernelTable, NftConfig, NftProxier, RecordingRunner};
 
 pub const NODE: &str = "node-a";
 
@@ -523,4 +523,56 @@ fn a_restart_over_its_own_table_rewrites_no_element_and_repairs_drift() {
         lines[1].starts_with("add element ip kube-proxy backends-0 { 198.19.0."),
         "{lines:?}"
     );
+}
+
+#[test]
+fn a_table_whose_staged_build_was_cut_short_is_completed_in_stages_only_while_unhooked() {
+    let mut first = Harness::new(NftConfig {
+        staged_build_above: 0,
+        ..config()
+    });
+    first.proxier.runner_mut().kernel = Kernel::Absent;
+    three_services(&mut first);
+    first.sync(true);
+    let Kernel::Present(mut table) = first.proxier.runner().kernel.clone() else {
+        panic!("the model has the table");
+    };
+    assert!(table.hooked, "the last stage hooked it");
+    // Cut short: the elements of backends-0 never arrived.
+    table
+        .sets
+        .get_mut("backends-0")
+        .unwrap()
+        .as_mut()
+        .unwrap()
+        .clear();
+    for (hooked, expected_transactions) in [(false, 3), (true, 1)] {
+        let mut next = Harness::new(NftConfig {
+            staged_build_above: 0,
+            ..config()
+        });
+        next.proxier.runner_mut().kernel = Kernel::Present(KernelTable {
+            hooked,
+            ..table.clone()
+        });
+        three_services(&mut next);
+        next.sync(true);
+        let scripts = &next.proxier.runner().scripts;
+        assert_eq!(
+            scripts.len(),
+            expected_transactions,
+            "hooked: {hooked}: {scripts:#?}"
+        );
+        let last = scripts.last().unwrap();
+        assert!(
+            last.contains("add rule ip kube-proxy nat-prerouting jump services"),
+            "{last}"
+        );
+        let added: Vec<&str> = scripts.iter().flat_map(|s| element_lines(s)).collect();
+        assert_eq!(added.len(), 1, "only backends-0 is written: {added:?}");
+        assert!(
+            added[0].starts_with("add element ip kube-proxy backends-0"),
+            "{added:?}"
+        );
+    }
 }
