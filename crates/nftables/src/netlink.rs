@@ -353,10 +353,10 @@ pub fn answers(datagram: &[u8], seq: u32) -> Vec<Answer> {
                             found.push(Answer::Set { name, comparable });
                         }
                     }
-                    NFT_MSG_NEWRULE => {
-                        if find_str(attrs, NFTA_RULE_TABLE).as_deref() == Some(TABLE) {
-                            found.push(Answer::Rule);
-                        }
+                    NFT_MSG_NEWRULE
+                        if find_str(attrs, NFTA_RULE_TABLE).as_deref() == Some(TABLE) =>
+                    {
+                        found.push(Answer::Rule);
                     }
                     NFT_MSG_NEWSETELEM => {
                         let elements = find(attrs, NFTA_SET_ELEM_LIST_ELEMENTS)
