@@ -8,6 +8,7 @@
 pub mod conntrack;
 pub mod dataplane;
 pub mod endpoints;
+pub mod frontends;
 pub mod names;
 pub mod node;
 pub mod plan;
@@ -17,6 +18,7 @@ pub mod topology;
 
 pub use dataplane::{Dataplane, NodeView, SyncError, SyncInput, SyncReport};
 pub use endpoints::Endpoint;
+pub use frontends::Frontend;
 pub use names::{IpFamily, NamespacedName, Protocol, ServicePortName};
 pub use node::NodeInfo;
 pub use plan::{EndpointSet, ExternalPlan, FamilyPlan, PlanContext, ServicePortPlan, Target};

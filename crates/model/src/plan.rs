@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::endpoints::{merge_slices, Endpoint};
+use crate::frontends::{frontends_of, Claims, Frontend, Refused};
 use crate::names::{IpFamily, NamespacedName, ServicePortName};
 use crate::service::ServicePort;
 use crate::state::ClusterState;
@@ -66,6 +67,10 @@ pub struct ServicePortPlan {
     pub internal: Target,
     /// `None` when the port has no NodePort, external IP or load-balancer VIP.
     pub external: Option<ExternalPlan>,
+    /// Frontends of this port that another service port owns (`frontends`): dataplanes
+    /// render none of this port's traffic for them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<Refused>,
 }
 
 impl ServicePortPlan {
@@ -120,8 +125,14 @@ impl ServicePortPlan {
             topology: categorized.topology,
             internal,
             external,
+            refused: Vec::new(),
             port,
         }
+    }
+
+    /// Whether this port renders `frontend` (it owns it, or nobody contests it).
+    pub fn serves(&self, frontend: &Frontend) -> bool {
+        !self.refused.iter().any(|r| r.frontend == *frontend)
     }
 
     /// The endpoints behind a target (empty for DROP/REJECT).
@@ -153,6 +164,8 @@ impl ServicePortPlan {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FamilyPlan {
     pub services: BTreeMap<ServicePortName, Arc<ServicePortPlan>>,
+    /// Who claims each frontend (the owner of a contested one is decided from it).
+    claims: Claims,
 }
 
 /// Settings the planner needs besides the cluster state.
@@ -175,9 +188,11 @@ impl FamilyPlan {
         let mut changed = BTreeSet::new();
         if full {
             let mut fresh = FamilyPlan::default();
+            let mut contested = BTreeSet::new();
             for name in state.service_names() {
-                fresh.insert_service(state, family, name, ctx);
+                contested.extend(fresh.insert_service(state, family, name, ctx));
             }
+            fresh.settle_claims(&contested);
             for (name, plan) in &fresh.services {
                 if self.services.get(name) != Some(plan) {
                     changed.insert(name.clone());
@@ -191,21 +206,52 @@ impl FamilyPlan {
             *self = fresh;
             return changed;
         }
+        // Ports as they were before this update, for every port it may touch.
+        let mut before: BTreeMap<ServicePortName, Option<Arc<ServicePortPlan>>> = BTreeMap::new();
+        let mut frontends = BTreeSet::new();
         for service in services {
-            let old = self.remove_service(service);
-            self.insert_service(state, family, service, ctx);
-            for (name, plan) in &old {
-                if self.services.get(name) != Some(plan) {
-                    changed.insert(name.clone());
-                }
+            for (name, plan) in self.remove_service(service) {
+                frontends.extend(frontends_of(&plan.port));
+                before.insert(name, Some(plan));
             }
-            for (name, plan) in self.ports_of(service) {
-                if old.get(name) != Some(plan) {
-                    changed.insert(name.clone());
+            frontends.extend(self.insert_service(state, family, service, ctx));
+            for (name, _) in self.ports_of(service) {
+                before.entry(name.clone()).or_insert(None);
+            }
+        }
+        // Ports of other Services that claim a frontend whose claimants changed.
+        for frontend in &frontends {
+            for name in self.claims.claimants(frontend) {
+                if !before.contains_key(name) {
+                    before.insert(name.clone(), self.services.get(name).cloned());
                 }
             }
         }
+        self.settle_claims(&frontends);
+        for (name, old) in before {
+            if self.services.get(&name) != old.as_ref() {
+                changed.insert(name);
+            }
+        }
         changed
+    }
+
+    /// Recomputes which frontends each claimant of `frontends` is refused.
+    fn settle_claims(&mut self, frontends: &BTreeSet<Frontend>) {
+        let claimants: BTreeSet<ServicePortName> = frontends
+            .iter()
+            .flat_map(|f| self.claims.claimants(f))
+            .cloned()
+            .collect();
+        for name in claimants {
+            let Some(plan) = self.services.get_mut(&name) else {
+                continue;
+            };
+            let refused = self.claims.refused(&name, &frontends_of(&plan.port));
+            if plan.refused != refused {
+                Arc::make_mut(plan).refused = refused;
+            }
+        }
     }
 
     fn ports_of<'a>(
@@ -217,30 +263,37 @@ impl FamilyPlan {
             .take_while(move |(name, _)| &name.service == service)
     }
 
+    /// Removes the ports of `service` and their claims.
     fn remove_service(
         &mut self,
         service: &NamespacedName,
     ) -> BTreeMap<ServicePortName, Arc<ServicePortPlan>> {
         let keys: Vec<ServicePortName> = self.ports_of(service).map(|(k, _)| k.clone()).collect();
-        keys.into_iter()
+        let removed: BTreeMap<ServicePortName, Arc<ServicePortPlan>> = keys
+            .into_iter()
             .filter_map(|k| self.services.remove(&k).map(|v| (k, v)))
-            .collect()
+            .collect();
+        for (name, plan) in &removed {
+            self.claims.remove(name, &frontends_of(&plan.port));
+        }
+        removed
     }
 
+    /// Plans the ports of `service` and records their claims; returns their frontends.
     fn insert_service(
         &mut self,
         state: &ClusterState,
         family: IpFamily,
         service: &NamespacedName,
         ctx: PlanContext,
-    ) {
+    ) -> Vec<Frontend> {
         let ports: Vec<&Arc<ServicePort>> = state
             .service_ports(service)
             .iter()
             .filter(|p| p.family == family)
             .collect();
         if ports.is_empty() {
-            return;
+            return Vec::new();
         }
         let node_name = state.node_name();
         let endpoints = merge_slices(
@@ -251,11 +304,16 @@ impl FamilyPlan {
             node_name,
             zone: state.node().and_then(|n| n.zone.as_deref()),
         };
+        let mut all = Vec::new();
         for port in ports {
             let eps = endpoints.get(&port.name).map(Vec::as_slice).unwrap_or(&[]);
             let plan = ServicePortPlan::decide(port.clone(), eps, node, ctx.gates);
+            let frontends = frontends_of(port);
+            self.claims.add(&port.name, &frontends);
+            all.extend(frontends);
             self.services.insert(port.name.clone(), Arc::new(plan));
         }
+        all
     }
 }
 

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use kube_proxy_model::plan::{EndpointSet, ServicePortPlan, Target};
-use kube_proxy_model::Endpoint;
+use kube_proxy_model::{Endpoint, Frontend};
 
 use crate::context::Context;
 use crate::elements::{quote, Key, SetName, Value};
@@ -41,7 +41,28 @@ pub fn needs_chains(plan: &ServicePortPlan) -> bool {
         || plan.external.as_ref().is_some_and(|e| e.policy_local)
 }
 
+/// The frontend an element is for, if it is for one.
+fn frontend_of(key: &Key) -> Option<Frontend> {
+    match key {
+        Key::Frontend(ip, proto, port) | Key::Allow(ip, proto, port, _) => {
+            Some(Frontend::Address(*ip, *proto, *port))
+        }
+        Key::NodePort(proto, port) => Some(Frontend::NodePort(*proto, *port)),
+        Key::Addr(_) | Key::Hairpin(..) => None,
+    }
+}
+
+/// What `plan` contributes, without the elements of frontends the plan gave to another port.
 pub fn contribute(plan: &ServicePortPlan, ctx: &Context) -> Contribution {
+    let mut c = contribute_all(plan, ctx);
+    if !plan.refused.is_empty() {
+        c.elements
+            .retain(|(_, key, _)| frontend_of(key).is_none_or(|f| plan.serves(&f)));
+    }
+    c
+}
+
+fn contribute_all(plan: &ServicePortPlan, ctx: &Context) -> Contribution {
     let mut c = Contribution::default();
     let port = &plan.port;
     let proto = port.protocol;

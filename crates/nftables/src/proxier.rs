@@ -66,23 +66,16 @@ pub type Clock = Box<dyn Fn() -> Instant + Send>;
 
 const STALE_CHAIN_DELAY: Duration = Duration::from_secs(1);
 
-/// What one service port has applied: its plan (shared with the planner, so keeping it costs
-/// a pointer) and the frontends it was refused because another port owned them. Its elements
-/// are recomputed from these when the port changes, rather than stored.
-struct Applied {
-    plan: Arc<ServicePortPlan>,
-    refused: Option<Box<[Key]>>,
-}
-
 /// What is applied for one family.
 #[derive(Default)]
 struct FamilyState {
     /// The table was (re)built by this process and the bookkeeping matches the kernel.
     initialized: bool,
     ctx: Option<Context>,
-    by_port: HashMap<ServicePortName, Applied>,
-    /// Which service port owns each frontend (address frontend or NodePort).
-    frontend_owner: HashMap<Key, ServicePortName>,
+    /// The plan each service port was last rendered from (shared with the planner, so keeping
+    /// it costs a pointer); its elements are recomputed from it when the port changes, rather
+    /// than stored.
+    by_port: HashMap<ServicePortName, Arc<ServicePortPlan>>,
     /// Reference counts of elements several ports may share (ClusterIPs, hairpin entries).
     shared: HashMap<(SetName, Key), u32>,
     /// Users of each `dnat-N`/`nodeport-dnat-N` set, and which of them exist in the kernel.
@@ -227,70 +220,16 @@ fn is_shared(set: SetName) -> bool {
     matches!(set, SetName::ClusterIps | SetName::HairpinConnections)
 }
 
-/// The frontend an element belongs to, for ownership.
-fn frontend_of(key: &Key) -> Option<Key> {
-    match key {
-        Key::Frontend(..) | Key::NodePort(..) => Some(key.clone()),
-        Key::Allow(a, p, port, _) => Some(Key::Frontend(*a, *p, *port)),
-        Key::Addr(_) | Key::Hairpin(..) => None,
-    }
-}
-
-/// Computes a port's contribution and claims its frontends; elements of frontends owned by
-/// another port are left out (and reported), so a conflict never fails a transaction.
-/// Returns the contribution and the refused frontends.
-fn claim(
-    state: &mut FamilyState,
-    plan: &ServicePortPlan,
-    ctx: &Context,
-    warnings: &mut Vec<String>,
-) -> (Contribution, Option<Box<[Key]>>) {
+/// A port's contribution, and a warning for each frontend the plan gave to another port.
+fn render(plan: &ServicePortPlan, ctx: &Context, warnings: &mut Vec<String>) -> Contribution {
     let name = &plan.port.name;
-    let mut c = contribute(plan, ctx);
-    let mut refused: Vec<Key> = Vec::new();
-    for (_, key, _) in &c.elements {
-        let Some(frontend) = frontend_of(key) else {
-            continue;
-        };
-        match state.frontend_owner.get(&frontend) {
-            Some(owner) if owner != name => {
-                if !refused.contains(&frontend) {
-                    warnings.push(format!("{name}: frontend {frontend} is already used by {owner}; ignoring it for {name}"));
-                    refused.push(frontend);
-                }
-            }
-            _ => {
-                state.frontend_owner.insert(frontend, name.clone());
-            }
-        }
+    for refused in &plan.refused {
+        warnings.push(format!(
+            "{name}: frontend {} is already used by {}; ignoring it for {name}",
+            refused.frontend, refused.owner
+        ));
     }
-    if refused.is_empty() {
-        return (c, None);
-    }
-    c.elements
-        .retain(|(_, key, _)| frontend_of(key).is_none_or(|f| !refused.contains(&f)));
-    (c, Some(refused.into_boxed_slice()))
-}
-
-/// The contribution a port applied, recomputed from its plan (the context is unchanged
-/// between full syncs, so the result is exactly what was applied).
-fn recompute(applied: &Applied, ctx: &Context) -> Contribution {
-    let mut c = contribute(&applied.plan, ctx);
-    if let Some(refused) = &applied.refused {
-        c.elements
-            .retain(|(_, key, _)| frontend_of(key).is_none_or(|f| !refused.contains(&f)));
-    }
-    c
-}
-
-fn release(state: &mut FamilyState, name: &ServicePortName, old: &Contribution) {
-    for (_, key, _) in &old.elements {
-        if let Some(frontend) = frontend_of(key) {
-            if state.frontend_owner.get(&frontend) == Some(name) {
-                state.frontend_owner.remove(&frontend);
-            }
-        }
-    }
+    contribute(plan, ctx)
 }
 
 /// Element commands grouped per (set, operation) for one owner: `add element ... { a, b }`.
@@ -508,7 +447,6 @@ fn full_sync(
     state.affinity_sets.clear();
     state.dnat_created.clear();
     state.by_port.clear();
-    state.frontend_owner.clear();
     state.shared.clear();
     state.dnat_users.clear();
     if !in_place {
@@ -521,7 +459,7 @@ fn full_sync(
     let mut chain_decls = Transaction::new();
     let mut chain_rules = Transaction::new();
     for (name, plan) in &input.plan.services {
-        let (c, refused) = claim(state, plan, ctx, warnings);
+        let c = render(plan, ctx, warnings);
         let owner = Arc::new(name.clone());
         account_adds(state, &c.elements, |set, key, value| {
             elements
@@ -542,13 +480,7 @@ fn full_sync(
             );
             write_chain(&mut chain_rules, fam, Some(&owner), chain, in_place);
         }
-        state.by_port.insert(
-            name.clone(),
-            Applied {
-                plan: plan.clone(),
-                refused,
-            },
-        );
+        state.by_port.insert(name.clone(), plan.clone());
     }
     if let NodePortMatch::Ips(ips) = &ctx.nodeports {
         let set = elements.entry(SetName::NodePortIps).or_default();
@@ -755,22 +687,16 @@ fn partial_sync(
 
     for name in input.changed {
         let owner = Arc::new(name.clone());
+        // The context is unchanged between full syncs, so the old plan renders exactly what
+        // was applied.
         let old = match state.by_port.remove(name) {
-            Some(applied) => recompute(&applied, ctx),
+            Some(applied) => contribute(&applied, ctx),
             None => Contribution::default(),
         };
-        release(state, name, &old);
         let new = match input.plan.services.get(name) {
             Some(plan) => {
-                let (c, refused) = claim(state, plan, ctx, warnings);
-                state.by_port.insert(
-                    name.clone(),
-                    Applied {
-                        plan: plan.clone(),
-                        refused,
-                    },
-                );
-                c
+                state.by_port.insert(name.clone(), plan.clone());
+                render(plan, ctx, warnings)
             }
             None => Contribution::default(),
         };

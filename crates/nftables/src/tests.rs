@@ -576,3 +576,47 @@ fn a_table_whose_staged_build_was_cut_short_is_completed_in_stages_only_while_un
         );
     }
 }
+
+/// The owner of a contested external IP is the plan's (the smallest service port name), so
+/// a Service that arrives later but sorts first takes the frontend in a partial sync, just
+/// as a full sync renders it; before the plan decided it, the partial sync refused it.
+#[test]
+fn a_contested_frontend_moves_to_its_owner_in_a_partial_sync_as_in_a_full_one() {
+    let mut h = Harness::new(config());
+    h.state.apply_service(&service(
+        "b",
+        json!({"clusterIP": "198.19.0.41", "externalIPs": ["198.51.100.40"]}),
+    ));
+    h.state
+        .apply_slice(&slice("b", &[("198.18.1.2", "node-b")]));
+    let first = h.sync(true);
+    assert!(
+        first.contains("198.51.100.40 . tcp . 80 : 198.18.1.2 . 8080"),
+        "{first}"
+    );
+    h.state.apply_service(&service(
+        "a",
+        json!({"clusterIP": "198.19.0.40", "externalIPs": ["198.51.100.40"]}),
+    ));
+    h.state
+        .apply_slice(&slice("a", &[("198.18.1.1", "node-b")]));
+    let partial = h.sync(false);
+    assert!(
+        partial.contains("delete element ip kube-proxy backends-0 { 198.51.100.40 . tcp . 80 }"),
+        "{partial}"
+    );
+    assert!(
+        partial.contains("198.51.100.40 . tcp . 80 : 198.18.1.1 . 8080"),
+        "{partial}"
+    );
+    let full = h.sync(true);
+    assert_eq!(
+        full.matches("198.51.100.40 . tcp . 80 :").count(),
+        1,
+        "{full}"
+    );
+    assert!(
+        full.contains("198.51.100.40 . tcp . 80 : 198.18.1.1 . 8080"),
+        "{full}"
+    );
+}

@@ -287,3 +287,87 @@ fn update_reports_exactly_the_changed_ports() {
         )
         .is_empty());
 }
+
+/// A contested external IP goes to the smallest service port name, whatever the order of
+/// the changes: a series of partial updates ends where one full update does, and the port
+/// that loses or wins a frontend is reported as changed even when its own Service did not.
+#[test]
+fn contested_frontends_have_one_owner_whatever_the_history() {
+    let mut state = ClusterState::new(NODE);
+    let mut plan = FamilyPlan::default();
+    let update = |state: &mut ClusterState, plan: &mut FamilyPlan| {
+        let changes = state.take_changes();
+        let changed = plan.update(
+            state,
+            IpFamily::V4,
+            &changes.services,
+            false,
+            PlanContext::default(),
+        );
+        let mut full = FamilyPlan::default();
+        full.update(
+            state,
+            IpFamily::V4,
+            &BTreeSet::new(),
+            true,
+            PlanContext::default(),
+        );
+        assert_eq!(
+            plan.services, full.services,
+            "partial updates equal a full one"
+        );
+        changed
+            .into_iter()
+            .map(|n| n.service.name.to_string())
+            .collect::<Vec<_>>()
+    };
+    let x = Frontend::Address("198.51.100.40".parse().unwrap(), crate::Protocol::Tcp, 80);
+    let refused = |plan: &FamilyPlan, svc: &str| -> Vec<String> {
+        plan.services
+            .iter()
+            .find(|(n, _)| &*n.service.name == svc)
+            .map(|(_, p)| {
+                p.refused
+                    .iter()
+                    .map(|r| format!("{} {}", r.frontend, r.owner))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    state.apply_service(&service(
+        "b",
+        json!({"clusterIP": "198.19.0.41", "externalIPs": ["198.51.100.40"]}),
+    ));
+    assert_eq!(update(&mut state, &mut plan), ["b"]);
+    assert!(refused(&plan, "b").is_empty());
+
+    // a (smaller) arrives later with the same external IP: it takes it, and b changes.
+    state.apply_service(&service(
+        "a",
+        json!({"clusterIP": "198.19.0.40", "externalIPs": ["198.51.100.40"]}),
+    ));
+    assert_eq!(update(&mut state, &mut plan), ["a", "b"]);
+    assert!(refused(&plan, "a").is_empty());
+    assert_eq!(refused(&plan, "b"), [format!("{x} ns/a:p")]);
+    assert!(!plan
+        .services
+        .values()
+        .find(|p| &*p.port.name.service.name == "b")
+        .unwrap()
+        .serves(&x));
+
+    // c (larger) too: only c changes.
+    state.apply_service(&service(
+        "c",
+        json!({"clusterIP": "198.19.0.42", "externalIPs": ["198.51.100.40"]}),
+    ));
+    assert_eq!(update(&mut state, &mut plan), ["c"]);
+    assert_eq!(refused(&plan, "c"), [format!("{x} ns/a:p")]);
+
+    // a goes away: b owns it again, c still refused (now by b).
+    state.delete_service(&NamespacedName::new("ns", "a"));
+    assert_eq!(update(&mut state, &mut plan), ["a", "b", "c"]);
+    assert!(refused(&plan, "b").is_empty());
+    assert_eq!(refused(&plan, "c"), [format!("{x} ns/b:p")]);
+}
