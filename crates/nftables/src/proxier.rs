@@ -388,6 +388,11 @@ fn full_sync(
     let fam = ctx.ip();
     let mode = match kernel {
         _ if force_rebuild => FullMode::Rebuild,
+        // A table of the same name that this proxy did not write (upstream kube-proxy's
+        // nftables mode, whose chains and sets differ): replace it in one transaction.
+        Kernel::Present(table) if !table.chains.contains(skeleton::DISPATCH_CHAIN) => {
+            FullMode::Rebuild
+        }
         Kernel::Absent => FullMode::Fresh,
         Kernel::Present(table) => FullMode::InPlace(Some(table)),
         Kernel::Unknown if state.initialized => FullMode::InPlace(None),

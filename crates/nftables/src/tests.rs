@@ -620,3 +620,23 @@ fn a_contested_frontend_moves_to_its_owner_in_a_partial_sync_as_in_a_full_one() 
         "{full}"
     );
 }
+
+/// A `kube-proxy` table this proxy did not write (upstream's nftables mode uses the same
+/// name) is replaced in one transaction rather than adopted, so none of its chains and sets
+/// linger.
+#[test]
+fn a_foreign_table_of_the_same_name_is_replaced_not_adopted() {
+    let mut h = Harness::new(config());
+    let mut upstream = KernelTable::default();
+    upstream.chains.insert("nat-prerouting".into());
+    upstream.chains.insert("service-ULMVA6XW-ns/a/tcp/p".into());
+    upstream.sets.insert("no-endpoint-services".into(), None);
+    upstream.hooked = true;
+    h.proxier.runner_mut().kernel = Kernel::Present(upstream);
+    three_services(&mut h);
+    let text = h.sync(true);
+    assert!(
+        text.starts_with("add table ip kube-proxy\ndelete table ip kube-proxy\n"),
+        "{text}"
+    );
+}
