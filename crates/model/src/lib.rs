@@ -6,6 +6,7 @@
 //! as values for the caller to log; nothing here panics on bad input.
 
 pub mod conntrack;
+pub mod context;
 pub mod dataplane;
 pub mod endpoints;
 pub mod frontends;

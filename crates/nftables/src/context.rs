@@ -1,11 +1,10 @@
-//! What the static part of the ruleset depends on, resolved for one family and one sync:
-//! the masquerade mark, how local pod traffic is recognised, and which addresses accept
-//! NodePorts. When it changes, the static chains are rewritten.
-
-use std::net::IpAddr;
+//! The nftables dataplane's settings, and the model's per-family context (the masquerade
+//! mark, how local pod traffic is recognised, which addresses accept NodePorts) spelled in
+//! nft. When the context changes, the static chains are rewritten.
 
 use ipnet::IpNet;
 use kube_proxy_config::{DetectLocal, NodePortAddresses};
+use kube_proxy_model::context::{FamilyContext, LocalTraffic, NodePortDestinations, ProxyPolicy};
 use kube_proxy_model::{IpFamily, NodeView};
 
 /// Static settings of the nftables dataplane (from the configuration).
@@ -31,75 +30,37 @@ impl Default for NftConfig {
     }
 }
 
-/// How "from a local pod" is matched.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LocalMatch {
-    Saddr(Vec<IpNet>),
-    Interface(String),
-    InterfacePrefix(String),
+impl NftConfig {
+    /// The configuration the per-family context is resolved from.
+    pub fn policy(&self) -> ProxyPolicy {
+        ProxyPolicy {
+            masquerade_bit: self.masquerade_bit,
+            masquerade_all: self.masquerade_all,
+            detect_local: self.detect_local.clone(),
+            node_port_addresses: self.node_port_addresses.clone(),
+        }
+    }
 }
 
-/// Which destinations accept NodePort traffic.
+/// The model's per-family context (`kube_proxy_model::context`), with its nft spelling.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NodePortMatch {
-    /// Every local address but loopback (`fib daddr type local`).
-    AllLocal,
-    /// These addresses (the `nodeport-ips` set).
-    Ips(Vec<IpAddr>),
-}
+pub struct Context(pub FamilyContext);
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Context {
-    pub family: IpFamily,
-    pub mark: u32,
-    pub masquerade_all: bool,
-    pub local: Option<LocalMatch>,
-    pub nodeports: NodePortMatch,
-    pub node_ips: Vec<IpAddr>,
-    /// ServiceCIDRs of the family: unallocated addresses in them are dropped.
-    pub service_cidrs: Vec<IpNet>,
+impl std::ops::Deref for Context {
+    type Target = FamilyContext;
+    fn deref(&self) -> &FamilyContext {
+        &self.0
+    }
 }
 
 impl Context {
     pub fn resolve(config: &NftConfig, family: IpFamily, node: &NodeView) -> Context {
-        let of_family = |net: &&IpNet| IpFamily::of_net(net) == family;
-        let local = match &config.detect_local {
-            DetectLocal::ClusterCidr(cidrs) => {
-                let cidrs: Vec<IpNet> = cidrs.iter().filter(of_family).copied().collect();
-                (!cidrs.is_empty()).then_some(LocalMatch::Saddr(cidrs))
-            }
-            DetectLocal::NodeCidr => {
-                let cidrs: Vec<IpNet> = node.pod_cidrs.iter().filter(of_family).copied().collect();
-                (!cidrs.is_empty()).then_some(LocalMatch::Saddr(cidrs))
-            }
-            DetectLocal::BridgeInterface(name) => Some(LocalMatch::Interface(name.clone())),
-            DetectLocal::InterfaceNamePrefix(prefix) => {
-                Some(LocalMatch::InterfacePrefix(prefix.clone()))
-            }
-        };
-        let nodeports = match config.node_port_addresses.select(
-            family == IpFamily::V6,
-            &node.node_ips,
-            &node.local_addresses,
-        ) {
-            None => NodePortMatch::AllLocal,
-            Some(ips) => NodePortMatch::Ips(ips),
-        };
-        Context {
-            family,
-            mark: 1 << config.masquerade_bit,
-            masquerade_all: config.masquerade_all,
-            local,
-            nodeports,
-            node_ips: node.node_ips.clone(),
-            service_cidrs: Vec::new(),
-        }
+        Context(FamilyContext::resolve(&config.policy(), family, node))
     }
 
     /// The same context with these ServiceCIDRs.
-    pub fn with_service_cidrs(mut self, cidrs: &[IpNet]) -> Context {
-        self.service_cidrs = cidrs.to_vec();
-        self
+    pub fn with_service_cidrs(self, cidrs: &[IpNet]) -> Context {
+        Context(self.0.with_service_cidrs(cidrs))
     }
 
     /// `ip` or `ip6`.
@@ -119,23 +80,23 @@ impl Context {
     pub fn local_match(&self, negate: bool) -> Option<String> {
         let op = if negate { "!= " } else { "" };
         self.local.as_ref().map(|m| match m {
-            LocalMatch::Saddr(cidrs) => {
+            LocalTraffic::FromCidrs(cidrs) => {
                 let list: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
                 format!("{} saddr {op}{{ {} }}", self.ip(), list.join(", "))
             }
-            LocalMatch::Interface(name) => format!("iifname {op}\"{name}\""),
-            LocalMatch::InterfacePrefix(prefix) => format!("iifname {op}\"{prefix}*\""),
+            LocalTraffic::FromInterface(name) => format!("iifname {op}\"{name}\""),
+            LocalTraffic::FromInterfacePrefix(prefix) => format!("iifname {op}\"{prefix}*\""),
         })
     }
 
     /// Match for packets addressed to a NodePort-accepting address.
     pub fn nodeport_match(&self) -> String {
         match self.nodeports {
-            NodePortMatch::AllLocal => match self.family {
+            NodePortDestinations::AllLocal => match self.family {
                 IpFamily::V4 => "fib daddr type local ip daddr != 127.0.0.0/8".into(),
                 IpFamily::V6 => "fib daddr type local ip6 daddr != ::1".into(),
             },
-            NodePortMatch::Ips(_) => format!("{} daddr @nodeport-ips", self.ip()),
+            NodePortDestinations::Addresses(_) => format!("{} daddr @nodeport-ips", self.ip()),
         }
     }
 }
@@ -148,39 +109,16 @@ mod tests {
         NodeView {
             node_ips: vec!["192.0.2.10".parse().unwrap()],
             pod_cidrs: vec!["198.18.1.0/24".parse().unwrap()],
-            local_addresses: vec![
-                "127.0.0.1".parse().unwrap(),
-                "192.0.2.10".parse().unwrap(),
-                "192.0.2.11".parse().unwrap(),
-                "10.9.9.9".parse().unwrap(),
-            ],
+            local_addresses: vec!["192.0.2.10".parse().unwrap()],
         }
     }
 
     #[test]
-    fn node_port_addresses() {
+    fn node_port_addresses_in_nft() {
         let mut config = NftConfig::default();
-        let ctx = Context::resolve(&config, IpFamily::V4, &node());
         assert_eq!(
-            ctx.nodeports,
-            NodePortMatch::Ips(vec!["192.0.2.10".parse().unwrap()]),
-            "primary"
-        );
-        config.node_port_addresses =
-            NodePortAddresses::Cidrs(vec!["192.0.2.0/24".parse().unwrap()]);
-        let ctx = Context::resolve(&config, IpFamily::V4, &node());
-        assert_eq!(
-            ctx.nodeports,
-            NodePortMatch::Ips(vec![
-                "192.0.2.10".parse().unwrap(),
-                "192.0.2.11".parse().unwrap()
-            ])
-        );
-        let ctx6 = Context::resolve(&config, IpFamily::V6, &NodeView::default());
-        assert_eq!(
-            ctx6.nodeports,
-            NodePortMatch::AllLocal,
-            "no IPv6 CIDR in the list: all IPv6 addresses"
+            Context::resolve(&config, IpFamily::V4, &node()).nodeport_match(),
+            "ip daddr @nodeport-ips"
         );
         config.node_port_addresses = NodePortAddresses::All;
         assert_eq!(
@@ -190,12 +128,11 @@ mod tests {
     }
 
     #[test]
-    fn local_detection() {
+    fn local_detection_in_nft() {
         let mut config = NftConfig::default();
         assert_eq!(
-            Context::resolve(&config, IpFamily::V4, &node()).local,
-            None,
-            "no clusterCIDR: no detector"
+            Context::resolve(&config, IpFamily::V4, &node()).local_match(true),
+            None
         );
         config.detect_local = DetectLocal::ClusterCidr(vec![
             "198.18.0.0/16".parse().unwrap(),

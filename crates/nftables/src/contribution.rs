@@ -152,11 +152,7 @@ fn contribute_all(plan: &ServicePortPlan, ctx: &Context) -> Contribution {
 
     // loadBalancerSourceRanges: only load-balancer IPs are filtered.
     if !port.load_balancer_source_ranges.is_empty() {
-        let node_ip_in_range = ctx.node_ips.iter().any(|ip| {
-            port.load_balancer_source_ranges
-                .iter()
-                .any(|r| r.contains(ip))
-        });
+        let node_ip_in_range = ctx.lb_ips_allowed_as_sources(&port.load_balancer_source_ranges);
         for vip in &port.load_balancer_vips {
             c.elements.push((
                 SetName::FirewallIps,

@@ -21,12 +21,13 @@ use kube_proxy_model::dataplane::{Dataplane, SyncError, SyncErrorKind, SyncInput
 use kube_proxy_model::plan::ServicePortPlan;
 use kube_proxy_model::{IpFamily, ServicePortName};
 
-use crate::context::{Context, NftConfig, NodePortMatch};
+use crate::context::{Context, NftConfig};
 use crate::contribution::{contribute, AffinitySet, ChainDef, Contribution};
 use crate::elements::{quote, Key, SetName, Value};
 use crate::kernel::{self, Kernel, KernelTable};
 use crate::skeleton::{self, Slots, TABLE};
 use crate::transaction::{ElementCommand, Transaction};
+use kube_proxy_model::context::NodePortDestinations;
 
 /// Runs a transaction against the kernel (`nft -f -`), or anything that stands in for it.
 pub trait Runner: Send {
@@ -441,10 +442,7 @@ fn full_sync(
             std::mem::take(&mut state.affinity_sets),
             std::mem::take(&mut state.dnat_created),
             state.slots,
-            state
-                .ctx
-                .as_ref()
-                .is_some_and(|c| matches!(c.nodeports, NodePortMatch::Ips(_))),
+            state.ctx.as_ref().is_some_and(|c| c.nodeports_restricted()),
         ),
         FullMode::Rebuild | FullMode::Fresh => Default::default(),
     };
@@ -487,7 +485,7 @@ fn full_sync(
         }
         state.by_port.insert(name.clone(), plan.clone());
     }
-    if let NodePortMatch::Ips(ips) = &ctx.nodeports {
+    if let NodePortDestinations::Addresses(ips) = &ctx.nodeports {
         let set = elements.entry(SetName::NodePortIps).or_default();
         set.extend(ips.iter().map(|ip| (Key::Addr(*ip), Value::None)));
     }
@@ -603,7 +601,7 @@ fn full_sync(
                 format!("delete {} {fam} {TABLE} {}", set.keyword(), set.name()),
             );
         }
-        if old_nodeport_ips && !matches!(ctx.nodeports, NodePortMatch::Ips(_)) {
+        if old_nodeport_ips && !ctx.nodeports_restricted() {
             cleanup.line(None, format!("delete set {fam} {TABLE} nodeport-ips"));
         }
         delete_due_stale_chains(state, fam, now, &mut cleanup);

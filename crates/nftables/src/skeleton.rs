@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::context::{Context, NodePortMatch};
+use crate::context::Context;
 use crate::elements::SetName;
 use crate::transaction::Transaction;
 
@@ -54,7 +54,7 @@ const ALWAYS_SETS: [SetName; 12] = [
 /// Sets and maps that always exist (`nodeport-ips` only when NodePorts are restricted).
 pub fn static_sets(ctx: &Context) -> Vec<SetName> {
     let mut sets = ALWAYS_SETS.to_vec();
-    if matches!(ctx.nodeports, NodePortMatch::Ips(_)) {
+    if ctx.nodeports_restricted() {
         sets.push(SetName::NodePortIps);
     }
     sets
