@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube_proxy::event_loop::{EventLoop, NodeAddressing};
-use kube_proxy::nft_runner::NftCommand;
-use kube_proxy::scheduler::{SchedulerConfig, SyncKind};
+use kube_proxy::kernel::nft_runner::NftCommand;
 use kube_proxy::source::{ObjectEvent, SourceEvent};
+use kube_proxy::sync::event_loop::{EventLoop, NodeAddressing};
+use kube_proxy::sync::scheduler::{SchedulerConfig, SyncKind};
 use kube_proxy_config::{DetectLocal, NodePortAddresses};
 use kube_proxy_model::{IpFamily, PlanContext};
 use kube_proxy_nftables::{Kernel, NftConfig, NftProxier, RunError, Runner, Transaction};

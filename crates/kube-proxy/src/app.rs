@@ -13,11 +13,11 @@ use kube_proxy_model::{IpFamily, PlanContext, SelectionGates};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::dataplane::{Dataplane, PrintFormat, StatePrinter};
-use crate::event_loop::EventLoop;
-use crate::scheduler::SchedulerConfig;
 use crate::source;
-use crate::sync_status::SharedSyncStatus;
+use crate::sync::dataplane::{Dataplane, PrintFormat, StatePrinter};
+use crate::sync::event_loop::EventLoop;
+use crate::sync::scheduler::SchedulerConfig;
+use crate::sync::sync_status::SharedSyncStatus;
 
 pub fn main(args: Vec<OsString>) -> ExitCode {
     let flags = match Flags::try_parse_from(args) {
@@ -86,7 +86,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         },
     };
 
-    crate::logging::init(effective.settings.verbosity);
+    crate::telemetry::logging::init(effective.settings.verbosity);
     for warning in &effective.warnings {
         warn!("{warning}");
     }
@@ -103,7 +103,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     }
     if flags.init_only == Some(true) {
         if effective.settings.mode == ProxyMode::Nftables {
-            if let Err(e) = crate::nft_runner::check_nft() {
+            if let Err(e) = crate::kernel::nft_runner::check_nft() {
                 error!("{e}");
                 return ExitCode::FAILURE;
             }
@@ -144,8 +144,8 @@ fn programs_kernel(
 /// The privileged one-time steps (upstream's platform setup): conntrack sysctls and the OOM
 /// score. Failures are logged, never fatal, as upstream.
 fn privileged_setup(effective: &EffectiveConfig) {
-    crate::node_setup::apply_conntrack(&effective.settings.conntrack);
-    crate::node_setup::apply_oom_score_adj(effective.settings.oom_score_adj);
+    crate::kernel::node_setup::apply_conntrack(&effective.settings.conntrack);
+    crate::kernel::node_setup::apply_oom_score_adj(effective.settings.oom_score_adj);
 }
 
 /// `--cleanup`: removes everything the nftables mode programs (upstream's and ours: the
@@ -156,7 +156,7 @@ fn cleanup() -> ExitCode {
     use kube_proxy_nftables::Runner;
     let mut failed = false;
     for family in ["ip", "ip6"] {
-        let mut nft = crate::nft_runner::NftCommand::default();
+        let mut nft = crate::kernel::nft_runner::NftCommand::default();
         // `add` first makes the delete succeed whether or not the table existed.
         match nft.apply(&format!(
             "add table {family} kube-proxy\ndelete table {family} kube-proxy\n"
@@ -168,7 +168,7 @@ fn cleanup() -> ExitCode {
             }
         }
     }
-    failed |= !crate::iptables_cleanup::remove_leftovers();
+    failed |= !crate::kernel::iptables_cleanup::remove_leftovers();
     if failed {
         ExitCode::FAILURE
     } else {
@@ -250,16 +250,16 @@ async fn run(
             .unwrap_or(true),
     };
     let status: SharedSyncStatus = Arc::default();
-    let metrics = Arc::new(crate::metrics::Metrics::new(settings.mode));
+    let metrics = Arc::new(crate::telemetry::metrics::Metrics::new(settings.mode));
     metrics.initialize(&IpFamily::ALL);
     // Upstream's timeout: a change queued longer than twice the sync period is unhealthy.
-    let health = crate::health::HealthState {
+    let health = crate::servers::health::HealthState {
         status: status.clone(),
         timeout: settings.sync_period * 2,
         metrics: metrics.clone(),
     };
     if let Some(address) = settings.healthz_bind_address {
-        spawn_server(crate::health::serve(
+        spawn_server(crate::servers::health::serve(
             address,
             health.clone(),
             settings.bind_address_hard_fail,
@@ -268,14 +268,16 @@ async fn run(
     if let Some(address) = settings.metrics_bind_address {
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
-        registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
-        let server = crate::metrics_server::MetricsServer {
+        registry.register_collector(Box::new(
+            crate::telemetry::process_metrics::ProcessCollector,
+        ));
+        let server = crate::servers::metrics_server::MetricsServer {
             registry,
             mode: settings.mode.as_str(),
             configz: configz(&effective),
             enable_profiling: settings.enable_profiling,
         };
-        spawn_server(crate::metrics_server::serve(
+        spawn_server(crate::servers::metrics_server::serve(
             address,
             Arc::new(server),
             settings.bind_address_hard_fail,
@@ -288,9 +290,9 @@ async fn run(
         PlanContext { gates },
         dataplane,
         status,
-        crate::event_loop::NodeAddressing {
+        crate::sync::event_loop::NodeAddressing {
             bind_address: settings.bind_address,
-            local_addresses: Box::new(crate::host::local_addresses),
+            local_addresses: Box::new(crate::kernel::host::local_addresses),
         },
     );
     let mut event_loop = event_loop
@@ -299,33 +301,35 @@ async fn run(
     if flags.manifests.is_none() {
         // As upstream: the first ruleset is written with the node's IPs (and pod CIDRs when
         // they tell local traffic), so wait for the Node. Standalone manifests may not have one.
-        event_loop = event_loop.wait_for_node(crate::event_loop::NodeWait {
+        event_loop = event_loop.wait_for_node(crate::sync::event_loop::NodeWait {
             need_pod_cidrs: settings.detect_local == kube_proxy_config::DetectLocal::NodeCidr,
-            timeout: crate::event_loop::NodeWait::UPSTREAM_TIMEOUT,
+            timeout: crate::sync::event_loop::NodeWait::UPSTREAM_TIMEOUT,
         });
     }
     if programs_kernel(&flags, settings, print_format) {
         // Taking over from upstream's iptables or ipvs mode: their rules go once ours are in
         // place (not before, so traffic keeps flowing during the switch).
         event_loop = event_loop.after_first_sync(Box::new(|| {
-            crate::iptables_cleanup::remove_leftovers();
+            crate::kernel::iptables_cleanup::remove_leftovers();
         }));
         // Health-check node ports belong to a proxy that programs the node's traffic.
-        event_loop = event_loop.with_health_checks(crate::service_health::HealthCheckServers::new(
-            tokio::runtime::Handle::current(),
-            health,
-            settings.node_port_addresses.clone(),
-        ));
+        event_loop =
+            event_loop.with_health_checks(crate::servers::service_health::HealthCheckServers::new(
+                tokio::runtime::Handle::current(),
+                health,
+                settings.node_port_addresses.clone(),
+            ));
         if flags.conntrack_cleanup == Some(false) {
             warn!("--conntrack-cleanup=false: stale UDP conntrack entries are not deleted");
         } else {
-            event_loop = event_loop.with_conntrack_cleanup(Box::new(crate::conntrack::reconcile));
+            event_loop =
+                event_loop.with_conntrack_cleanup(Box::new(crate::kernel::conntrack::reconcile));
         }
     }
     // The loop owns all state and blocks while a dataplane applies rules, so it gets its own
     // thread and runtime; sources and servers stay responsive on the main runtime.
     let (done_tx, done_rx) =
-        tokio::sync::oneshot::channel::<Result<(), crate::event_loop::LoopError>>();
+        tokio::sync::oneshot::channel::<Result<(), crate::sync::event_loop::LoopError>>();
     std::thread::Builder::new()
         .name("sync-loop".into())
         .spawn(move || {
@@ -383,15 +387,15 @@ fn build_dataplane(
                 info!("--dry-run: printing nft transactions instead of applying them");
                 return Ok(Box::new(kube_proxy_nftables::NftProxier::new(
                     config,
-                    crate::nft_runner::PrintTransactions,
+                    crate::kernel::nft_runner::PrintTransactions,
                     clock,
                 )));
             }
-            let version = crate::nft_runner::check_nft().map_err(anyhow::Error::msg)?;
+            let version = crate::kernel::nft_runner::check_nft().map_err(anyhow::Error::msg)?;
             info!(nft = %version, "Using the nftables dataplane");
             Ok(Box::new(kube_proxy_nftables::NftProxier::new(
                 config,
-                crate::nft_runner::NftCommand::default(),
+                crate::kernel::nft_runner::NftCommand::default(),
                 clock,
             )))
         }

@@ -1,27 +1,18 @@
-//! kube-proxy-rs, the binary's library: sources of cluster state, the event loop, the sync
-//! scheduler, dataplanes, logging and the process start-up.
+//! kube-proxy-rs, the binary's library, by role: `source` (cluster state from the API server
+//! or manifests), `sync` (the event loop, its scheduler, the dataplanes it drives), `servers`
+//! (health, metrics, health-check node ports), `telemetry` (logs and metrics), `kernel` (the
+//! only code that touches the kernel: nft and netlink, conntrack, sysctls), and `app` (the
+//! process start-up that wires them).
 //!
 //! Policy lives in `kube-proxy-model` and configuration in `kube-proxy-config` (both pure);
 //! this crate is the I/O rim that wires them to the API server, files and the kernel.
 
 pub mod app;
-pub mod conntrack;
-pub mod dataplane;
-pub mod event_loop;
-pub mod health;
-pub mod host;
-pub mod http;
-pub mod iptables_cleanup;
-pub mod logging;
-pub mod metrics;
-pub mod metrics_server;
-pub mod nft_runner;
-pub mod node_setup;
-pub mod process_metrics;
-pub mod scheduler;
-pub mod service_health;
+pub mod kernel;
+pub mod servers;
 pub mod source;
-pub mod sync_status;
+pub mod sync;
+pub mod telemetry;
 
 /// The Kubernetes release whose kube-proxy this one replaces.
 pub const KUBERNETES_VERSION: &str = "v1.36.0";

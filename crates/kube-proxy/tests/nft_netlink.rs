@@ -9,7 +9,7 @@ mod testbed;
 use std::process::Command;
 use std::sync::Arc;
 
-use kube_proxy::nft_runner::NftCommand;
+use kube_proxy::kernel::nft_runner::NftCommand;
 use kube_proxy_model::{IpFamily, NamespacedName, Protocol, ServicePortName};
 use kube_proxy_nftables::elements::{Key, SetName, Value};
 use kube_proxy_nftables::{ElementCommand, RunError, Runner, Transaction};

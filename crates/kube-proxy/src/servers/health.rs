@@ -22,9 +22,9 @@ use hyper::{Response, StatusCode};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::logging::rfc3339_nanos;
-use crate::metrics::{CodeLabels, Metrics};
-use crate::sync_status::{SharedSyncStatus, SyncStatus};
+use crate::sync::sync_status::{SharedSyncStatus, SyncStatus};
+use crate::telemetry::logging::rfc3339_nanos;
+use crate::telemetry::metrics::{CodeLabels, Metrics};
 
 /// One family's part of the body.
 #[derive(serde::Serialize)]
@@ -110,12 +110,12 @@ pub struct HealthState {
 }
 
 /// Serves `/healthz` and `/livez` on `address` until the process ends (bind failures: see
-/// [`crate::http::bind`]).
+/// [`crate::servers::http::bind`]).
 pub async fn serve(address: SocketAddr, state: HealthState, hard_fail: bool) -> anyhow::Result<()> {
-    let listener = crate::http::bind(address, "health server", hard_fail).await?;
+    let listener = crate::servers::http::bind(address, "health server", hard_fail).await?;
     info!(address = %address, "Serving /healthz and /livez");
-    let handler: crate::http::Handler = Arc::new(move |req| respond(&req.path, &state));
-    crate::http::serve(listener, handler, CancellationToken::new()).await;
+    let handler: crate::servers::http::Handler = Arc::new(move |req| respond(&req.path, &state));
+    crate::servers::http::serve(listener, handler, CancellationToken::new()).await;
     Ok(())
 }
 
@@ -124,7 +124,7 @@ pub fn respond(path: &str, state: &HealthState) -> Response<Full<Bytes>> {
     let probe = match path {
         "/healthz" => Probe::Healthz,
         "/livez" => Probe::Livez,
-        _ => return crate::http::not_found(),
+        _ => return crate::servers::http::not_found(),
     };
     let computed = reply(
         &state.status.lock().unwrap(),
@@ -138,7 +138,7 @@ pub fn respond(path: &str, state: &HealthState) -> Response<Full<Bytes>> {
         Probe::Livez => &state.metrics.livez_total,
     };
     counter.get_or_create(&CodeLabels { code }).inc();
-    crate::http::with_type(
+    crate::servers::http::with_type(
         StatusCode::from_u16(computed.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         "application/json",
         computed.body,
@@ -148,7 +148,7 @@ pub fn respond(path: &str, state: &HealthState) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync_status::NodeHealth;
+    use crate::sync::sync_status::NodeHealth;
     use kube_proxy_model::IpFamily;
 
     const TIMEOUT: Duration = Duration::from_secs(60);

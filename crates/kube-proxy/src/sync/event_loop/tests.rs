@@ -6,7 +6,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 
 use super::*;
-use crate::dataplane::{SyncError, SyncInput, SyncReport};
+use crate::sync::dataplane::{SyncError, SyncInput, SyncReport};
 
 /// Records every sync; fails while `fail` is set.
 /// One recorded sync: family, number of service ports, changed ports, full.
@@ -232,7 +232,7 @@ fn sample(metrics: &Metrics, series: &str) -> Option<f64> {
     metrics.register(&mut registry);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    let text = crate::metrics_server::openmetrics_to_classic(&text);
+    let text = crate::servers::metrics_server::openmetrics_to_classic(&text);
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
@@ -366,7 +366,7 @@ fn conntrack_cleanup_runs_when_udp_ports_change() {
         .with_metrics(metrics.clone())
         .with_conntrack_cleanup(Box::new(move |family, _state, _addresses| {
             seen.lock().unwrap().push(family);
-            Ok(crate::conntrack::Reconciled {
+            Ok(crate::kernel::conntrack::Reconciled {
                 listed: 5,
                 deleted: 2,
             })

@@ -92,7 +92,7 @@ pub fn render_json(
     let ports: Vec<&Arc<ServicePortPlan>> = plan.services.values().collect();
     let doc = serde_json::json!({
         "family": family,
-        "time": crate::logging::rfc3339_nanos(SystemTime::now()),
+        "time": crate::telemetry::logging::rfc3339_nanos(SystemTime::now()),
         "changed": changed,
         "servicePorts": ports,
     });

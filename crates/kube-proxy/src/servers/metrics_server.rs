@@ -19,7 +19,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::http::{not_found, text, with_type, SimpleRequest};
+use crate::servers::http::{not_found, text, with_type, SimpleRequest};
 
 /// What the metrics server serves.
 pub struct MetricsServer {
@@ -77,12 +77,15 @@ impl MetricsServer {
 /// `GET` prints the current `-v`; `PUT` with a number sets it (upstream's `/debug/flags/v`).
 fn verbosity_flag(req: &SimpleRequest) -> Response<Full<Bytes>> {
     match req.method {
-        Method::GET => text(StatusCode::OK, format!("{}\n", crate::logging::verbosity())),
+        Method::GET => text(
+            StatusCode::OK,
+            format!("{}\n", crate::telemetry::logging::verbosity()),
+        ),
         Method::PUT => {
             let value = String::from_utf8_lossy(&req.body).trim().to_string();
             match value.parse::<u32>() {
                 Ok(v) => {
-                    crate::logging::set_verbosity(v);
+                    crate::telemetry::logging::set_verbosity(v);
                     info!(
                         verbosity = v,
                         "Log verbosity changed through /debug/flags/v"
@@ -170,17 +173,17 @@ pub async fn serve(
     server: Arc<MetricsServer>,
     hard_fail: bool,
 ) -> anyhow::Result<()> {
-    let listener = crate::http::bind(address, "metrics server", hard_fail).await?;
+    let listener = crate::servers::http::bind(address, "metrics server", hard_fail).await?;
     info!(address = %address, "Serving /metrics, /healthz, /proxyMode and /configz");
-    let handler: crate::http::Handler = Arc::new(move |req| server.respond(&req));
-    crate::http::serve(listener, handler, CancellationToken::new()).await;
+    let handler: crate::servers::http::Handler = Arc::new(move |req| server.respond(&req));
+    crate::servers::http::serve(listener, handler, CancellationToken::new()).await;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::telemetry::metrics::Metrics;
     use kube_proxy_config::ProxyMode;
     use kube_proxy_model::IpFamily;
 

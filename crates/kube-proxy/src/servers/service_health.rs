@@ -27,7 +27,7 @@ use kube_proxy_model::{ClusterState, IpFamily, NamespacedName, NodeView};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::health::HealthState;
+use crate::servers::health::HealthState;
 
 /// What one Service's health check serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -305,7 +305,7 @@ impl HealthCheckServers {
             let stop = instance.stop.clone();
             self.runtime.spawn(async move {
                 match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => crate::http::serve(listener, handler, stop).await,
+                    Ok(listener) => crate::servers::http::serve(listener, handler, stop).await,
                     Err(e) => warn!(error = %e, "Cannot serve a health check node port"),
                 }
             });
@@ -316,7 +316,7 @@ impl HealthCheckServers {
         &self,
         name: NamespacedName,
         counts: Arc<Mutex<BTreeMap<IpFamily, usize>>>,
-    ) -> crate::http::Handler {
+    ) -> crate::servers::http::Handler {
         let health = self.health.clone();
         Arc::new(move |req| {
             // The family of the address the request arrived on (IPv4-mapped is IPv4).
@@ -331,7 +331,7 @@ impl HealthCheckServers {
                 .unwrap()
                 .healthy(SystemTime::now(), health.timeout);
             let (status, body) = reply(&name, count, healthy);
-            let mut response = crate::http::with_type(status, "application/json", body);
+            let mut response = crate::servers::http::with_type(status, "application/json", body);
             if let Ok(value) = count.to_string().parse() {
                 response
                     .headers_mut()

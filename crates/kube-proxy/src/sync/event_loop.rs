@@ -16,11 +16,11 @@ use kube_proxy_model::{FamilyPlan, IpFamily, PlanContext, Protocol, ServicePortN
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, trace, warn};
 
-use crate::dataplane::{Dataplane, NodeView, SyncInput};
-use crate::metrics::{family_labels, unix_seconds, Metrics, NoLocalEndpoints};
-use crate::scheduler::{Scheduler, SchedulerConfig, SyncKind};
 use crate::source::{ObjectEvent, SourceEvent};
-use crate::sync_status::SharedSyncStatus;
+use crate::sync::dataplane::{Dataplane, NodeView, SyncInput};
+use crate::sync::scheduler::{Scheduler, SchedulerConfig, SyncKind};
+use crate::sync::sync_status::SharedSyncStatus;
+use crate::telemetry::metrics::{family_labels, unix_seconds, Metrics, NoLocalEndpoints};
 use kube_proxy_model::dataplane::SyncErrorKind;
 
 /// What a family still has to program: changes since its last successful sync.
@@ -84,7 +84,7 @@ pub struct EventLoop {
     /// Deletes stale UDP conntrack entries of a family after a sync that changed UDP ports.
     conntrack_cleanup: Option<ConntrackCleanup>,
     /// Health-check node ports of eTP-Local load balancers.
-    health_checks: Option<crate::service_health::HealthCheckServers>,
+    health_checks: Option<crate::servers::service_health::HealthCheckServers>,
     /// Run once, after the first sync in which every family was programmed.
     after_first_sync: Option<Box<dyn FnOnce() + Send>>,
     /// Trigger times older than this are from before the proxy started (a relist), not
@@ -118,13 +118,13 @@ pub enum LoopError {
 }
 
 /// Deletes the stale UDP conntrack entries of a family given the state and this host's
-/// addresses of that family (see `crate::conntrack::reconcile`).
+/// addresses of that family (see `crate::kernel::conntrack::reconcile`).
 pub type ConntrackCleanup = Box<
     dyn FnMut(
             IpFamily,
             &ClusterState,
             &[std::net::IpAddr],
-        ) -> std::io::Result<crate::conntrack::Reconciled>
+        ) -> std::io::Result<crate::kernel::conntrack::Reconciled>
         + Send,
 >;
 
@@ -199,7 +199,7 @@ impl EventLoop {
     /// Serves health-check node ports with `servers`, updated after every sync.
     pub fn with_health_checks(
         mut self,
-        servers: crate::service_health::HealthCheckServers,
+        servers: crate::servers::service_health::HealthCheckServers,
     ) -> Self {
         self.health_checks = Some(servers);
         self
@@ -454,10 +454,12 @@ impl EventLoop {
         if node_event {
             // Only Node events change what /healthz reports about the node.
             self.status.lock().unwrap().node =
-                self.state.node().map(|n| crate::sync_status::NodeHealth {
-                    deleting: n.deleting,
-                    to_be_deleted: n.to_be_deleted,
-                });
+                self.state
+                    .node()
+                    .map(|n| crate::sync::sync_status::NodeHealth {
+                        deleting: n.deleting,
+                        to_be_deleted: n.to_be_deleted,
+                    });
         }
         if self.state.ready_to_sync() {
             if !self.announced_ready {

@@ -1,0 +1,6 @@
+//! What the process tells operators: klog-style logs with `-v` levels, upstream's metrics,
+//! and the process metrics.
+
+pub mod logging;
+pub mod metrics;
+pub mod process_metrics;
