@@ -1,12 +1,20 @@
 //! An in-memory `nft`: applies the subset of nft commands this dataplane writes to a copy of
 //! its tables and keeps the copy only when every command succeeded, failing where the kernel
 //! fails (a missing object, a duplicate element with other data, a `flush set` on a map, a
-//! chain or set deleted while something still refers to it). Tests use it to check, without
-//! root, that a series of partial syncs leaves the same tables as one full sync.
+//! chain or set deleted while something still refers to it), and, when `readable`, lists
+//! them as the netlink runner does. Tests use it to check, without root, that a series of
+//! partial syncs leaves the same tables as one full sync.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
+use kube_proxy_model::{IpFamily, Protocol};
+
+use crate::elements::{Key, SetName, Value};
+use crate::kernel::{Kernel, KernelTable};
+use crate::netlink::{self, ElementData};
 use crate::proxier::{RunError, Runner};
+use crate::skeleton;
 
 /// One table of the fake kernel.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -28,9 +36,54 @@ pub struct FakeSet {
 pub struct FakeNft {
     pub tables: BTreeMap<String, FakeTable>,
     pub transactions: usize,
+    /// The last transaction applied.
+    pub last: String,
+    /// Answer `snapshot` with the tables (as the netlink runner does); otherwise `Unknown`.
+    pub readable: bool,
 }
 
 impl Runner for FakeNft {
+    fn snapshot(&mut self, family: IpFamily) -> Result<Kernel, RunError> {
+        if !self.readable {
+            return Ok(Kernel::Unknown);
+        }
+        let fam = match family {
+            IpFamily::V4 => "ip",
+            IpFamily::V6 => "ip6",
+        };
+        let Some(table) = self.tables.get(fam) else {
+            return Ok(Kernel::Absent);
+        };
+        let mut listed = KernelTable {
+            chains: table.chains.keys().cloned().collect(),
+            hooked: table
+                .chains
+                .get("nat-prerouting")
+                .is_some_and(|rules| !rules.is_empty()),
+            ..Default::default()
+        };
+        for (name, set) in &table.sets {
+            // Interval and timeout sets are not compared, as with the kernel's listing.
+            let elements = skeleton::set_named(name)
+                .filter(|s| *s != SetName::FirewallAllow)
+                .map(|kind| {
+                    set.elements
+                        .iter()
+                        .map(|(key, value)| {
+                            let key = parse_key(kind, key)
+                                .unwrap_or_else(|| panic!("unparsable key {key:?} in {name}"));
+                            (
+                                netlink::key_bytes(&key),
+                                ElementData::of(&parse_value(value)),
+                            )
+                        })
+                        .collect()
+                });
+            listed.sets.insert(name.clone(), elements);
+        }
+        Ok(Kernel::Present(listed))
+    }
+
     fn apply(&mut self, script: &str) -> Result<(), RunError> {
         let mut next = self.tables.clone();
         for (index, line) in script.lines().enumerate() {
@@ -39,6 +92,7 @@ impl Runner for FakeNft {
         }
         self.tables = next;
         self.transactions += 1;
+        self.last = script.to_string();
         Ok(())
     }
 }
@@ -189,6 +243,37 @@ fn apply_line(tables: &mut BTreeMap<String, FakeTable>, line: &str) -> Result<()
         _ => return Err(format!("unsupported {line:?}")),
     }
     Ok(())
+}
+
+/// An element key as written (`198.19.0.1 . tcp . 80`), by the layout of its set.
+fn parse_key(set: SetName, text: &str) -> Option<Key> {
+    let parts: Vec<&str> = text.split(" . ").collect();
+    let ip = |s: &str| s.parse::<IpAddr>().ok();
+    let proto = |s: &str| match s {
+        "tcp" => Some(Protocol::Tcp),
+        "udp" => Some(Protocol::Udp),
+        "sctp" => Some(Protocol::Sctp),
+        _ => None,
+    };
+    let port = |s: &str| s.parse::<u16>().ok();
+    Some(match (set, parts.as_slice()) {
+        (SetName::ClusterIps | SetName::NodePortIps, [a]) => Key::Addr(ip(a)?),
+        (SetName::HairpinConnections, [a, _, p, n]) => Key::Hairpin(ip(a)?, proto(p)?, port(n)?),
+        (_, [a, p, n]) => Key::Frontend(ip(a)?, proto(p)?, port(n)?),
+        (_, [p, n]) => Key::NodePort(proto(p)?, port(n)?),
+        _ => return None,
+    })
+}
+
+/// A map element's value as written (`198.18.0.2 . 8080`, `goto chain`, or nothing).
+fn parse_value(text: &str) -> Value {
+    if let Some(chain) = text.strip_prefix("goto ") {
+        return Value::Goto(chain.into());
+    }
+    match text.split_once(" . ") {
+        Some((ip, port)) => Value::Endpoint(ip.parse().unwrap(), port.parse().unwrap()),
+        None => Value::None,
+    }
 }
 
 /// Chains a rule or verdict jumps or goes to.

@@ -696,7 +696,26 @@ fn observable(tables: &std::collections::BTreeMap<String, crate::fake::FakeTable
 /// and eTP Local are in the mix.
 #[test]
 fn partial_syncs_equal_one_full_sync_in_the_fake_kernel() {
+    partial_syncs_equal_one_full_sync(false);
+}
+
+/// The same with a kernel that can be read: full syncs write only the differences, and new
+/// tables are built in stages (the threshold is set low).
+#[test]
+fn partial_syncs_equal_one_full_sync_in_a_readable_fake_kernel() {
+    partial_syncs_equal_one_full_sync(true);
+}
+
+fn partial_syncs_equal_one_full_sync(readable: bool) {
     use crate::fake::FakeNft;
+    let config = || NftConfig {
+        staged_build_above: 4,
+        ..config()
+    };
+    let fake = || FakeNft {
+        readable,
+        ..Default::default()
+    };
     let mut seed: u64 = 0x9e3779b97f4a7c15;
     let mut next = move |n: u64| {
         seed ^= seed << 13;
@@ -710,7 +729,7 @@ fn partial_syncs_equal_one_full_sync_in_the_fake_kernel() {
     let mut plan = FamilyPlan::default();
     let mut proxier = NftProxier::new(
         config(),
-        FakeNft::default(),
+        fake(),
         Box::new(move || *clock_now.lock().unwrap()),
     );
     let node = NodeView {
@@ -782,7 +801,7 @@ fn partial_syncs_equal_one_full_sync_in_the_fake_kernel() {
         sync(&mut proxier, &mut state, &mut plan, false);
         if step % 20 == 19 {
             let mut fresh_plan = FamilyPlan::default();
-            let mut fresh = NftProxier::new(config(), FakeNft::default(), Box::new(Instant::now));
+            let mut fresh = NftProxier::new(config(), fake(), Box::new(Instant::now));
             let changed = fresh_plan.update(
                 &state,
                 IpFamily::V4,
@@ -805,13 +824,47 @@ fn partial_syncs_equal_one_full_sync_in_the_fake_kernel() {
                 observable(&fresh.runner().tables),
                 "after step {step}"
             );
-            // An in-place full sync of the same state: nothing visible changes.
+            if readable {
+                assert!(
+                    fresh.runner().transactions > 2,
+                    "a new table is built in stages"
+                );
+            }
+            // An in-place full sync of the same state: nothing visible changes, and with a
+            // readable kernel it writes not one element...
             sync(&mut proxier, &mut state, &mut plan, true);
+            if readable {
+                let last = &proxier.runner().last;
+                assert!(!last.contains(" element "), "after step {step}: {last}");
+            }
             assert_eq!(
                 observable(&proxier.runner().tables),
                 partial,
                 "in-place full sync after step {step}"
             );
+            // ...and repairs drift: one of our elements gone, a foreign one added.
+            if readable {
+                let table = proxier.runner_mut().tables.get_mut("ip").unwrap();
+                if let Some(set) = table
+                    .sets
+                    .iter_mut()
+                    .find(|(name, set)| *name != "firewall-allow" && !set.elements.is_empty())
+                    .map(|(_, set)| set)
+                {
+                    let first = set.elements.keys().next().unwrap().clone();
+                    set.elements.remove(&first);
+                }
+                let reject = table.sets.get_mut("no-endpoint-reject").unwrap();
+                reject
+                    .elements
+                    .insert("203.0.113.9 . tcp . 9".into(), String::new());
+                sync(&mut proxier, &mut state, &mut plan, true);
+                assert_eq!(
+                    observable(&proxier.runner().tables),
+                    partial,
+                    "drift repaired after step {step}"
+                );
+            }
         }
     }
     assert!(proxier.runner().transactions > 100);
