@@ -3,7 +3,8 @@
 //! is needed (upstream dropped it too).
 //!
 //! The decision which entries are stale is pure (`kube_proxy_model::conntrack`); this module
-//! only talks to the kernel, and [`Reconciler`] ties both to the sync loop.
+//! only talks to the kernel (behind [`UdpFlows`], with an in-memory [`FakeUdpFlows`] for
+//! tests), and [`reconcile`] ties both to the sync loop.
 
 use std::io;
 use std::net::IpAddr;
@@ -48,6 +49,46 @@ fn nf_family(family: IpFamily) -> NetfilterProtoFamily {
     match family {
         IpFamily::V4 => NetfilterProtoFamily::IPv4,
         IpFamily::V6 => NetfilterProtoFamily::IPv6,
+    }
+}
+
+/// The UDP entries of the conntrack table, as the reconciler needs them: the kernel's
+/// ([`Conntrack`]) or an in-memory one for tests ([`FakeUdpFlows`]).
+pub trait UdpFlows {
+    fn list_udp(&mut self, family: IpFamily) -> io::Result<Vec<UdpEntry>>;
+    /// Deletes one entry by its original tuple; false when it was already gone.
+    fn delete_udp(&mut self, family: IpFamily, entry: &UdpEntry) -> io::Result<bool>;
+}
+
+/// An in-memory conntrack table.
+#[derive(Clone, Debug, Default)]
+pub struct FakeUdpFlows {
+    pub entries: Vec<(IpFamily, UdpEntry)>,
+}
+
+impl UdpFlows for FakeUdpFlows {
+    fn list_udp(&mut self, family: IpFamily) -> io::Result<Vec<UdpEntry>> {
+        Ok(self
+            .entries
+            .iter()
+            .filter(|(f, _)| *f == family)
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+
+    fn delete_udp(&mut self, family: IpFamily, entry: &UdpEntry) -> io::Result<bool> {
+        let before = self.entries.len();
+        self.entries.retain(|(f, e)| !(*f == family && e == entry));
+        Ok(self.entries.len() < before)
+    }
+}
+
+impl UdpFlows for Conntrack {
+    fn list_udp(&mut self, family: IpFamily) -> io::Result<Vec<UdpEntry>> {
+        Conntrack::list_udp(self, family)
+    }
+    fn delete_udp(&mut self, family: IpFamily, entry: &UdpEntry) -> io::Result<bool> {
+        Conntrack::delete_udp(self, family, entry)
     }
 }
 
@@ -248,12 +289,20 @@ pub fn reconcile(
     state: &ClusterState,
     local_addresses: &[IpAddr],
 ) -> io::Result<Reconciled> {
-    let started = Instant::now();
     let filter = StaleFlowFilter::build(state, family, local_addresses);
     if filter.is_empty() {
         return Ok(Reconciled::default());
     }
-    let mut conntrack = Conntrack::open()?;
+    reconcile_with(&mut Conntrack::open()?, family, &filter)
+}
+
+/// Deletes the entries of `flows` that `filter` finds stale.
+pub fn reconcile_with(
+    conntrack: &mut dyn UdpFlows,
+    family: IpFamily,
+    filter: &StaleFlowFilter,
+) -> io::Result<Reconciled> {
+    let started = Instant::now();
     let entries = conntrack.list_udp(family)?;
     let mut result = Reconciled {
         listed: entries.len(),
@@ -279,4 +328,58 @@ pub fn reconcile(
         "Reconciled UDP conntrack entries"
     );
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn entry(dst: &str, port: u16, reply_src: &str) -> UdpEntry {
+        UdpEntry {
+            orig_src: "198.18.9.9".parse().unwrap(),
+            orig_dst: dst.parse().unwrap(),
+            orig_src_port: 40000,
+            orig_dst_port: port,
+            reply_src: reply_src.parse().unwrap(),
+        }
+    }
+
+    /// A UDP Service whose endpoint moved: the flow DNATed to the old endpoint is deleted,
+    /// the one to the current endpoint and an unrelated one are kept.
+    #[test]
+    fn only_flows_to_endpoints_no_longer_serving_are_deleted() {
+        let mut state = ClusterState::new("node-a");
+        state.apply_service(
+            &serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": "dns"},
+                "spec": {"clusterIP": "198.19.0.53", "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}}))
+            .unwrap(),
+        );
+        state.apply_slice(
+            &serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": "dns-1", "labels": {"kubernetes.io/service-name": "dns"}},
+                "addressType": "IPv4", "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}],
+                "endpoints": [{"addresses": ["198.18.1.2"], "conditions": {"ready": true}}]}))
+            .unwrap(),
+        );
+        let stale = entry("198.19.0.53", 53, "198.18.1.1");
+        let current = entry("198.19.0.53", 53, "198.18.1.2");
+        let unrelated = entry("203.0.113.7", 53, "203.0.113.7");
+        let mut flows = FakeUdpFlows {
+            entries: [&stale, &current, &unrelated]
+                .into_iter()
+                .map(|e| (IpFamily::V4, e.clone()))
+                .collect(),
+        };
+        let filter = StaleFlowFilter::build(&state, IpFamily::V4, &[]);
+        let done = reconcile_with(&mut flows, IpFamily::V4, &filter).unwrap();
+        assert_eq!(
+            done,
+            Reconciled {
+                listed: 3,
+                deleted: 1
+            }
+        );
+        let left: Vec<&UdpEntry> = flows.entries.iter().map(|(_, e)| e).collect();
+        assert_eq!(left, [&current, &unrelated]);
+    }
 }
