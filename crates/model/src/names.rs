@@ -176,6 +176,29 @@ pub fn parse_cidr_sloppy(text: &str) -> Option<ipnet::IpNet> {
     ipnet::IpNet::new(ip, prefix).ok().map(|n| n.trunc())
 }
 
+/// The first `chars` characters of the RFC 4648 base32 (A-Z, 2-7) of the SHA-256 of `input`:
+/// how upstream's proxiers derive short, stable chain names from a service port.
+pub fn hash_prefix(input: &str, chars: usize) -> String {
+    use sha2::{Digest, Sha256};
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let digest = Sha256::digest(input.as_bytes());
+    let mut out = String::with_capacity(chars);
+    let mut buffer: u32 = 0;
+    let mut bits = 0;
+    for byte in digest.iter() {
+        buffer = (buffer << 8) | u32::from(*byte);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((buffer >> bits) & 31) as usize] as char);
+            if out.len() == chars {
+                return out;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,28 +8,11 @@
 use std::net::IpAddr;
 
 use kube_proxy_model::ServicePortName;
-use sha2::{Digest, Sha256};
 
 const MAX_NAME: usize = 256;
 
 fn base32_prefix(input: &str, chars: usize) -> String {
-    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let digest = Sha256::digest(input.as_bytes());
-    let mut out = String::with_capacity(chars);
-    let mut buffer: u32 = 0;
-    let mut bits = 0;
-    for byte in digest.iter() {
-        buffer = (buffer << 8) | u32::from(*byte);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(ALPHABET[((buffer >> bits) & 31) as usize] as char);
-            if out.len() == chars {
-                return out;
-            }
-        }
-    }
-    out
+    kube_proxy_model::names::hash_prefix(input, chars)
 }
 
 fn bounded(name: String) -> String {
