@@ -45,42 +45,25 @@ pub fn endpoint_chain(name: &ServicePortName, ip: IpAddr, port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kube_proxy_model::{NamespacedName, Protocol};
-
-    fn port(ns: &str, svc: &str, port: &str) -> ServicePortName {
-        ServicePortName {
-            service: NamespacedName::new(ns, svc),
-            port: port.into(),
-            protocol: Protocol::Tcp,
-        }
-    }
+    use kube_proxy_model::Protocol;
 
     /// The suffixes of upstream's TestOverallIPTablesRules.
     #[test]
     fn chain_names_match_upstream() {
-        assert_eq!(
-            service_chain(&port("ns1", "svc1", "p80")),
-            "KUBE-SVC-XPGD46QRK7WJZT7O"
-        );
-        assert_eq!(
-            external_chain(&port("ns2", "svc2", "p80")),
-            "KUBE-EXT-GNZBNJ2PO5MGZ6GT"
-        );
-        assert_eq!(
-            local_chain(&port("ns3", "svc3", "p80")),
-            "KUBE-SVL-X27LE4BHSL4DOUIK"
-        );
-        assert_eq!(
-            firewall_chain(&port("ns5", "svc5", "p80")),
-            "KUBE-FW-NUKIZ6OKUXPJNT4C"
-        );
-        assert_eq!(
-            endpoint_chain(
-                &port("ns5", "svc5", "p80"),
-                "10.180.0.3".parse().unwrap(),
-                80
+        let port =
+            |svc: &str| ServicePortName::new(&svc.replace("svc", "ns"), svc, "p80", Protocol::Tcp);
+        let cases = [
+            (service_chain(&port("svc1")), "KUBE-SVC-XPGD46QRK7WJZT7O"),
+            (external_chain(&port("svc2")), "KUBE-EXT-GNZBNJ2PO5MGZ6GT"),
+            (local_chain(&port("svc3")), "KUBE-SVL-X27LE4BHSL4DOUIK"),
+            (firewall_chain(&port("svc5")), "KUBE-FW-NUKIZ6OKUXPJNT4C"),
+            (
+                endpoint_chain(&port("svc5"), "10.180.0.3".parse().unwrap(), 80),
+                "KUBE-SEP-I77PXRDZVX7PMWMN",
             ),
-            "KUBE-SEP-I77PXRDZVX7PMWMN"
-        );
+        ];
+        for (name, upstream) in cases {
+            assert_eq!(name, upstream);
+        }
     }
 }

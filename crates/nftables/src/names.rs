@@ -75,14 +75,10 @@ pub fn is_service_chain(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kube_proxy_model::{NamespacedName, Protocol};
+    use kube_proxy_model::Protocol;
 
     fn port(ns: &str, svc: &str, port: &str) -> ServicePortName {
-        ServicePortName {
-            service: NamespacedName::new(ns, svc),
-            port: port.into(),
-            protocol: Protocol::Tcp,
-        }
+        ServicePortName::new(ns, svc, port, Protocol::Tcp)
     }
 
     #[test]
