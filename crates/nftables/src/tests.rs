@@ -292,21 +292,20 @@ fn external_local_and_affinity_use_upstream_chains() {
     );
 }
 
+/// Service `name` with external IP 198.51.100.40 (port 80) and one remote endpoint.
+fn with_external_ip(h: &mut Harness, name: &str, cluster_ip: &str, endpoint: &str) {
+    h.state.apply_service(&service(
+        name,
+        json!({"clusterIP": cluster_ip, "externalIPs": ["198.51.100.40"]}),
+    ));
+    h.state.apply_slice(&slice(name, &[(endpoint, "node-b")]));
+}
+
 #[test]
 fn conflicting_frontends_do_not_break_the_transaction() {
     let mut h = Harness::new(config());
-    h.state.apply_service(&service(
-        "a",
-        json!({"clusterIP": "198.19.0.40", "externalIPs": ["198.51.100.40"]}),
-    ));
-    h.state.apply_service(&service(
-        "b",
-        json!({"clusterIP": "198.19.0.41", "externalIPs": ["198.51.100.40"]}),
-    ));
-    h.state
-        .apply_slice(&slice("a", &[("198.18.1.1", "node-b")]));
-    h.state
-        .apply_slice(&slice("b", &[("198.18.1.2", "node-b")]));
+    with_external_ip(&mut h, "a", "198.19.0.40", "198.18.1.1");
+    with_external_ip(&mut h, "b", "198.19.0.41", "198.18.1.2");
     let tx = h.sync(true);
     assert_eq!(tx.matches("198.51.100.40 . tcp . 80 :").count(), 1, "{tx}");
     let warnings = h.proxier.take_warnings();
@@ -583,23 +582,13 @@ fn a_table_whose_staged_build_was_cut_short_is_completed_in_stages_only_while_un
 #[test]
 fn a_contested_frontend_moves_to_its_owner_in_a_partial_sync_as_in_a_full_one() {
     let mut h = Harness::new(config());
-    h.state.apply_service(&service(
-        "b",
-        json!({"clusterIP": "198.19.0.41", "externalIPs": ["198.51.100.40"]}),
-    ));
-    h.state
-        .apply_slice(&slice("b", &[("198.18.1.2", "node-b")]));
+    with_external_ip(&mut h, "b", "198.19.0.41", "198.18.1.2");
     let first = h.sync(true);
     assert!(
         first.contains("198.51.100.40 . tcp . 80 : 198.18.1.2 . 8080"),
         "{first}"
     );
-    h.state.apply_service(&service(
-        "a",
-        json!({"clusterIP": "198.19.0.40", "externalIPs": ["198.51.100.40"]}),
-    ));
-    h.state
-        .apply_slice(&slice("a", &[("198.18.1.1", "node-b")]));
+    with_external_ip(&mut h, "a", "198.19.0.40", "198.18.1.1");
     let partial = h.sync(false);
     assert!(
         partial.contains("delete element ip kube-proxy backends-0 { 198.51.100.40 . tcp . 80 }"),
