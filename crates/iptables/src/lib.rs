@@ -4,7 +4,9 @@
 //! see what they know.
 //!
 //! Pure: it never runs a process; a runner applies what it renders. Built piece by piece:
-//! so far the names of per-service chains and the endpoint probabilities.
+//! so far the names of per-service chains, the endpoint probabilities and the
+//! rules of one service port (`service`), checked against upstream's own examples.
 
 pub mod names;
 pub mod probability;
+pub mod service;
