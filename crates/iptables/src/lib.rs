@@ -9,4 +9,5 @@
 
 pub mod names;
 pub mod probability;
+pub mod restore;
 pub mod service;

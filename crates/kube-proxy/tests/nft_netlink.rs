@@ -6,68 +6,14 @@
 
 mod testbed;
 
-use std::process::Command;
+use testbed::Netns;
+
 use std::sync::Arc;
 
 use kube_proxy::kernel::nft_runner::NftCommand;
 use kube_proxy_model::{IpFamily, NamespacedName, Protocol, ServicePortName};
 use kube_proxy_nftables::elements::{Key, SetName, Value};
 use kube_proxy_nftables::{ElementCommand, RunError, Runner, Transaction};
-
-/// A network namespace for this test, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: &str) -> Netns {
-        let name = format!("kp{}nl{name}", std::process::id() % 100000);
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(std::process::Stdio::null())
-            .status();
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "ip netns add {name}");
-        Netns(name)
-    }
-
-    fn nft(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.0, "nft"]).args(args);
-        let output = match stdin {
-            None => command.output().unwrap(),
-            Some(text) => {
-                use std::io::Write;
-                let mut child = command
-                    .stdin(std::process::Stdio::piped())
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .unwrap();
-                child
-                    .stdin
-                    .take()
-                    .unwrap()
-                    .write_all(text.as_bytes())
-                    .unwrap();
-                child.wait_with_output().unwrap()
-            }
-        };
-        assert!(
-            output.status.success(),
-            "nft {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 const SETS: [SetName; 6] = [
     SetName::ClusterIps,
@@ -197,8 +143,8 @@ fn netlink_element_batches_equal_nft_text() {
     if !testbed::available() {
         return;
     }
-    let by_netlink = Netns::new("a");
-    let by_text = Netns::new("b");
+    let by_netlink = Netns::new("nla");
+    let by_text = Netns::new("nlb");
     for (family, fam) in [(IpFamily::V4, "ip"), (IpFamily::V6, "ip6")] {
         for ns in [&by_netlink, &by_text] {
             ns.nft(&["-f", "-"], Some(&skeleton(fam, family)));

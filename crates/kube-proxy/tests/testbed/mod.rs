@@ -727,3 +727,58 @@ pub fn sock(ip: &str, port: u16) -> SocketAddr {
 pub fn ipaddr(ip: &str) -> IpAddr {
     ip.parse().unwrap()
 }
+
+/// A bare network namespace (no test bed around it), deleted on drop: for tests that only
+/// load rules into a kernel.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(name: &str) -> Netns {
+        let name = format!("kp{}{name}", std::process::id() % 100000);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip netns add {name}");
+        Netns(name)
+    }
+
+    /// Runs `program args` in the namespace, with `stdin`; its stdout, or its stderr.
+    pub fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.0, program])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            let mut input = input;
+            input.write_all(text.as_bytes()).unwrap();
+        }
+        let output = child.wait_with_output().unwrap();
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    }
+
+    /// `nft args`, which must succeed.
+    pub fn nft(&self, args: &[&str], stdin: Option<&str>) -> String {
+        self.run("nft", args, stdin)
+            .unwrap_or_else(|e| panic!("nft {args:?}: {e}"))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}

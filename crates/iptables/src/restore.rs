@@ -1,0 +1,204 @@
+//! A full `iptables-restore --noflush` input for one family: the static chains with their
+//! rules, every service port's rules, the last rule of `KUBE-SERVICES`, and the deletion of
+//! chains no port needs any more. Declaring a chain (`:NAME - [0:0]`) empties it, so the
+//! input replaces exactly the chains it names and nothing else in the tables.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use kube_proxy_model::context::{FamilyContext, NodePortDestinations};
+use kube_proxy_model::{FamilyPlan, IpFamily};
+
+use crate::service::{
+    self, KUBE_EXTERNAL_SERVICES, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL,
+    KUBE_SERVICES,
+};
+
+pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
+pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
+
+/// Static chains of each table, in upstream's order.
+const FILTER_CHAINS: [&str; 5] = [
+    KUBE_NODEPORTS,
+    KUBE_SERVICES,
+    KUBE_EXTERNAL_SERVICES,
+    KUBE_FORWARD,
+    KUBE_PROXY_FIREWALL,
+];
+const NAT_CHAINS: [&str; 4] = [
+    KUBE_NODEPORTS,
+    KUBE_SERVICES,
+    KUBE_MARK_MASQ,
+    KUBE_POSTROUTING,
+];
+
+/// Whether `chain` is one this proxy creates per service port (and may delete).
+pub fn is_service_port_chain(chain: &str) -> bool {
+    [
+        "KUBE-SVC-",
+        "KUBE-SVL-",
+        "KUBE-EXT-",
+        "KUBE-FW-",
+        "KUBE-SEP-",
+    ]
+    .iter()
+    .any(|prefix| chain.starts_with(prefix))
+}
+
+/// The whole input. `existing`: the nat chains the kernel has now (from `iptables-save`);
+/// the per-service-port ones no port needs are deleted.
+pub fn render_full(plan: &FamilyPlan, ctx: &FamilyContext, existing: &BTreeSet<String>) -> String {
+    let mark = format!("{:#x}/{:#x}", ctx.mark, ctx.mark);
+    let mut filter_rules: Vec<String> = vec![
+        format!("-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP"),
+        format!("-A {KUBE_FORWARD} -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark} -j ACCEPT"),
+        format!("-A {KUBE_FORWARD} -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
+    ];
+    let mut nat_chains: Vec<String> = NAT_CHAINS.iter().map(|c| c.to_string()).collect();
+    let mut nat_rules: Vec<String> = vec![
+        format!("-A {KUBE_POSTROUTING} -m mark ! --mark {mark} -j RETURN"),
+        format!("-A {KUBE_POSTROUTING} -j MARK --xor-mark {:#x}", ctx.mark),
+        format!("-A {KUBE_POSTROUTING} -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"),
+        format!("-A {KUBE_MARK_MASQ} -j MARK --or-mark {:#x}", ctx.mark),
+    ];
+    let mut wanted: BTreeSet<String> = BTreeSet::new();
+    for port_plan in plan.services.values() {
+        let rules = service::render(port_plan, ctx);
+        filter_rules.extend(rules.filter.iter().map(|(c, r)| format!("-A {c} {r}")));
+        nat_rules.extend(rules.nat.iter().map(|(c, r)| format!("-A {c} {r}")));
+        for chain in rules.chains {
+            if wanted.insert(chain.clone()) {
+                nat_chains.push(chain);
+            }
+        }
+    }
+    // Last: NodePorts, for packets addressed to this node.
+    let comment =
+        "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+    match &ctx.nodeports {
+        NodePortDestinations::AllLocal => {
+            let not_loopback = match ctx.family {
+                IpFamily::V4 => "",
+                IpFamily::V6 => " ! -d ::1/128",
+            };
+            nat_rules.push(format!(
+                "-A {KUBE_SERVICES} {comment} -m addrtype --dst-type LOCAL{not_loopback} -j {KUBE_NODEPORTS}"
+            ));
+        }
+        NodePortDestinations::Addresses(ips) => {
+            for ip in ips.iter().filter(|ip| !ip.is_loopback()) {
+                nat_rules.push(format!(
+                    "-A {KUBE_SERVICES} {comment} -d {ip} -j {KUBE_NODEPORTS}"
+                ));
+            }
+        }
+    }
+    let stale: Vec<&String> = existing
+        .iter()
+        .filter(|c| is_service_port_chain(c) && !wanted.contains(*c))
+        .collect();
+
+    let mut out = String::new();
+    out.push_str("*filter\n");
+    for chain in FILTER_CHAINS {
+        let _ = writeln!(out, ":{chain} - [0:0]");
+    }
+    for rule in filter_rules {
+        let _ = writeln!(out, "{rule}");
+    }
+    out.push_str("COMMIT\n*nat\n");
+    for chain in nat_chains
+        .iter()
+        .map(String::as_str)
+        .chain(stale.iter().map(|c| c.as_str()))
+    {
+        let _ = writeln!(out, ":{chain} - [0:0]");
+    }
+    for rule in nat_rules {
+        let _ = writeln!(out, "{rule}");
+    }
+    for chain in stale {
+        let _ = writeln!(out, "-X {chain}");
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube_proxy_config::DetectLocal;
+    use kube_proxy_model::context::ProxyPolicy;
+    use kube_proxy_model::{ClusterState, NodeView, PlanContext};
+
+    #[test]
+    fn a_full_input_declares_every_chain_and_deletes_only_stale_service_chains() {
+        let mut state = ClusterState::new("node-a");
+        state.apply_service(
+            &serde_json::from_value(serde_json::json!({"metadata": {"namespace": "default", "name": "web"},
+                "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}))
+            .unwrap(),
+        );
+        state.apply_slice(
+            &serde_json::from_value(serde_json::json!({"metadata": {"namespace": "default", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+                "endpoints": [{"addresses": ["10.244.1.5"]}]}))
+            .unwrap(),
+        );
+        let mut plan = FamilyPlan::default();
+        plan.update(
+            &state,
+            IpFamily::V4,
+            &BTreeSet::new(),
+            true,
+            PlanContext::default(),
+        );
+        let policy = ProxyPolicy {
+            detect_local: DetectLocal::ClusterCidr(vec!["10.244.0.0/16".parse().unwrap()]),
+            node_port_addresses: kube_proxy_config::NodePortAddresses::All,
+            ..Default::default()
+        };
+        let ctx = FamilyContext::resolve(&policy, IpFamily::V4, &NodeView::default());
+        let existing: BTreeSet<String> = [
+            "KUBE-SVC-CDGGSHYLG3RE2FKL",
+            "KUBE-SEP-GONE0000000000000",
+            "KUBE-MARK-DROP",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let text = render_full(&plan, &ctx, &existing);
+        let expected_head = "*filter
+:KUBE-NODEPORTS - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-EXTERNAL-SERVICES - [0:0]
+:KUBE-FORWARD - [0:0]
+:KUBE-PROXY-FIREWALL - [0:0]
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT
+-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+COMMIT
+*nat
+:KUBE-NODEPORTS - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-SVC-CDGGSHYLG3RE2FKL - [0:0]
+";
+        assert!(text.starts_with(expected_head), "{text}");
+        let expected_tail = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+-X KUBE-SEP-GONE0000000000000
+COMMIT
+";
+        assert!(text.ends_with(expected_tail), "{text}");
+        assert!(
+            text.contains(":KUBE-SEP-GONE0000000000000 - [0:0]\n"),
+            "declared before its deletion"
+        );
+        assert!(
+            !text.contains("KUBE-MARK-DROP"),
+            "chains of others are not touched"
+        );
+        assert!(text.contains("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n"));
+    }
+}
