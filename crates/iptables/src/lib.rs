@@ -11,3 +11,6 @@ pub mod names;
 pub mod probability;
 pub mod restore;
 pub mod service;
+
+#[cfg(test)]
+mod testing;

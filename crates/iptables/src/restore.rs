@@ -129,30 +129,17 @@ mod tests {
     use super::*;
     use kube_proxy_config::DetectLocal;
     use kube_proxy_model::context::ProxyPolicy;
-    use kube_proxy_model::{ClusterState, NodeView, PlanContext};
+    use kube_proxy_model::NodeView;
 
     #[test]
     fn a_full_input_declares_every_chain_and_deletes_only_stale_service_chains() {
-        let mut state = ClusterState::new("node-a");
-        state.apply_service(
-            &serde_json::from_value(serde_json::json!({"metadata": {"namespace": "default", "name": "web"},
-                "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}))
-            .unwrap(),
-        );
-        state.apply_slice(
-            &serde_json::from_value(serde_json::json!({"metadata": {"namespace": "default", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+        let plan = crate::testing::plan(&[
+            serde_json::json!({"kind": "Service", "metadata": {"namespace": "default", "name": "web"},
+                "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
+            serde_json::json!({"kind": "EndpointSlice", "metadata": {"namespace": "default", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
                 "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
-                "endpoints": [{"addresses": ["10.244.1.5"]}]}))
-            .unwrap(),
-        );
-        let mut plan = FamilyPlan::default();
-        plan.update(
-            &state,
-            IpFamily::V4,
-            &BTreeSet::new(),
-            true,
-            PlanContext::default(),
-        );
+                "endpoints": [{"addresses": ["10.244.1.5"]}]}),
+        ]);
         let policy = ProxyPolicy {
             detect_local: DetectLocal::ClusterCidr(vec!["10.244.0.0/16".parse().unwrap()]),
             node_port_addresses: kube_proxy_config::NodePortAddresses::All,
