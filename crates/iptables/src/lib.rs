@@ -3,14 +3,20 @@
 //! (`../shared/reference/upstream-kube-proxy.md` §4), so operators reading `iptables-save`
 //! see what they know.
 //!
-//! Pure: it never runs a process; a runner applies what it renders. Built piece by piece:
-//! so far the names of per-service chains, the endpoint probabilities and the
-//! rules of one service port (`service`), checked against upstream's own examples.
+//! Pure: it never runs a process; a `Restorer` applies what it renders. Built piece by
+//! piece: the names of per-service chains, the endpoint probabilities, the rules of one
+//! service port (`service`, checked against upstream's own examples), the full and partial
+//! restore inputs (`restore`), and the dataplane with its bookkeeping (`proxier`), proven
+//! against an in-memory iptables (`fake`). Not yet wired to `--proxy-mode iptables`.
 
+pub mod fake;
 pub mod names;
 pub mod probability;
+pub mod proxier;
 pub mod restore;
 pub mod service;
 
 #[cfg(test)]
 mod testing;
+#[cfg(test)]
+mod tests;

@@ -3,11 +3,11 @@
 //! chains no port needs any more. Declaring a chain (`:NAME - [0:0]`) empties it, so the
 //! input replaces exactly the chains it names and nothing else in the tables.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use kube_proxy_model::context::{FamilyContext, NodePortDestinations};
-use kube_proxy_model::{FamilyPlan, IpFamily};
+use kube_proxy_model::{FamilyPlan, IpFamily, ServicePortName};
 
 use crate::service::{
     self, KUBE_EXTERNAL_SERVICES, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL,
@@ -45,9 +45,37 @@ pub fn is_service_port_chain(chain: &str) -> bool {
     .any(|prefix| chain.starts_with(prefix))
 }
 
-/// The whole input. `existing`: the nat chains the kernel has now (from `iptables-save`);
-/// the per-service-port ones no port needs are deleted.
+/// Which per-service-port chains an input writes.
+#[derive(Clone, Copy, Debug)]
+pub enum Rewrite<'a> {
+    /// Every port's chains (a full sync).
+    All,
+    /// Only these ports' chains; the others stay as they are in the kernel (a partial sync).
+    Ports(&'a BTreeSet<ServicePortName>),
+}
+
+/// An input and the chains each service port has after it.
+#[derive(Clone, Debug, Default)]
+pub struct Rendered {
+    pub text: String,
+    pub chains: BTreeMap<ServicePortName, Vec<String>>,
+}
+
+/// The whole input for a full sync. `existing`: the nat chains the kernel has now (from
+/// `iptables-save`); the per-service-port ones no port needs are deleted.
 pub fn render_full(plan: &FamilyPlan, ctx: &FamilyContext, existing: &BTreeSet<String>) -> String {
+    render(plan, ctx, Rewrite::All, existing).text
+}
+
+/// An input that rewrites the static chains (they hold every port's dispatch and filter
+/// rules), the chains of the ports `rewrite` names, and deletes those of `candidates` that no
+/// port needs any more (other chains, and chains of others, are never touched).
+pub fn render(
+    plan: &FamilyPlan,
+    ctx: &FamilyContext,
+    rewrite: Rewrite<'_>,
+    candidates: &BTreeSet<String>,
+) -> Rendered {
     let mark = format!("{:#x}/{:#x}", ctx.mark, ctx.mark);
     let mut filter_rules: Vec<String> = vec![
         format!("-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP"),
@@ -62,15 +90,25 @@ pub fn render_full(plan: &FamilyPlan, ctx: &FamilyContext, existing: &BTreeSet<S
         format!("-A {KUBE_MARK_MASQ} -j MARK --or-mark {:#x}", ctx.mark),
     ];
     let mut wanted: BTreeSet<String> = BTreeSet::new();
-    for port_plan in plan.services.values() {
+    let mut chains = BTreeMap::new();
+    for (name, port_plan) in &plan.services {
         let rules = service::render(port_plan, ctx);
+        let write_chains = match rewrite {
+            Rewrite::All => true,
+            Rewrite::Ports(ports) => ports.contains(name),
+        };
         filter_rules.extend(rules.filter.iter().map(|(c, r)| format!("-A {c} {r}")));
-        nat_rules.extend(rules.nat.iter().map(|(c, r)| format!("-A {c} {r}")));
-        for chain in rules.chains {
-            if wanted.insert(chain.clone()) {
-                nat_chains.push(chain);
+        for (chain, rule) in &rules.nat {
+            if write_chains || !is_service_port_chain(chain) {
+                nat_rules.push(format!("-A {chain} {rule}"));
             }
         }
+        for chain in &rules.chains {
+            if wanted.insert(chain.clone()) && write_chains {
+                nat_chains.push(chain.clone());
+            }
+        }
+        chains.insert(name.clone(), rules.chains);
     }
     // Last: NodePorts, for packets addressed to this node.
     let comment =
@@ -93,7 +131,7 @@ pub fn render_full(plan: &FamilyPlan, ctx: &FamilyContext, existing: &BTreeSet<S
             }
         }
     }
-    let stale: Vec<&String> = existing
+    let stale: Vec<&String> = candidates
         .iter()
         .filter(|c| is_service_port_chain(c) && !wanted.contains(*c))
         .collect();
@@ -121,7 +159,7 @@ pub fn render_full(plan: &FamilyPlan, ctx: &FamilyContext, existing: &BTreeSet<S
         let _ = writeln!(out, "-X {chain}");
     }
     out.push_str("COMMIT\n");
-    out
+    Rendered { text: out, chains }
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ pub mod node;
 pub mod plan;
 pub mod service;
 pub mod state;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod topology;
 
 pub use dataplane::{Dataplane, NodeView, SyncError, SyncInput, SyncReport};

@@ -705,13 +705,7 @@ fn partial_syncs_equal_one_full_sync(readable: bool) {
         readable,
         ..Default::default()
     };
-    let mut seed: u64 = 0x9e3779b97f4a7c15;
-    let mut next = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut changes = kube_proxy_model::testing::RandomChanges::new(0x9e3779b97f4a7c15);
     let now = Arc::new(Mutex::new(Instant::now()));
     let clock_now = now.clone();
     let mut state = ClusterState::new(NODE);
@@ -729,84 +723,16 @@ fn partial_syncs_equal_one_full_sync(readable: bool) {
                 state: &mut ClusterState,
                 plan: &mut FamilyPlan,
                 full: bool| {
-        let changes = state.take_changes();
-        let changed = plan.update(
-            state,
-            IpFamily::V4,
-            &changes.services,
-            changes.full || full,
-            PlanContext::default(),
-        );
-        let input = SyncInput {
-            family: IpFamily::V4,
-            plan,
-            changed: &changed,
-            full,
-            node: &node,
-            service_cidrs: &[],
-        };
-        proxier.sync(input).unwrap_or_else(|e| panic!("{e}"));
+        kube_proxy_model::testing::sync_ipv4(proxier, state, plan, full, &node);
     };
     sync(&mut proxier, &mut state, &mut plan, true);
     for step in 0..400 {
-        let i = next(8);
-        let name = format!("s{i}");
-        match next(5) {
-            0 => {
-                state.delete_service(&kube_proxy_model::NamespacedName::new("ns", &name));
-            }
-            1 | 2 => {
-                let mut spec = json!({"clusterIP": format!("198.19.0.{}", 10 + i)});
-                if next(2) == 0 {
-                    spec["externalIPs"] = json!([format!("198.51.100.{}", next(2))]);
-                }
-                if next(3) == 0 {
-                    spec["type"] = json!("NodePort");
-                    spec["ports"] = json!([{"name": "p", "port": 80, "nodePort": 30000 + next(3)}]);
-                    if next(2) == 0 {
-                        spec["externalTrafficPolicy"] = json!("Local");
-                    }
-                }
-                if next(4) == 0 {
-                    spec["sessionAffinity"] = json!("ClientIP");
-                }
-                state.apply_service(&service(&name, spec));
-            }
-            _ => {
-                let endpoints: Vec<(String, &str)> = (0..next(4))
-                    .map(|k| {
-                        (
-                            format!("198.18.{i}.{k}"),
-                            if next(2) == 0 { NODE } else { "node-b" },
-                        )
-                    })
-                    .collect();
-                let endpoints: Vec<(&str, &str)> =
-                    endpoints.iter().map(|(ip, n)| (ip.as_str(), *n)).collect();
-                state.apply_slice(&slice(&name, &endpoints));
-            }
-        }
+        changes.apply_one(&mut state);
         *now.lock().unwrap() += Duration::from_secs(2);
         sync(&mut proxier, &mut state, &mut plan, false);
         if step % 20 == 19 {
-            let mut fresh_plan = FamilyPlan::default();
             let mut fresh = NftProxier::new(config(), fake(), Box::new(Instant::now));
-            let changed = fresh_plan.update(
-                &state,
-                IpFamily::V4,
-                &BTreeSet::new(),
-                true,
-                PlanContext::default(),
-            );
-            let input = SyncInput {
-                family: IpFamily::V4,
-                plan: &fresh_plan,
-                changed: &changed,
-                full: true,
-                node: &node,
-                service_cidrs: &[],
-            };
-            fresh.sync(input).unwrap_or_else(|e| panic!("{e}"));
+            kube_proxy_model::testing::fresh_sync_ipv4(&mut fresh, &state, &node);
             let partial = observable(&proxier.runner().tables);
             assert_eq!(
                 partial,
