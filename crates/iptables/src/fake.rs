@@ -4,7 +4,7 @@
 //! not empty or still a jump target). Tests use it to check, without root, that a series of
 //! partial syncs leaves the same rules as one full sync.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use kube_proxy_model::IpFamily;
 
@@ -52,6 +52,25 @@ impl Restorer for FakeIptables {
                     .get_mut(chain)
                     .ok_or_else(|| fail(&format!("no chain {chain}")))?
                     .push(rule.to_string());
+            } else if let Some(rest) = line.strip_prefix("-I ") {
+                let mut words = rest.splitn(3, ' ');
+                let (chain, position, rule) = (
+                    words.next().unwrap_or(""),
+                    words.next().unwrap_or(""),
+                    words.next().ok_or_else(|| fail("empty rule"))?,
+                );
+                let position: usize = position.parse().map_err(|_| fail("bad position"))?;
+                let builtin = ["INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"];
+                if builtin.contains(&chain) {
+                    chains.entry(chain.to_string()).or_default();
+                }
+                let rules = chains
+                    .get_mut(chain)
+                    .ok_or_else(|| fail(&format!("no chain {chain}")))?;
+                if position == 0 || position > rules.len() + 1 {
+                    return Err(fail("bad position"));
+                }
+                rules.insert(position - 1, rule.to_string());
             } else if let Some(chain) = line.strip_prefix("-X ") {
                 match chains.get(chain) {
                     None => return Err(fail(&format!("no chain {chain}"))),
@@ -76,13 +95,21 @@ impl Restorer for FakeIptables {
         Ok(())
     }
 
-    fn nat_chains(&mut self, family: IpFamily) -> Result<BTreeSet<String>, RestoreError> {
-        Ok(self
-            .families
-            .get(&family)
-            .and_then(|t| t.get("nat"))
-            .map(|chains| chains.keys().cloned().collect())
-            .unwrap_or_default())
+    fn save(&mut self, family: IpFamily) -> Result<String, RestoreError> {
+        let mut out = String::new();
+        for (table, chains) in self.families.get(&family).into_iter().flatten() {
+            out.push_str(&format!("*{table}\n"));
+            for chain in chains.keys() {
+                out.push_str(&format!(":{chain} - [0:0]\n"));
+            }
+            for (chain, rules) in chains {
+                for rule in rules {
+                    out.push_str(&format!("-A {chain} {rule}\n"));
+                }
+            }
+            out.push_str("COMMIT\n");
+        }
+        Ok(out)
     }
 }
 

@@ -31,8 +31,34 @@ pub enum RestoreError {
 pub trait Restorer: Send {
     /// Applies `input` with `--noflush`, atomically per table.
     fn restore(&mut self, family: IpFamily, input: &str) -> Result<(), RestoreError>;
-    /// The chains the nat table has now.
-    fn nat_chains(&mut self, family: IpFamily) -> Result<BTreeSet<String>, RestoreError>;
+    /// What `iptables-save` prints for the filter and nat tables.
+    fn save(&mut self, family: IpFamily) -> Result<String, RestoreError>;
+}
+
+/// The chains of `table` in an `iptables-save` text.
+pub fn saved_chains(saved: &str, table: &str) -> BTreeSet<String> {
+    table_lines(saved, table)
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+fn table_lines<'a>(saved: &'a str, table: &str) -> impl Iterator<Item = &'a str> {
+    let header = format!("*{table}");
+    saved
+        .lines()
+        .skip_while(move |l| *l != header)
+        .skip(1)
+        .take_while(|l| *l != "COMMIT")
+}
+
+/// Whether `chain` of `table` has a rule jumping to `target`.
+pub fn saved_jump(saved: &str, table: &str, chain: &str, target: &str) -> bool {
+    let prefix = format!("-A {chain} ");
+    let jump = format!("-j {target}");
+    table_lines(saved, table)
+        .any(|l| l.starts_with(&prefix) && (l.ends_with(&jump) || l.contains(&format!("{jump} "))))
 }
 
 #[derive(Default)]
@@ -79,9 +105,12 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
             message: format!("iptables-restore failed: {error}"),
             kind: SyncErrorKind::Retry,
         };
+        let mut saved = None;
         let (rewrite, candidates) = if full {
             // Every service-port chain the kernel has is a candidate for deletion.
-            let existing = self.runner.nat_chains(family).map_err(failed)?;
+            let text = self.runner.save(family).map_err(failed)?;
+            let existing = saved_chains(&text, "nat");
+            saved = Some(text);
             (Rewrite::All, existing)
         } else {
             // The chains the changed ports had before.
@@ -94,7 +123,13 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
                 .collect();
             (Rewrite::Ports(input.changed), previous)
         };
-        let rendered = restore::render(input.plan, &ctx, rewrite, &candidates);
+        let mut rendered = restore::render(input.plan, &ctx, rewrite, &candidates);
+        if let Some(saved) = &saved {
+            // A full sync also makes sure the built-in chains jump to ours.
+            rendered.text = restore::with_jumps(&rendered.text, |table, chain, target| {
+                saved_jump(saved, table, chain, target)
+            });
+        }
         let state = self.families.entry(family).or_default();
         if let Err(error) = self.runner.restore(family, &rendered.text) {
             // The kernel kept what it had; the next sync rewrites everything.

@@ -162,6 +162,46 @@ pub fn render(
     Rendered { text: out, chains }
 }
 
+/// The jumps from the built-in chains into ours (table, chain, rule), in upstream's order;
+/// each is inserted at the top of its chain, so the last one of a chain ends up first, as
+/// upstream's prepending leaves them.
+pub const JUMPS: [(&str, &str, &str); 12] = [
+    ("filter", "INPUT", "-m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL"),
+    ("filter", "INPUT", "-m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS"),
+    ("filter", "INPUT", "-m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES"),
+    ("filter", "FORWARD", "-m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL"),
+    ("filter", "FORWARD", "-m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD"),
+    ("filter", "FORWARD", "-m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"),
+    ("filter", "FORWARD", "-m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES"),
+    ("filter", "OUTPUT", "-m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL"),
+    ("filter", "OUTPUT", "-m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"),
+    ("nat", "PREROUTING", "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"),
+    ("nat", "OUTPUT", "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"),
+    ("nat", "POSTROUTING", "-m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING"),
+];
+
+/// `input` with `-I <chain> 1 <rule>` for each jump of [`JUMPS`] that `present(table, chain,
+/// target)` does not find, at the end of its table (after the chains it jumps to exist).
+pub fn with_jumps(input: &str, present: impl Fn(&str, &str, &str) -> bool) -> String {
+    let mut out = String::with_capacity(input.len() + 2048);
+    let mut table = "";
+    for line in input.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = if name == "filter" { "filter" } else { "nat" };
+        }
+        if line == "COMMIT" {
+            for (jump_table, chain, rule) in JUMPS {
+                let target = rule.rsplit(' ').next().unwrap_or("");
+                if jump_table == table && !present(table, chain, target) {
+                    let _ = writeln!(out, "-I {chain} 1 {rule}");
+                }
+            }
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,7 +55,8 @@ fn objects(v6: bool) -> Vec<Value> {
     ]
 }
 
-fn restore_input(v6: bool) -> String {
+/// The cluster state of `objects` for node-a.
+fn state_of(v6: bool) -> ClusterState {
     let mut state = ClusterState::new("node-a");
     for object in objects(v6) {
         if object["kind"] == "Service" {
@@ -64,6 +65,11 @@ fn restore_input(v6: bool) -> String {
             state.apply_slice(&serde_json::from_value(object).unwrap());
         }
     }
+    state
+}
+
+fn restore_input(v6: bool) -> String {
+    let state = state_of(v6);
     let family = if v6 { IpFamily::V6 } else { IpFamily::V4 };
     let mut plan = FamilyPlan::default();
     plan.update(
@@ -155,4 +161,72 @@ fn restore_input_is_accepted_by_iptables_restore() {
             assert!(saved.contains(needle), "{save} lacks {needle}:\n{saved}");
         }
     }
+}
+
+/// The dataplane through the real tools: a full sync, a partial sync after an endpoint
+/// moved (its old KUBE-SEP chain deleted, the new one written), and another full sync that
+/// finds the built-in chains' jumps in place and adds none twice.
+#[test]
+fn the_iptables_dataplane_syncs_through_the_real_tools() {
+    use kube_proxy::kernel::iptables_runner::IptablesCommand;
+    use kube_proxy_iptables::proxier::IptablesProxier;
+    use kube_proxy_model::testing::sync_ipv4;
+    if !testbed::available() {
+        return;
+    }
+    let ns = Netns::new("iptd");
+    let name = ns.0.clone();
+    let saved = testbed::in_netns(&name, || {
+        let mut state = state_of(false);
+        let policy = ProxyPolicy {
+            detect_local: DetectLocal::ClusterCidr(vec!["198.18.0.0/16".parse().unwrap()]),
+            ..Default::default()
+        };
+        let node = NodeView {
+            node_ips: vec!["192.0.2.10".parse().unwrap()],
+            ..Default::default()
+        };
+        let mut proxier = IptablesProxier::new(policy, IptablesCommand);
+        let mut plan = FamilyPlan::default();
+        sync_ipv4(&mut proxier, &mut state, &mut plan, true, &node);
+        let save = || {
+            let out = std::process::Command::new("iptables-save")
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let first = save();
+        state.apply_slice(
+            &serde_json::from_value(json!({"metadata": {"namespace": "t", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+                "endpoints": [{"addresses": ["198.18.0.1"], "nodeName": "node-a"}, {"addresses": ["198.18.0.9"], "nodeName": "node-b"}]}))
+            .unwrap(),
+        );
+        sync_ipv4(&mut proxier, &mut state, &mut plan, false, &node);
+        let second = save();
+        sync_ipv4(&mut proxier, &mut state, &mut plan, true, &node);
+        (first, second, save())
+    });
+    let (first, second, third) = saved;
+    let count = |text: &str, needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+    assert!(
+        first.contains("-A KUBE-SEP-") && first.contains("198.18.0.2:8080"),
+        "{first}"
+    );
+    assert!(
+        !second.contains("198.18.0.2:8080"),
+        "the moved endpoint's chain is gone:\n{second}"
+    );
+    assert!(second.contains("198.18.0.9:8080"), "{second}");
+    for text in [&first, &second, &third] {
+        assert_eq!(count(text, "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"), 1, "{text}");
+        assert_eq!(count(text, "-j KUBE-POSTROUTING"), 1, "{text}");
+        assert_eq!(count(text, "-A INPUT "), 3, "{text}");
+    }
+    let chains = |text: &str| text.lines().filter(|l| l.starts_with(":KUBE-")).count();
+    assert_eq!(
+        chains(&second),
+        chains(&third),
+        "a full sync after a partial one finds nothing stale"
+    );
 }

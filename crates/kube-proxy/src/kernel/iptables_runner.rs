@@ -1,0 +1,78 @@
+//! Runs `iptables-restore`/`iptables-save` (`ip6tables-…` for IPv6): the only code that
+//! spawns them for the iptables dataplane.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use kube_proxy_iptables::proxier::{RestoreError, Restorer};
+use kube_proxy_model::IpFamily;
+
+/// How long to wait for the xtables lock (upstream waits 5 s).
+const LOCK_WAIT_SECONDS: &str = "5";
+
+/// `iptables-restore --noflush --wait` and `iptables-save` of the `iptables` alternative the
+/// node uses (nft or legacy backend).
+#[derive(Debug, Default)]
+pub struct IptablesCommand;
+
+fn tool(family: IpFamily, what: &str) -> String {
+    match family {
+        IpFamily::V4 => format!("iptables-{what}"),
+        IpFamily::V6 => format!("ip6tables-{what}"),
+    }
+}
+
+fn unavailable(program: &str, error: std::io::Error) -> RestoreError {
+    RestoreError::Unavailable(format!(
+        "cannot run {program}: {error} (is the iptables package installed?)"
+    ))
+}
+
+impl Restorer for IptablesCommand {
+    fn restore(&mut self, family: IpFamily, input: &str) -> Result<(), RestoreError> {
+        let program = tool(family, "restore");
+        let mut child = Command::new(&program)
+            .args(["--noflush", "--wait", LOCK_WAIT_SECONDS])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| unavailable(&program, e))?;
+        let written = child
+            .stdin
+            .take()
+            .map(|mut stdin| stdin.write_all(input.as_bytes()));
+        let output = child
+            .wait_with_output()
+            .map_err(|e| unavailable(&program, e))?;
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        match output.status.code() {
+            Some(0) => match written {
+                Some(Err(e)) => Err(unavailable(&program, e)),
+                _ => Ok(()),
+            },
+            // RESOURCE_PROBLEM: another program held the xtables lock.
+            Some(4) => Err(RestoreError::Busy(format!("{program}: {stderr}"))),
+            _ => Err(RestoreError::Rejected(format!("{program}: {stderr}"))),
+        }
+    }
+
+    fn save(&mut self, family: IpFamily) -> Result<String, RestoreError> {
+        let program = tool(family, "save");
+        let mut text = String::new();
+        for table in ["filter", "nat"] {
+            let output = Command::new(&program)
+                .args(["-t", table])
+                .output()
+                .map_err(|e| unavailable(&program, e))?;
+            if !output.status.success() {
+                return Err(RestoreError::Rejected(format!(
+                    "{program} -t {table}: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                )));
+            }
+            text.push_str(&String::from_utf8_lossy(&output.stdout));
+        }
+        Ok(text)
+    }
+}
