@@ -7,7 +7,7 @@
 //! piece: the names of per-service chains, the endpoint probabilities, the rules of one
 //! service port (`service`, checked against upstream's own examples), the full and partial
 //! restore inputs (`restore`), and the dataplane with its bookkeeping (`proxier`), proven
-//! against an in-memory iptables (`fake`). Not yet wired to `--proxy-mode iptables`.
+//! against an in-memory iptables (`fake`). The binary runs it for `--proxy-mode iptables`.
 
 pub mod fake;
 pub mod names;

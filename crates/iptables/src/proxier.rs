@@ -25,6 +25,9 @@ pub enum RestoreError {
     /// The tool could not be run (missing binary: the message names the package).
     #[error("{0}")]
     Unavailable(String),
+    /// The input was to be printed, and the reader of standard output went away.
+    #[error("standard output was closed")]
+    OutputClosed,
 }
 
 /// Runs `iptables-restore`/`iptables-save` (or `ip6tables-…`) for a family.
@@ -102,8 +105,11 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
         let full = input.full || !state.initialized || state.ctx.as_ref() != Some(&ctx);
         let failed = |error: RestoreError| SyncError {
             family,
+            kind: match error {
+                RestoreError::OutputClosed => SyncErrorKind::OutputClosed,
+                _ => SyncErrorKind::Retry,
+            },
             message: format!("iptables-restore failed: {error}"),
-            kind: SyncErrorKind::Retry,
         };
         let mut saved = None;
         let (rewrite, candidates) = if full {

@@ -138,7 +138,9 @@ fn programs_kernel(
     settings: &kube_proxy_config::ProxyConfig,
     print_format: Option<PrintFormat>,
 ) -> bool {
-    settings.mode == ProxyMode::Nftables && flags.dry_run != Some(true) && print_format.is_none()
+    matches!(settings.mode, ProxyMode::Nftables | ProxyMode::Iptables)
+        && flags.dry_run != Some(true)
+        && print_format.is_none()
 }
 
 /// The privileged one-time steps (upstream's platform setup): conntrack sysctls and the OOM
@@ -153,8 +155,20 @@ fn privileged_setup(effective: &EffectiveConfig) {
 /// ipvs interface, and exits; non-zero if something could not be removed. What does not
 /// exist is not an error.
 fn cleanup() -> ExitCode {
+    let mut failed = !remove_nft_tables();
+    failed |= !crate::kernel::iptables_cleanup::remove_leftovers();
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Removes both `kube-proxy` nftables tables (ours or upstream's); false if one could not
+/// be removed. A table that does not exist is not an error.
+fn remove_nft_tables() -> bool {
     use kube_proxy_nftables::Runner;
-    let mut failed = false;
+    let mut ok = true;
     for family in ["ip", "ip6"] {
         let mut nft = crate::kernel::nft_runner::NftCommand::default();
         // `add` first makes the delete succeed whether or not the table existed.
@@ -163,17 +177,12 @@ fn cleanup() -> ExitCode {
         )) {
             Ok(()) => info!(family, "Removed table kube-proxy"),
             Err(e) => {
-                failed = true;
+                ok = false;
                 error!(family, error = %e.to_string().trim(), "Cannot remove table kube-proxy");
             }
         }
     }
-    failed |= !crate::kernel::iptables_cleanup::remove_leftovers();
-    if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
+    ok
 }
 
 /// Reads `--config` (if any) and builds the validated configuration.
@@ -307,10 +316,16 @@ async fn run(
         });
     }
     if programs_kernel(&flags, settings, print_format) {
-        // Taking over from upstream's iptables or ipvs mode: their rules go once ours are in
-        // place (not before, so traffic keeps flowing during the switch).
-        event_loop = event_loop.after_first_sync(Box::new(|| {
-            crate::kernel::iptables_cleanup::remove_leftovers();
+        // Taking over from another mode: its rules go once ours are in place (not before, so
+        // traffic keeps flowing during the switch). In iptables mode the other mode is
+        // nftables (iptables' chains are our own then).
+        let iptables_mode = settings.mode == ProxyMode::Iptables;
+        event_loop = event_loop.after_first_sync(Box::new(move || {
+            if iptables_mode {
+                remove_nft_tables();
+            } else {
+                crate::kernel::iptables_cleanup::remove_leftovers();
+            }
         }));
         // Health-check node ports belong to a proxy that programs the node's traffic.
         event_loop =
@@ -399,10 +414,36 @@ fn build_dataplane(
                 clock,
             )))
         }
+        ProxyMode::Iptables => {
+            let policy = kube_proxy_model::context::ProxyPolicy {
+                masquerade_bit: settings.masquerade_bit,
+                masquerade_all: settings.masquerade_all,
+                detect_local: settings.detect_local.clone(),
+                node_port_addresses: settings.node_port_addresses.clone(),
+            };
+            if flags.dry_run == Some(true) {
+                info!("--dry-run: printing iptables-restore inputs instead of applying them");
+                return Ok(Box::new(
+                    kube_proxy_iptables::proxier::IptablesProxier::new(
+                        policy,
+                        crate::kernel::iptables_runner::PrintRestores,
+                    ),
+                ));
+            }
+            let version =
+                crate::kernel::iptables_runner::check_iptables().map_err(anyhow::Error::msg)?;
+            info!(iptables = %version, "Using the iptables dataplane");
+            Ok(Box::new(
+                kube_proxy_iptables::proxier::IptablesProxier::new(
+                    policy,
+                    crate::kernel::iptables_runner::IptablesCommand,
+                ),
+            ))
+        }
         mode => {
             warn!(
                 mode = mode.as_str(),
-                "No kernel dataplane is implemented for this mode yet; printing the computed state instead (use --proxy-mode=nftables)"
+                "No kernel dataplane is implemented for this mode yet; printing the computed state instead (use --proxy-mode=nftables or iptables)"
             );
             Ok(Box::new(StatePrinter::new(
                 PrintFormat::Text,

@@ -123,6 +123,72 @@ fn cluster_ip_from_pods_node_and_outside() {
     );
 }
 
+/// iptables mode (in progress): a ClusterIP from a pod, the node and outside (masqueraded),
+/// a NodePort from outside, REJECT without endpoints, and an endpoint change followed by a
+/// partial sync.
+#[test]
+fn iptables_mode_cluster_ip_node_port_and_reject() {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("ipt");
+    bed.mode = "iptables";
+    bed.write_manifest(
+        "web",
+        &service(
+            "web",
+            &format!("  type: NodePort\n  clusterIP: 198.19.0.60\n{PORTS_NP}"),
+            &["a1", "a2", "b1"],
+        ),
+    );
+    bed.write_manifest(
+        "none",
+        &service("none", &format!("  clusterIP: 198.19.0.61\n{PORTS}"), &[]),
+    );
+    bed.start_proxy(&[]);
+    let vip = sock("198.19.0.60", 80);
+    let mut expected = pods(&["a1", "a2", "b1"]);
+    expected.sort();
+    bed.eventually("every endpoint answers", || {
+        bed.tcp_spread("a1", vip, 30).0 == expected
+    });
+    let (answered, sources) = bed.tcp_spread("client", vip, 30);
+    assert_eq!(answered, expected);
+    assert!(
+        !sources.contains(&ipaddr(testbed::CLIENT)),
+        "outside traffic is masqueraded: {sources:?}"
+    );
+    assert_eq!(bed.tcp_spread("node", vip, 30).0, expected);
+    let (answered, _) = bed.udp_spread("a2", vip, 30);
+    assert_eq!(answered, expected);
+    let node_port = sock(testbed::NODE_A, 30045);
+    assert_eq!(bed.tcp_spread("client", node_port, 30).0, expected);
+    assert_eq!(
+        bed.tcp("a1", sock("198.19.0.61", 80), None),
+        Outcome::Refused
+    );
+    bed.write_manifest(
+        "web",
+        &service(
+            "web",
+            &format!("  type: NodePort\n  clusterIP: 198.19.0.60\n{PORTS_NP}"),
+            &["b1"],
+        ),
+    );
+    bed.eventually("only b1 answers", || {
+        bed.tcp_spread("a1", vip, 20).0 == pods(&["b1"])
+    });
+    let saved = bed.ip_netns_exec("node", &["iptables-save", "-t", "nat"]);
+    assert!(
+        saved.contains("-j KUBE-SERVICES") && saved.contains("KUBE-SEP-"),
+        "{saved}"
+    );
+    assert!(
+        bed.ruleset("ip").is_empty(),
+        "no nftables table in iptables mode"
+    );
+}
+
 #[test]
 fn no_endpoints_rejects_and_endpoint_changes_are_followed() {
     if !testbed::available() {

@@ -76,3 +76,37 @@ impl Restorer for IptablesCommand {
         Ok(text)
     }
 }
+
+/// Prints each restore input to stdout instead of applying it (`--dry-run`; needs no root).
+/// It cannot read the kernel: every full sync writes everything.
+#[derive(Debug, Default)]
+pub struct PrintRestores;
+
+impl Restorer for PrintRestores {
+    fn restore(&mut self, _family: IpFamily, input: &str) -> Result<(), RestoreError> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(input.as_bytes())
+            .and_then(|_| out.flush())
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::BrokenPipe => RestoreError::OutputClosed,
+                _ => RestoreError::Unavailable(format!("cannot write to standard output: {e}")),
+            })
+    }
+
+    fn save(&mut self, _family: IpFamily) -> Result<String, RestoreError> {
+        Ok(String::new())
+    }
+}
+
+/// Checks that `iptables-restore` can be run; its version line.
+pub fn check_iptables() -> Result<String, String> {
+    let output = Command::new("iptables-restore")
+        .arg("--version")
+        .output()
+        .map_err(|e| {
+            format!(
+                "the iptables proxy mode needs iptables-restore: {e}; install the iptables package"
+            )
+        })?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}

@@ -67,6 +67,8 @@ pub struct TestBed {
     namespaces: Vec<String>,
     /// Environment of the next proxy started.
     pub proxy_env: Vec<(String, String)>,
+    /// `--proxy-mode` of the proxies `start_proxy` starts.
+    pub mode: &'static str,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -153,6 +155,7 @@ impl TestBed {
             log,
             namespaces: Vec::new(),
             proxy_env: Vec::new(),
+            mode: "nftables",
         };
         bed.build();
         bed
@@ -322,7 +325,7 @@ impl TestBed {
             "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec: {podCIDRs: [198.18.1.0/24, \"2001:db8:18:1::/64\"]}\nstatus:\n  addresses:\n  - {type: InternalIP, address: 192.0.2.10}\n  - {type: InternalIP, address: \"2001:db8:2::10\"}\n",
         );
         let mut args: Vec<String> = vec![
-            "--proxy-mode=nftables".into(),
+            format!("--proxy-mode={}", self.mode),
             "--hostname-override=node-a".into(),
             format!("--manifests={}", self.manifests.display()),
             "--healthz-bind-address=".into(),
@@ -378,6 +381,14 @@ impl TestBed {
 
     pub fn proxy_log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `args` in the namespace of `role`; its standard output ("" when it failed).
+    pub fn ip_netns_exec(&self, role: &str, args: &[&str]) -> String {
+        let ns = self.ns(role);
+        let mut all = vec!["ip", "netns", "exec", ns.as_str()];
+        all.extend_from_slice(args);
+        run(&all).unwrap_or_default()
     }
 
     /// `nft list table <family> kube-proxy` in node-a.
