@@ -408,10 +408,16 @@ fn build_dataplane(
             }
             let version = crate::kernel::nft_runner::check_nft().map_err(anyhow::Error::msg)?;
             info!(nft = %version, "Using the nftables dataplane");
+            // KUBE_PROXY_NFT_NETLINK=off: every transaction through nft, the kernel never read
+            // (a diagnostic knob, and what tests outside a namespace use).
+            let runner = if std::env::var("KUBE_PROXY_NFT_NETLINK").as_deref() == Ok("off") {
+                info!("KUBE_PROXY_NFT_NETLINK=off: every transaction goes through nft");
+                crate::kernel::nft_runner::NftCommand::text_only()
+            } else {
+                crate::kernel::nft_runner::NftCommand::default()
+            };
             Ok(Box::new(kube_proxy_nftables::NftProxier::new(
-                config,
-                crate::kernel::nft_runner::NftCommand::default(),
-                clock,
+                config, runner, clock,
             )))
         }
         ProxyMode::Iptables => {

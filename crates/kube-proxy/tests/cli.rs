@@ -405,8 +405,12 @@ fn failing_syncs_turn_livez_unhealthy() {
         fake_bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
+    // Outside any test namespace: nothing may reach the machine's kernel. The stand-in nft
+    // takes every transaction (no netlink, no reading the kernel's table), and the conntrack
+    // sysctls are left alone.
     let mut child = bin()
         .env("PATH", path)
+        .env("KUBE_PROXY_NFT_NETLINK", "off")
         .arg("--manifests")
         .arg(&manifests)
         .args([
@@ -414,6 +418,9 @@ fn failing_syncs_turn_livez_unhealthy() {
             "--proxy-mode=nftables",
             "--iptables-sync-period=1s",
             "--iptables-min-sync-period=0s",
+            "--conntrack-max-per-core=0",
+            "--conntrack-tcp-timeout-established=0s",
+            "--conntrack-tcp-timeout-close-wait=0s",
         ])
         .arg(format!("--healthz-bind-address=127.0.0.1:{port}"))
         .arg(format!("--metrics-bind-address=127.0.0.1:{metrics_port}"))
