@@ -184,7 +184,8 @@ fn iptables_mode_cluster_ip_node_port_and_reject() {
         "{saved}"
     );
     assert!(
-        bed.ruleset("ip").is_empty(),
+        !bed.ip_netns_exec("node", &["nft", "list", "tables"])
+            .contains("kube-proxy"),
         "no nftables table in iptables mode"
     );
 }
@@ -262,10 +263,20 @@ fn source_of(outcome: &Outcome) -> Option<std::net::IpAddr> {
 
 #[test]
 fn node_port_and_external_ips_with_cluster_policy() {
+    node_port_and_external_ips_with_cluster_policy_in("nftables");
+}
+
+#[test]
+fn node_port_and_external_ips_with_cluster_policy_iptables() {
+    node_port_and_external_ips_with_cluster_policy_in("iptables");
+}
+
+fn node_port_and_external_ips_with_cluster_policy_in(mode: &'static str) {
     if !testbed::available() {
         return;
     }
     let mut bed = TestBed::new("npc");
+    bed.mode = mode;
     let spec = "  type: NodePort\n  clusterIP: 198.19.0.30\n  clusterIPs: [198.19.0.30, \"2001:db8:19::30\"]\n  ipFamilyPolicy: PreferDualStack\n  externalIPs: [198.51.100.10]\n  ports:\n  - {name: p, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}\n  - {name: u, port: 80, targetPort: 8080, nodePort: 30080, protocol: UDP}";
     bed.write_manifest("np", &service("np", spec, &["a1", "b1"]));
     bed.start_proxy(&[]);
@@ -294,10 +305,20 @@ fn node_port_and_external_ips_with_cluster_policy() {
 
 #[test]
 fn external_traffic_policy_local() {
+    external_traffic_policy_local_in("nftables");
+}
+
+#[test]
+fn external_traffic_policy_local_iptables() {
+    external_traffic_policy_local_in("iptables");
+}
+
+fn external_traffic_policy_local_in(mode: &'static str) {
     if !testbed::available() {
         return;
     }
     let mut bed = TestBed::new("etp");
+    bed.mode = mode;
     let spec = |ingress: &str| {
         format!("  type: LoadBalancer\n  clusterIP: 198.19.0.40\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  ports:\n  - {{name: p, port: 80, targetPort: 8080, nodePort: 30040, protocol: TCP}}\n  - {{name: u, port: 80, targetPort: 8080, nodePort: 30040, protocol: UDP}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: {ingress}}}]")
     };
@@ -333,7 +354,10 @@ fn external_traffic_policy_local() {
     // No local endpoint left: outside clients are dropped, pods still get b1.
     bed.write_manifest("lb", &service("lb", &spec("198.51.100.40"), &["b1"]));
     // Wait on the kernel state: sampling connections could see only b1 by chance too early.
-    bed.wait_for_element("ip", "no-endpoint-drop", "198.51.100.40 . tcp . 80");
+    match mode {
+        "iptables" => bed.wait_for_rules("ip", "t/lb:p has no local endpoints"),
+        _ => bed.wait_for_element("ip", "no-endpoint-drop", "198.51.100.40 . tcp . 80"),
+    }
     assert_eq!(
         bed.tcp_spread("a2", lb, 20).0,
         pods(&["b1"]),
@@ -365,10 +389,20 @@ fn external_traffic_policy_local() {
 
 #[test]
 fn internal_traffic_policy_local() {
+    internal_traffic_policy_local_in("nftables");
+}
+
+#[test]
+fn internal_traffic_policy_local_iptables() {
+    internal_traffic_policy_local_in("iptables");
+}
+
+fn internal_traffic_policy_local_in(mode: &'static str) {
     if !testbed::available() {
         return;
     }
     let mut bed = TestBed::new("itp");
+    bed.mode = mode;
     let spec = format!("  clusterIP: 198.19.0.50\n  internalTrafficPolicy: Local\n{PORTS}");
     bed.write_manifest("itp", &service("itp", &spec, &["a1", "b1"]));
     bed.start_proxy(&[]);
@@ -388,10 +422,20 @@ fn internal_traffic_policy_local() {
 
 #[test]
 fn client_ip_session_affinity() {
+    client_ip_session_affinity_in("nftables");
+}
+
+#[test]
+fn client_ip_session_affinity_iptables() {
+    client_ip_session_affinity_in("iptables");
+}
+
+fn client_ip_session_affinity_in(mode: &'static str) {
     if !testbed::available() {
         return;
     }
     let mut bed = TestBed::new("aff");
+    bed.mode = mode;
     let spec = format!("  clusterIP: 198.19.0.60\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 300}}}}\n{PORTS}");
     bed.write_manifest("aff", &service("aff", &spec, &["a1", "a2", "b1"]));
     bed.start_proxy(&[]);
@@ -421,10 +465,20 @@ fn client_ip_session_affinity() {
 
 #[test]
 fn load_balancer_source_ranges() {
+    load_balancer_source_ranges_in("nftables");
+}
+
+#[test]
+fn load_balancer_source_ranges_iptables() {
+    load_balancer_source_ranges_in("iptables");
+}
+
+fn load_balancer_source_ranges_in(mode: &'static str) {
     if !testbed::available() {
         return;
     }
     let mut bed = TestBed::new("lbr");
+    bed.mode = mode;
     let spec = "  type: LoadBalancer\n  clusterIP: 198.19.0.70\n  loadBalancerSourceRanges: [203.0.113.0/25]\n  ports:\n  - {name: p, port: 80, targetPort: 8080, nodePort: 30070, protocol: TCP}\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.70}]";
     bed.write_manifest("lbr", &service("lbr", spec, &["a1"]));
     bed.start_proxy(&[]);

@@ -391,20 +391,18 @@ impl TestBed {
         run(&all).unwrap_or_default()
     }
 
-    /// `nft list table <family> kube-proxy` in node-a.
+    /// The proxy's rules of `family` (`ip`, `ip6`) in node-a, as the mode shows them: `nft
+    /// list table <family> kube-proxy`, or `iptables-save`/`ip6tables-save` in iptables mode.
     pub fn ruleset(&self, family: &str) -> String {
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.ns("node"),
-            "nft",
-            "list",
-            "table",
-            family,
-            "kube-proxy",
-        ])
-        .unwrap_or_default()
+        let save = match family {
+            "ip6" => "ip6tables-save",
+            _ => "iptables-save",
+        };
+        let args: Vec<&str> = match self.mode {
+            "iptables" => vec![save],
+            _ => vec!["nft", "list", "table", family, "kube-proxy"],
+        };
+        self.ip_netns_exec("node", &args)
     }
 
     /// Waits until `check` holds (the proxy follows manifests asynchronously).
