@@ -16,6 +16,8 @@ use crate::service::{
 
 pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
 pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
+/// Shared with kubelet; only with localhost NodePorts.
+pub const KUBE_FIREWALL: &str = "KUBE-FIREWALL";
 
 /// Static chains of each table, in upstream's order.
 const FILTER_CHAINS: [&str; 5] = [
@@ -116,7 +118,8 @@ pub fn render(
     match &ctx.nodeports {
         NodePortDestinations::AllLocal => {
             let not_loopback = match ctx.family {
-                IpFamily::V4 => "",
+                IpFamily::V4 if ctx.localhost_nodeports => "",
+                IpFamily::V4 => " ! -d 127.0.0.0/8",
                 IpFamily::V6 => " ! -d ::1/128",
             };
             nat_rules.push(format!(
@@ -140,6 +143,12 @@ pub fn render(
     out.push_str("*filter\n");
     for chain in FILTER_CHAINS {
         let _ = writeln!(out, ":{chain} - [0:0]");
+    }
+    if ctx.localhost_nodeports {
+        // Upstream's guard for route_localnet: nothing from outside reaches 127.0.0.0/8
+        // unless it was DNATed there by a NodePort rule.
+        let _ = writeln!(out, ":{KUBE_FIREWALL} - [0:0]");
+        let _ = writeln!(out, "-A {KUBE_FIREWALL} -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP");
     }
     for rule in filter_rules {
         let _ = writeln!(out, "{rule}");
@@ -190,9 +199,15 @@ pub fn with_jumps(input: &str, present: impl Fn(&str, &str, &str) -> bool) -> St
             table = if name == "filter" { "filter" } else { "nat" };
         }
         if line == "COMMIT" {
-            for (jump_table, chain, rule) in JUMPS {
+            let firewall = input.contains(&format!(":{KUBE_FIREWALL} - [0:0]"));
+            let firewall_jumps = [
+                ("filter", "INPUT", "-j KUBE-FIREWALL"),
+                ("filter", "OUTPUT", "-j KUBE-FIREWALL"),
+            ];
+            let extra = firewall_jumps.iter().filter(|_| firewall);
+            for (jump_table, chain, rule) in JUMPS.iter().chain(extra) {
                 let target = rule.rsplit(' ').next().unwrap_or("");
-                if jump_table == table && !present(table, chain, target) {
+                if *jump_table == table && !present(table, chain, target) {
                     let _ = writeln!(out, "-I {chain} 1 {rule}");
                 }
             }
@@ -251,7 +266,7 @@ COMMIT
 :KUBE-SVC-CDGGSHYLG3RE2FKL - [0:0]
 ";
         assert!(text.starts_with(expected_head), "{text}");
-        let expected_tail = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        let expected_tail = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS
 -X KUBE-SEP-GONE0000000000000
 COMMIT
 ";

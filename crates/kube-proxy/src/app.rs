@@ -426,6 +426,7 @@ fn build_dataplane(
                 masquerade_all: settings.masquerade_all,
                 detect_local: settings.detect_local.clone(),
                 node_port_addresses: settings.node_port_addresses.clone(),
+                localhost_node_ports: settings.localhost_node_ports,
             };
             if flags.dry_run == Some(true) {
                 info!("--dry-run: printing iptables-restore inputs instead of applying them");
@@ -439,6 +440,11 @@ fn build_dataplane(
             let version =
                 crate::kernel::iptables_runner::check_iptables().map_err(anyhow::Error::msg)?;
             info!(iptables = %version, "Using the iptables dataplane");
+            if policy.localhost_node_ports {
+                // As upstream: NodePorts on 127.0.0.1 need martian-source routing of loopback
+                // (guarded by KUBE-FIREWALL).
+                crate::kernel::node_setup::enable_route_localnet();
+            }
             Ok(Box::new(
                 kube_proxy_iptables::proxier::IptablesProxier::new(
                     policy,

@@ -179,6 +179,11 @@ fn iptables_mode_cluster_ip_node_port_and_reject() {
     assert_eq!(answered, expected);
     let node_port = sock(testbed::NODE_A, 30045);
     assert_eq!(bed.tcp_spread("client", node_port, 30).0, expected);
+    // localhostNodePorts (default true): the node reaches its NodePorts on 127.0.0.1.
+    assert_eq!(
+        bed.tcp_spread("node", sock("127.0.0.1", 30045), 30).0,
+        expected
+    );
     assert_eq!(
         bed.tcp("a1", sock("198.19.0.61", 80), None),
         Outcome::Refused
@@ -198,6 +203,15 @@ fn iptables_mode_cluster_ip_node_port_and_reject() {
     assert!(
         saved.contains("-j KUBE-SERVICES") && saved.contains("KUBE-SEP-"),
         "{saved}"
+    );
+    // Without localhostNodePorts, 127.0.0.1 is not a NodePort address.
+    bed.start_proxy(&["--iptables-localhost-nodeports=false"]);
+    bed.eventually("127.0.0.1 refused", || {
+        bed.tcp("node", sock("127.0.0.1", 30045), None) == Outcome::Refused
+    });
+    assert_eq!(
+        bed.tcp("node", sock(testbed::NODE_A, 30045), None).pod(),
+        Some("b1")
     );
     assert!(
         !bed.ip_netns_exec("node", &["nft", "list", "tables"])

@@ -20,6 +20,8 @@ pub struct ProxyPolicy {
     pub masquerade_all: bool,
     pub detect_local: DetectLocal,
     pub node_port_addresses: NodePortAddresses,
+    /// iptables mode's `localhostNodePorts`: NodePorts answer on 127.0.0.1 too (IPv4 only).
+    pub localhost_node_ports: bool,
 }
 
 impl Default for ProxyPolicy {
@@ -29,6 +31,7 @@ impl Default for ProxyPolicy {
             masquerade_all: false,
             detect_local: DetectLocal::ClusterCidr(Vec::new()),
             node_port_addresses: NodePortAddresses::Primary,
+            localhost_node_ports: false,
         }
     }
 }
@@ -66,6 +69,9 @@ pub struct FamilyContext {
     pub node_ips: Vec<IpAddr>,
     /// ServiceCIDRs of the family: unallocated addresses in them are dropped.
     pub service_cidrs: Vec<IpNet>,
+    /// NodePorts answer on 127.0.0.1 (IPv4, every local address accepting NodePorts, and
+    /// `localhostNodePorts`); needs `route_localnet` and upstream's `KUBE-FIREWALL` guard.
+    pub localhost_nodeports: bool,
 }
 
 impl FamilyContext {
@@ -98,9 +104,12 @@ impl FamilyContext {
             mark: 1 << policy.masquerade_bit,
             masquerade_all: policy.masquerade_all,
             local,
-            nodeports,
             node_ips: node.node_ips.clone(),
             service_cidrs: Vec::new(),
+            localhost_nodeports: policy.localhost_node_ports
+                && family == IpFamily::V4
+                && nodeports == NodePortDestinations::AllLocal,
+            nodeports,
         }
     }
 

@@ -38,6 +38,8 @@ impl NftConfig {
             masquerade_all: self.masquerade_all,
             detect_local: self.detect_local.clone(),
             node_port_addresses: self.node_port_addresses.clone(),
+            // Upstream's nftables mode never accepts NodePorts on loopback.
+            localhost_node_ports: false,
         }
     }
 }

@@ -123,6 +123,22 @@ pub fn apply_conntrack(settings: &ConntrackSettings) -> usize {
     failures
 }
 
+/// `net.ipv4.conf.all.route_localnet=1`, for NodePorts on 127.0.0.1 (iptables mode's
+/// `localhostNodePorts`); failure is logged, as upstream.
+pub fn enable_route_localnet() {
+    let key = "/proc/sys/net/ipv4/conf/all/route_localnet";
+    match std::fs::write(key, "1") {
+        Ok(()) => info!(
+            key = "net.ipv4.conf.all.route_localnet",
+            value = 1,
+            "Set sysctl"
+        ),
+        Err(e) => {
+            warn!(key = "net.ipv4.conf.all.route_localnet", error = %e, "Cannot set sysctl; NodePorts on 127.0.0.1 will not answer")
+        }
+    }
+}
+
 /// Sets this process's OOM score adjustment (`oomScoreAdj`), tolerating failure.
 pub fn apply_oom_score_adj(value: i32) {
     match std::fs::write("/proc/self/oom_score_adj", value.to_string()) {
