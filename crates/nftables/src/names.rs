@@ -7,13 +7,10 @@
 
 use std::net::IpAddr;
 
+use kube_proxy_model::names::hash_prefix;
 use kube_proxy_model::ServicePortName;
 
 const MAX_NAME: usize = 256;
-
-fn base32_prefix(input: &str, chars: usize) -> String {
-    kube_proxy_model::names::hash_prefix(input, chars)
-}
 
 fn bounded(name: String) -> String {
     if name.len() <= MAX_NAME {
@@ -40,14 +37,14 @@ fn port_path(name: &ServicePortName) -> String {
 /// `<H8>-<ns>/<svc>/<proto>/<portName>`.
 pub fn service_base(name: &ServicePortName) -> String {
     let path = port_path(name);
-    format!("{}-{path}", base32_prefix(&path, 8))
+    format!("{}-{path}", hash_prefix(&path, 8))
 }
 
 /// `<H8>-<ns>/<svc>/<proto>/<portName>__<ip>/<port>`.
 pub fn endpoint_base(name: &ServicePortName, ip: IpAddr, port: u16) -> String {
     let ip = ip.to_string().replace(':', ".");
     let path = format!("{}__{ip}/{port}", port_path(name));
-    format!("{}-{path}", base32_prefix(&path, 8))
+    format!("{}-{path}", hash_prefix(&path, 8))
 }
 
 pub fn service_chain(name: &ServicePortName) -> String {
