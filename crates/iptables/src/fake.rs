@@ -111,6 +111,19 @@ impl Restorer for FakeIptables {
         }
         Ok(out)
     }
+
+    fn chain_exists(
+        &mut self,
+        family: IpFamily,
+        table: &str,
+        chain: &str,
+    ) -> Result<bool, RestoreError> {
+        Ok(self
+            .families
+            .get(&family)
+            .and_then(|tables| tables.get(table))
+            .is_some_and(|chains| chains.contains_key(chain)))
+    }
 }
 
 /// The chain a rule jumps to (`-j X`), if any.

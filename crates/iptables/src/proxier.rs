@@ -6,12 +6,16 @@
 //! Pure: a [`Restorer`] runs the tools (the binary's, or a fake in tests).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use kube_proxy_model::context::{FamilyContext, ProxyPolicy};
-use kube_proxy_model::dataplane::{Dataplane, SyncError, SyncErrorKind, SyncInput, SyncReport};
-use kube_proxy_model::{IpFamily, ServicePortName};
+use kube_proxy_model::dataplane::{
+    Dataplane, SyncError, SyncErrorKind, SyncInput, SyncReport, TableRules,
+};
+use kube_proxy_model::{FamilyPlan, IpFamily, ServicePortName};
 
-use crate::restore::{self, Rewrite};
+use crate::restore::{self, Rewrite, CANARY_TABLES, KUBE_PROXY_CANARY};
+use crate::service::{Style, LARGE_CLUSTER_ENDPOINTS};
 
 /// Why an input was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +40,13 @@ pub trait Restorer: Send {
     fn restore(&mut self, family: IpFamily, input: &str) -> Result<(), RestoreError>;
     /// What `iptables-save` prints for the filter and nat tables.
     fn save(&mut self, family: IpFamily) -> Result<String, RestoreError>;
+    /// Whether `chain` exists in `table`.
+    fn chain_exists(
+        &mut self,
+        family: IpFamily,
+        table: &str,
+        chain: &str,
+    ) -> Result<bool, RestoreError>;
 }
 
 /// The chains of `table` in an `iptables-save` text.
@@ -68,14 +79,19 @@ pub fn saved_jump(saved: &str, table: &str, chain: &str, target: &str) -> bool {
 struct FamilyState {
     initialized: bool,
     ctx: Option<FamilyContext>,
+    style: Style,
     /// The per-service-port chains each port has in the kernel.
     chains: BTreeMap<ServicePortName, Vec<String>>,
+    /// When the canary chains were last found (or created).
+    canary_seen: Option<Instant>,
 }
 
 pub struct IptablesProxier<R: Restorer> {
     policy: ProxyPolicy,
     runner: R,
     families: BTreeMap<IpFamily, FamilyState>,
+    canary_interval: Duration,
+    warnings: Vec<String>,
 }
 
 impl<R: Restorer> IptablesProxier<R> {
@@ -84,11 +100,56 @@ impl<R: Restorer> IptablesProxier<R> {
             policy,
             runner,
             families: BTreeMap::new(),
+            canary_interval: Duration::from_secs(30),
+            warnings: Vec::new(),
         }
+    }
+
+    /// How often a partial sync first checks that the canary chains are still there
+    /// (upstream: every `syncPeriod`).
+    pub fn with_canary_interval(mut self, interval: Duration) -> Self {
+        self.canary_interval = interval;
+        self
     }
 
     pub fn runner(&self) -> &R {
         &self.runner
+    }
+
+    pub fn runner_mut(&mut self) -> &mut R {
+        &mut self.runner
+    }
+
+    /// Whether every canary chain of `family` is still there; `Ok(true)` when not checked
+    /// because the last sighting is recent.
+    fn canaries_intact(&mut self, family: IpFamily) -> Result<bool, RestoreError> {
+        let state = self.families.entry(family).or_default();
+        if state
+            .canary_seen
+            .is_some_and(|seen| seen.elapsed() < self.canary_interval)
+        {
+            return Ok(true);
+        }
+        for table in CANARY_TABLES {
+            if !self.runner.chain_exists(family, table, KUBE_PROXY_CANARY)? {
+                return Ok(false);
+            }
+        }
+        self.families.entry(family).or_default().canary_seen = Some(Instant::now());
+        Ok(true)
+    }
+}
+
+/// The rendering style for `plan`: large-cluster mode past the threshold, as upstream counts
+/// (every endpoint of every service port).
+fn style_for(plan: &FamilyPlan) -> Style {
+    let endpoints: usize = plan
+        .services
+        .values()
+        .map(|p| p.reachable_endpoints.len())
+        .sum();
+    Style {
+        large_cluster: endpoints > LARGE_CLUSTER_ENDPOINTS,
     }
 }
 
@@ -101,25 +162,37 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
         let family = input.family;
         let ctx = FamilyContext::resolve(&self.policy, family, input.node)
             .with_service_cidrs(input.service_cidrs);
+        let style = style_for(input.plan);
         let state = self.families.entry(family).or_default();
-        let full = input.full || !state.initialized || state.ctx.as_ref() != Some(&ctx);
-        let failed = |error: RestoreError| SyncError {
+        let mut full = input.full
+            || !state.initialized
+            || state.ctx.as_ref() != Some(&ctx)
+            || state.style != style;
+        let failed = |error: RestoreError, partial: bool| SyncError {
             family,
             kind: match error {
                 RestoreError::OutputClosed => SyncErrorKind::OutputClosed,
                 _ => SyncErrorKind::Retry,
             },
             message: format!("iptables-restore failed: {error}"),
+            partial,
         };
+        if !full && !self.canaries_intact(family).map_err(|e| failed(e, true))? {
+            self.warnings.push(format!(
+                "{KUBE_PROXY_CANARY} of {family} is gone: someone deleted kube-proxy's chains; rewriting all of them"
+            ));
+            full = true;
+        }
         let mut saved = None;
         let (rewrite, candidates) = if full {
             // Every service-port chain the kernel has is a candidate for deletion.
-            let text = self.runner.save(family).map_err(failed)?;
+            let text = self.runner.save(family).map_err(|e| failed(e, false))?;
             let existing = saved_chains(&text, "nat");
             saved = Some(text);
             (Rewrite::All, existing)
         } else {
             // The chains the changed ports had before.
+            let state = self.families.entry(family).or_default();
             let previous: BTreeSet<String> = input
                 .changed
                 .iter()
@@ -129,28 +202,58 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
                 .collect();
             (Rewrite::Ports(input.changed), previous)
         };
-        let mut rendered = restore::render(input.plan, &ctx, rewrite, &candidates);
+        let mut rendered = restore::render(input.plan, &ctx, rewrite, &candidates, style);
         if let Some(saved) = &saved {
-            // A full sync also makes sure the built-in chains jump to ours.
-            rendered.text = restore::with_jumps(&rendered.text, |table, chain, target| {
+            // A full sync also creates the canaries and makes sure the built-in chains jump
+            // to ours.
+            rendered.text = restore::for_full_sync(&rendered.text, |table, chain, target| {
                 saved_jump(saved, table, chain, target)
             });
         }
         let state = self.families.entry(family).or_default();
         if let Err(error) = self.runner.restore(family, &rendered.text) {
             // The kernel kept what it had; the next sync rewrites everything.
+            let error = match error {
+                RestoreError::Rejected(message) => RestoreError::Rejected(
+                    match restore::describe_failure(&rendered.text, &message, &rendered.chains) {
+                        Some(at) => format!("{message}: {at}"),
+                        None => message,
+                    },
+                ),
+                other => other,
+            };
             *state = FamilyState::default();
-            return Err(failed(error));
+            return Err(failed(error, !full));
         }
         state.chains = rendered.chains;
         state.ctx = Some(ctx);
+        state.style = style;
         state.initialized = true;
+        if full {
+            state.canary_seen = Some(Instant::now());
+        }
         Ok(SyncReport {
             service_ports: input.plan.services.len(),
             changed: input.changed.len(),
             full,
             statements: rendered.text.lines().count(),
             transactions: 1,
+            rules: vec![
+                TableRules {
+                    table: "filter",
+                    written: rendered.filter_rules,
+                    total: rendered.filter_rules,
+                },
+                TableRules {
+                    table: "nat",
+                    written: rendered.nat_rules,
+                    total: rendered.nat_rules_total,
+                },
+            ],
         })
+    }
+
+    fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
     }
 }

@@ -10,7 +10,7 @@ use kube_proxy_model::context::{FamilyContext, NodePortDestinations};
 use kube_proxy_model::{FamilyPlan, IpFamily, ServicePortName};
 
 use crate::service::{
-    self, KUBE_EXTERNAL_SERVICES, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL,
+    self, Style, KUBE_EXTERNAL_SERVICES, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL,
     KUBE_SERVICES,
 };
 
@@ -61,12 +61,24 @@ pub enum Rewrite<'a> {
 pub struct Rendered {
     pub text: String,
     pub chains: BTreeMap<ServicePortName, Vec<String>>,
+    /// Rules (`-A` lines) the input writes to the filter table (all of ours there).
+    pub filter_rules: usize,
+    /// Rules the input writes to the nat table.
+    pub nat_rules: usize,
+    /// Our nat rules after it is applied: written, plus those of unchanged ports' chains.
+    pub nat_rules_total: usize,
 }
+
+/// Upstream's canary chain, in mangle, nat and filter: created by a full sync; gone means
+/// someone deleted our chains (`iptables -X`, `nft flush ruleset`), so everything is rewritten.
+pub const KUBE_PROXY_CANARY: &str = "KUBE-PROXY-CANARY";
+/// The tables holding a canary.
+pub const CANARY_TABLES: [&str; 3] = ["mangle", "nat", "filter"];
 
 /// The whole input for a full sync. `existing`: the nat chains the kernel has now (from
 /// `iptables-save`); the per-service-port ones no port needs are deleted.
 pub fn render_full(plan: &FamilyPlan, ctx: &FamilyContext, existing: &BTreeSet<String>) -> String {
-    render(plan, ctx, Rewrite::All, existing).text
+    render(plan, ctx, Rewrite::All, existing, Style::default()).text
 }
 
 /// An input that rewrites the static chains (they hold every port's dispatch and filter
@@ -77,6 +89,7 @@ pub fn render(
     ctx: &FamilyContext,
     rewrite: Rewrite<'_>,
     candidates: &BTreeSet<String>,
+    style: Style,
 ) -> Rendered {
     let mark = format!("{:#x}/{:#x}", ctx.mark, ctx.mark);
     let mut filter_rules: Vec<String> = vec![
@@ -93,8 +106,9 @@ pub fn render(
     ];
     let mut wanted: BTreeSet<String> = BTreeSet::new();
     let mut chains = BTreeMap::new();
+    let mut skipped_nat_rules = 0;
     for (name, port_plan) in &plan.services {
-        let rules = service::render(port_plan, ctx);
+        let rules = service::render_in(port_plan, ctx, style);
         let write_chains = match rewrite {
             Rewrite::All => true,
             Rewrite::Ports(ports) => ports.contains(name),
@@ -103,6 +117,8 @@ pub fn render(
         for (chain, rule) in &rules.nat {
             if write_chains || !is_service_port_chain(chain) {
                 nat_rules.push(format!("-A {chain} {rule}"));
+            } else {
+                skipped_nat_rules += 1;
             }
         }
         for chain in &rules.chains {
@@ -140,6 +156,8 @@ pub fn render(
         .collect();
 
     let mut out = String::new();
+    let filter_count = filter_rules.len() + usize::from(ctx.localhost_nodeports);
+    let nat_count = nat_rules.len();
     out.push_str("*filter\n");
     for chain in FILTER_CHAINS {
         let _ = writeln!(out, ":{chain} - [0:0]");
@@ -168,7 +186,13 @@ pub fn render(
         let _ = writeln!(out, "-X {chain}");
     }
     out.push_str("COMMIT\n");
-    Rendered { text: out, chains }
+    Rendered {
+        text: out,
+        chains,
+        filter_rules: filter_count,
+        nat_rules: nat_count,
+        nat_rules_total: nat_count + skipped_nat_rules,
+    }
 }
 
 /// The jumps from the built-in chains into ours (table, chain, rule), in upstream's order;
@@ -189,14 +213,19 @@ pub const JUMPS: [(&str, &str, &str); 12] = [
     ("nat", "POSTROUTING", "-m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING"),
 ];
 
-/// `input` with `-I <chain> 1 <rule>` for each jump of [`JUMPS`] that `present(table, chain,
-/// target)` does not find, at the end of its table (after the chains it jumps to exist).
-pub fn with_jumps(input: &str, present: impl Fn(&str, &str, &str) -> bool) -> String {
+/// `input` made a full sync's: the canary chains declared in each table (with a `mangle`
+/// section of their own), and `-I <chain> 1 <rule>` for each jump of [`JUMPS`] that
+/// `present(table, chain, target)` does not find, at the end of its table (after the chains
+/// it jumps to exist).
+pub fn for_full_sync(input: &str, present: impl Fn(&str, &str, &str) -> bool) -> String {
     let mut out = String::with_capacity(input.len() + 2048);
+    let _ = writeln!(out, "*mangle\n:{KUBE_PROXY_CANARY} - [0:0]\nCOMMIT");
     let mut table = "";
     for line in input.lines() {
         if let Some(name) = line.strip_prefix('*') {
             table = if name == "filter" { "filter" } else { "nat" };
+            let _ = writeln!(out, "{line}\n:{KUBE_PROXY_CANARY} - [0:0]");
+            continue;
         }
         if line == "COMMIT" {
             let firewall = input.contains(&format!(":{KUBE_FIREWALL} - [0:0]"));
@@ -215,6 +244,48 @@ pub fn with_jumps(input: &str, present: impl Fn(&str, &str, &str) -> bool) -> St
         let _ = writeln!(out, "{line}");
     }
     out
+}
+
+/// What a rejected input's message points at: `line N failed` of `input`, the line, and the
+/// service port it belongs to (by its chain in `chains`, or the port named in its comment),
+/// so the log says which Service broke the sync.
+pub fn describe_failure(
+    input: &str,
+    message: &str,
+    chains: &BTreeMap<ServicePortName, Vec<String>>,
+) -> Option<String> {
+    let number: usize = message
+        .split("line ")
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    let line = input.lines().nth(number.checked_sub(1)?)?;
+    let chain = line
+        .strip_prefix("-A ")
+        .or_else(|| line.strip_prefix(':'))
+        .or_else(|| line.strip_prefix("-X "))
+        .and_then(|rest| rest.split_whitespace().next());
+    let owner = chain
+        .and_then(|chain| {
+            chains
+                .iter()
+                .find(|(_, own)| own.iter().any(|c| c == chain))
+                .map(|(name, _)| name.to_string())
+        })
+        .or_else(|| {
+            let comment = line.split("--comment ").nth(1)?.trim_start_matches('"');
+            let name = comment.split([' ', '"']).next()?;
+            chains
+                .keys()
+                .map(ToString::to_string)
+                .find(|known| known == name)
+        });
+    Some(match owner {
+        Some(port) => format!("line {number} ({line}) of service port {port}"),
+        None => format!("line {number} ({line})"),
+    })
 }
 
 #[cfg(test)]

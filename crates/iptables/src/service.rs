@@ -69,7 +69,25 @@ fn local_match(local: &LocalTraffic, negate: bool) -> Vec<String> {
     }
 }
 
+/// Past this many endpoints in all, the per-endpoint rules go without their comment
+/// (upstream's large-cluster mode: the restore input shrinks by about 40%).
+pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+/// How the rules are spelled, beyond what the plan decides.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Style {
+    /// Large-cluster mode ([`LARGE_CLUSTER_ENDPOINTS`]): no comment on the endpoint
+    /// selection rules and in the `KUBE-SEP` chains.
+    pub large_cluster: bool,
+}
+
+/// The rules of one service port, in the default style.
 pub fn render(plan: &ServicePortPlan, ctx: &FamilyContext) -> PortRules {
+    render_in(plan, ctx, Style::default())
+}
+
+/// The rules of one service port, spelled in `style`.
+pub fn render_in(plan: &ServicePortPlan, ctx: &FamilyContext, style: Style) -> PortRules {
     let mut out = PortRules::default();
     let port = &plan.port;
     let name = port.name.to_string();
@@ -261,7 +279,7 @@ pub fn render(plan: &ServicePortPlan, ctx: &FamilyContext) -> PortRules {
                 }
             }
         }
-        render_selection(&mut out, plan, &name, chain, endpoints);
+        render_selection(&mut out, plan, &name, chain, endpoints, style);
     }
     out
 }
@@ -274,8 +292,15 @@ fn render_selection(
     name: &str,
     chain: &str,
     endpoints: &[Arc<Endpoint>],
+    style: Style,
 ) {
     let port = &plan.port;
+    // `-m comment --comment X ` before the matches, or nothing in large-cluster mode.
+    let comment = |text: String| match style.large_cluster {
+        true => String::new(),
+        false if text.contains(' ') => format!("-m comment --comment \"{text}\" "),
+        false => format!("-m comment --comment {text} "),
+    };
     let seps: Vec<String> = endpoints
         .iter()
         .map(|ep| names::endpoint_chain(&port.name, ep.ip, ep.port))
@@ -285,8 +310,8 @@ fn render_selection(
             out.nat.push((
                 chain.to_string(),
                 format!(
-                    "-m comment --comment \"{name} -> {}\" -m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}",
-                    endpoint_text(ep)
+                    "{}-m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}",
+                    comment(format!("{name} -> {}", endpoint_text(ep)))
                 ),
             ));
         }
@@ -295,7 +320,7 @@ fn render_selection(
     for (i, (ep, sep)) in endpoints.iter().zip(&seps).enumerate() {
         let statistic = if i + 1 < n {
             format!(
-                " -m statistic --mode random --probability {}",
+                "-m statistic --mode random --probability {} ",
                 probability(n - i)
             )
         } else {
@@ -304,8 +329,8 @@ fn render_selection(
         out.nat.push((
             chain.to_string(),
             format!(
-                "-m comment --comment \"{name} -> {}\"{statistic} -j {sep}",
-                endpoint_text(ep)
+                "{}{statistic}-j {sep}",
+                comment(format!("{name} -> {}", endpoint_text(ep)))
             ),
         ));
     }
@@ -322,14 +347,16 @@ fn render_selection(
         out.nat.push((
             sep.clone(),
             format!(
-                "-m comment --comment {name} -s {} -j {KUBE_MARK_MASQ}",
+                "{}-s {} -j {KUBE_MARK_MASQ}",
+                comment(name.to_string()),
                 host(ep.ip)
             ),
         ));
         out.nat.push((
             sep.clone(),
             format!(
-                "-m comment --comment {name} {proto}{recent} -j DNAT --to-destination {}",
+                "{}{proto}{recent} -j DNAT --to-destination {}",
+                comment(name.to_string()),
                 endpoint_text(ep)
             ),
         ));

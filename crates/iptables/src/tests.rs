@@ -79,3 +79,164 @@ fn partial_syncs_equal_one_full_sync_in_the_fake_iptables() {
         "partial inputs left unchanged ports' chains alone"
     );
 }
+
+/// One Service with `n` endpoints (198.18.x.y), as the cluster state's objects.
+fn service_with_endpoints(state: &mut ClusterState, n: usize) {
+    let service = serde_json::json!({"kind": "Service", "metadata": {"namespace": "ns", "name": "big"},
+        "spec": {"clusterIP": "198.19.0.10", "ports": [{"name": "p", "port": 80, "targetPort": 8080}]}});
+    let endpoints: Vec<serde_json::Value> = (0..n)
+        .map(|i| serde_json::json!({"addresses": [format!("198.18.{}.{}", i / 250, i % 250 + 1)]}))
+        .collect();
+    let slice = serde_json::json!({"kind": "EndpointSlice",
+        "metadata": {"namespace": "ns", "name": "big-1", "labels": {"kubernetes.io/service-name": "big"}},
+        "addressType": "IPv4", "ports": [{"name": "p", "port": 8080}], "endpoints": endpoints});
+    state.apply_service(&serde_json::from_value(service).unwrap());
+    state.apply_slice(&serde_json::from_value(slice).unwrap());
+}
+
+fn nat_rules(proxier: &IptablesProxier<FakeIptables>) -> Vec<String> {
+    proxier.runner().families[&IpFamily::V4]["nat"]
+        .values()
+        .flatten()
+        .cloned()
+        .collect()
+}
+
+/// Past 1000 endpoints the per-endpoint rules lose their comments (upstream's large-cluster
+/// mode); crossing the threshold either way rewrites every chain, so no port keeps the other
+/// style; the rule counts reported for the metrics match the kernel's.
+#[test]
+fn large_cluster_mode_past_1000_endpoints() {
+    let mut state = ClusterState::new("node-a");
+    let mut plan = FamilyPlan::default();
+    let mut proxier = IptablesProxier::new(policy(), FakeIptables::default());
+    service_with_endpoints(&mut state, 1000);
+    sync(&mut proxier, &mut state, &mut plan, true);
+    let commented = |rules: &[String]| {
+        rules
+            .iter()
+            .filter(|r| r.contains("DNAT") && r.starts_with("-m comment --comment ns/big:p "))
+            .count()
+    };
+    assert_eq!(commented(&nat_rules(&proxier)), 1000, "at the threshold");
+
+    service_with_endpoints(&mut state, 1001);
+    let report =
+        kube_proxy_model::testing::sync_ipv4(&mut proxier, &mut state, &mut plan, false, &node());
+    assert!(report.full, "a style change rewrites everything");
+    let rules = nat_rules(&proxier);
+    assert_eq!(commented(&rules), 0);
+    assert!(rules
+        .iter()
+        .any(|r| r == "-m tcp -p tcp -j DNAT --to-destination 198.18.4.1:8080"));
+    assert!(rules.iter().any(|r| r
+        .starts_with("-m comment --comment \"ns/big:p cluster IP\" -m tcp -p tcp -d 198.19.0.10")));
+    let nat = report.rules.iter().find(|t| t.table == "nat").unwrap();
+    let ours: usize = proxier.runner().families[&IpFamily::V4]["nat"]
+        .iter()
+        .filter(|(chain, _)| chain.starts_with("KUBE-"))
+        .map(|(_, rules)| rules.len())
+        .sum();
+    assert_eq!(nat.total, ours, "the rules of our nat chains");
+
+    service_with_endpoints(&mut state, 10);
+    let report =
+        kube_proxy_model::testing::sync_ipv4(&mut proxier, &mut state, &mut plan, false, &node());
+    assert!(report.full);
+    assert_eq!(commented(&nat_rules(&proxier)), 10);
+}
+
+/// Someone deletes our chains (`iptables -X`, `nft flush ruleset`): the canary is gone, the
+/// next sync notices and rewrites everything, as upstream's canary check.
+#[test]
+fn a_missing_canary_forces_a_full_sync() {
+    let mut changes = kube_proxy_model::testing::RandomChanges::new(7);
+    let mut state = ClusterState::new("node-a");
+    for _ in 0..30 {
+        changes.apply_one(&mut state);
+    }
+    let mut plan = FamilyPlan::default();
+    let mut proxier = IptablesProxier::new(policy(), FakeIptables::default())
+        .with_canary_interval(std::time::Duration::ZERO);
+    sync(&mut proxier, &mut state, &mut plan, true);
+    let programmed = proxier.runner().families.clone();
+    for table in ["mangle", "nat", "filter"] {
+        assert!(
+            programmed[&IpFamily::V4][table].contains_key("KUBE-PROXY-CANARY"),
+            "{table}"
+        );
+    }
+    // Nothing changed and the canary is there: a partial sync.
+    let report =
+        kube_proxy_model::testing::sync_ipv4(&mut proxier, &mut state, &mut plan, false, &node());
+    assert!(!report.full);
+    // Delete the nat table's chains, as `iptables -t nat -F; iptables -t nat -X` would.
+    proxier
+        .runner_mut()
+        .families
+        .get_mut(&IpFamily::V4)
+        .unwrap()
+        .insert("nat".to_string(), Default::default());
+    let report =
+        kube_proxy_model::testing::sync_ipv4(&mut proxier, &mut state, &mut plan, false, &node());
+    assert!(report.full, "the missing canary forced a full sync");
+    assert_eq!(proxier.runner().families, programmed);
+    let warnings = kube_proxy_model::Dataplane::take_warnings(&mut proxier);
+    assert!(
+        warnings.iter().any(|w| w.contains("KUBE-PROXY-CANARY")),
+        "{warnings:?}"
+    );
+}
+
+/// A rejected input is reported with the line, and the service port it belongs to.
+#[test]
+fn a_rejected_restore_names_the_line_and_its_service_port() {
+    let mut state = ClusterState::new("node-a");
+    service_with_endpoints(&mut state, 2);
+    let mut plan = FamilyPlan::default();
+    let mut proxier = IptablesProxier::new(policy(), FakeIptables::default());
+    sync(&mut proxier, &mut state, &mut plan, true);
+    // The fake rejects a rule in a chain it does not have: delete one endpoint's chain behind
+    // the proxier's back, then change that port.
+    let nat = proxier
+        .runner_mut()
+        .families
+        .get_mut(&IpFamily::V4)
+        .unwrap()
+        .get_mut("nat")
+        .unwrap();
+    let svc = nat
+        .keys()
+        .find(|c| c.starts_with("KUBE-SVC-"))
+        .unwrap()
+        .clone();
+    nat.remove(&svc);
+    nat.get_mut("KUBE-SERVICES").unwrap().clear();
+    // A partial input declares the changed port's chains, so make the input fail elsewhere:
+    // a KUBE-SERVICES jump to a chain the partial input does not declare.
+    let input_plan = plan.clone();
+    let unchanged = Default::default();
+    let result = kube_proxy_model::Dataplane::sync(
+        &mut proxier,
+        kube_proxy_model::SyncInput {
+            family: IpFamily::V4,
+            plan: &input_plan,
+            changed: &unchanged,
+            full: false,
+            node: &node(),
+            service_cidrs: &[],
+        },
+    );
+    let error = result.unwrap_err();
+    assert!(error.partial);
+    assert!(
+        error.message.contains("of service port ns/big:p"),
+        "{}",
+        error.message
+    );
+    assert!(
+        error.message.contains(&format!("-j {svc}")),
+        "{}",
+        error.message
+    );
+}

@@ -3,13 +3,17 @@
 //! like a real API server's watch cache answers), in a network namespace of its own, until
 //! every Service of both families is in the kernel.
 //!
-//! Run as root: `cargo bench --bench cold_start` (scales from `KP_BENCH_SCALES`, default
-//! `10000x2,50000x5`; each in a child process with its own namespace). Prints, per scale:
-//! process start to each kind listed, to the first sync and to both families programmed, the
-//! list and sync parts apart, the proxy's peak RSS and the largest peak RSS of its `nft`
-//! runs (measured with /usr/bin/time through a wrapper in the proxy's PATH); the same for a
-//! restart over the table it built; then, with the restarted proxy idle, the time from an
-//! API write (an endpoint change; a new Service with its EndpointSlice) to the kernel.
+//! Run as root: `cargo bench --bench cold_start` (modes from `KP_BENCH_MODES`, default
+//! `nftables,iptables-nft,iptables-legacy`; scales from `KP_BENCH_SCALES`, default
+//! `10000x2,50000x5`; each pair in a child process with its own namespace). Prints, per mode
+//! and scale: process start to each kind listed, to the first sync and to both families
+//! programmed, the list and sync parts apart, the proxy's peak RSS and the largest peak RSS
+//! of its kernel tool runs (`nft`, `iptables-restore`; measured with /usr/bin/time through a
+//! wrapper in the proxy's PATH); the same for a restart over the rules it built; then, with
+//! the restarted proxy idle, the time from an API write (an endpoint change; a new Service
+//! with its EndpointSlice) to the kernel. In iptables mode also the floor, in the same run:
+//! `iptables-restore` of the ruleset the proxy wrote, alone, into empty tables, and of a
+//! minimal ruleset with one DNAT rule per endpoint.
 
 mod common;
 
@@ -105,7 +109,43 @@ fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
 
+/// The dataplane a child measures (`KP_BENCH_MODE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Nftables,
+    Iptables(&'static str),
+}
+
+impl Mode {
+    fn current() -> Mode {
+        match std::env::var("KP_BENCH_MODE").as_deref() {
+            Ok("iptables-nft") => Mode::Iptables("nft"),
+            Ok("iptables-legacy") => Mode::Iptables("legacy"),
+            _ => Mode::Nftables,
+        }
+    }
+
+    /// The kernel tools whose runs are metered.
+    fn tools(self) -> Vec<String> {
+        match self {
+            Mode::Nftables => vec!["nft".into()],
+            Mode::Iptables(backend) => ["iptables", "ip6tables"]
+                .iter()
+                .map(|base| format!("{base}-{backend}-restore"))
+                .collect(),
+        }
+    }
+
+    fn name(self) -> String {
+        match self {
+            Mode::Nftables => "nftables".into(),
+            Mode::Iptables(backend) => format!("iptables ({backend} backend)"),
+        }
+    }
+}
+
 fn run_scale(n: usize, m: usize) {
+    let mode = Mode::current();
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
         .expect("unshare a network namespace (run as root)");
     let up = Command::new("ip")
@@ -137,26 +177,30 @@ fn run_scale(n: usize, m: usize) {
     let url = runtime.block_on(fakeapi::serve(fake.clone()));
 
     // The cold start: a new node, no table.
-    let mut first = Proxy::start(&url);
+    let mut first = Proxy::start(&url, mode);
     let cold = first.wait_synced();
     let proxy_peak = rss_kib(first.pid, "VmHWM:");
     first.stop();
-    let nft_peak = take_nft_peak();
+    let nft_peak = take_nft_peak(mode);
     assert_eq!(
-        cluster_ips_in_kernel(),
+        cluster_ips_in_kernel(mode),
         n,
         "every ClusterIP is in the kernel"
     );
+    let written = match mode {
+        Mode::Iptables(backend) => Some(saved_rules(backend)),
+        Mode::Nftables => None,
+    };
 
     // A restart over that table (a DaemonSet rollout), then changes through the API.
-    let mut second = Proxy::start(&url);
+    let mut second = Proxy::start(&url, mode);
     let restart = second.wait_synced();
-    let restart_nft_peak = take_nft_peak();
-    let endpoint_changes = change_latencies(&fake, &second.lines, n, m, ChangeKind::Endpoint);
-    let new_services = change_latencies(&fake, &second.lines, n, m, ChangeKind::NewService);
+    let restart_nft_peak = take_nft_peak(mode);
+    let endpoint_changes = change_latencies(&fake, &second.lines, n, m, ChangeKind::Endpoint, mode);
+    let new_services = change_latencies(&fake, &second.lines, n, m, ChangeKind::NewService, mode);
     second.stop();
     assert_eq!(
-        cluster_ips_in_kernel(),
+        cluster_ips_in_kernel(mode),
         n + CHANGE_SAMPLES,
         "every ClusterIP is in the kernel (the new Services too)"
     );
@@ -175,15 +219,20 @@ fn run_scale(n: usize, m: usize) {
     };
     let lists_done = at("sync started");
     println!(
-        "cold start {n} Services x {m} endpoints (Services list {:.1} MB, EndpointSlices list {:.1} MB):",
+        "{}: cold start {n} Services x {m} endpoints (Services list {:.1} MB, EndpointSlices list {:.1} MB):",
+        mode.name(),
         service_bytes as f64 / 1e6,
         slice_bytes as f64 / 1e6
     );
     for (what, when) in &marks {
         println!("  {what:<24} {}", secs(*when));
     }
+    let unit = match mode {
+        Mode::Nftables => "nft commands",
+        Mode::Iptables(_) => "restore lines",
+    };
     println!(
-        "  process start to kernel  {}  (lists {}, sync {}; IPv4: {statements} nft commands in {transactions} transactions)",
+        "  process start to kernel  {}  (lists {}, sync {}; IPv4: {statements} {unit} in {transactions} transactions)",
         secs(total),
         secs(lists_done),
         secs(total.saturating_sub(lists_done))
@@ -195,27 +244,47 @@ fn run_scale(n: usize, m: usize) {
         .map(|(_, d)| *d)
         .unwrap_or_default();
     println!(
-        "  restart over that table: process start to kernel {}  (lists {}, sync {}; IPv4: {} nft commands in {} transaction(s))",
+        "  restart over that table: process start to kernel {}  (lists {}, sync {}; IPv4: {} {unit} in {} transaction(s))",
         secs(restart.total),
         secs(restart_lists),
         secs(restart.total.saturating_sub(restart_lists)),
         restart.statements,
         restart.transactions
     );
+    let tool = match mode {
+        Mode::Nftables => "nft",
+        Mode::Iptables(_) => "iptables-restore",
+    };
     match nft_peak {
         Some(nft) => println!(
-            "  peak RSS: proxy {:.0} MiB, largest nft run {:.0} MiB, sum {:.0} MiB",
+            "  peak RSS: proxy {:.0} MiB, largest {tool} run {:.0} MiB, sum {:.0} MiB",
             proxy_peak as f64 / 1024.0,
             nft as f64 / 1024.0,
             (proxy_peak + nft) as f64 / 1024.0
         ),
         None => println!(
-            "  peak RSS: proxy {:.0} MiB (nft's unknown: install the time package)",
+            "  peak RSS: proxy {:.0} MiB ({tool}'s unknown: install the time package)",
             proxy_peak as f64 / 1024.0
         ),
     }
     if let Some(nft) = restart_nft_peak {
-        println!("  restart: largest nft run {:.0} MiB", nft as f64 / 1024.0);
+        println!(
+            "  restart: largest {tool} run {:.0} MiB",
+            nft as f64 / 1024.0
+        );
+    }
+    if let (Mode::Iptables(backend), Some(written)) = (mode, &written) {
+        let lines = written.lines().filter(|l| l.starts_with("-A ")).count();
+        println!(
+            "  ruleset written: {lines} rules, {:.1} MB of iptables-save text (IPv4)",
+            written.len() as f64 / 1e6
+        );
+        let (alone, minimal, minimal_rules) = restore_floor(backend, written, n, m);
+        println!(
+            "  floor: iptables-{backend}-restore of that ruleset alone {}, of a minimal ruleset ({minimal_rules} DNAT rules, one per endpoint) {}",
+            secs(alone),
+            secs(minimal)
+        );
     }
     for (what, samples) in [
         ("endpoint change, API write to kernel", endpoint_changes),
@@ -253,18 +322,25 @@ struct Synced {
 }
 
 impl Proxy {
-    fn start(url: &str) -> Proxy {
+    fn start(url: &str, mode: Mode) -> Proxy {
         let started = Instant::now();
         let mut command = Command::new(env!("CARGO_BIN_EXE_kube-proxy"));
-        if let Some((path, _)) = nft_meter() {
+        if let Some((path, _)) = nft_meter(mode) {
             command.env("PATH", path);
         }
+        if let Mode::Iptables(backend) = mode {
+            command.env("KUBE_PROXY_IPTABLES_BACKEND", backend);
+        }
+        let proxy_mode = match mode {
+            Mode::Nftables => "--proxy-mode=nftables",
+            Mode::Iptables(_) => "--proxy-mode=iptables",
+        };
         let mut child = command
             .args([
                 "--master",
                 url,
                 "--hostname-override=node-a",
-                "--proxy-mode=nftables",
+                proxy_mode,
                 "--cluster-cidr=198.18.0.0/16",
                 "--healthz-bind-address=",
                 "--metrics-bind-address=",
@@ -357,34 +433,37 @@ impl Proxy {
     }
 }
 
-/// A `nft` that records the peak RSS of every run (`/usr/bin/time -f %M`), first in the
-/// proxy's PATH: (PATH for the proxy, the record). None without /usr/bin/time.
-fn nft_meter() -> Option<(String, std::path::PathBuf)> {
+/// The mode's kernel tools wrapped to record the peak RSS of every run (`/usr/bin/time -f
+/// %M`), first in the proxy's PATH: (PATH for the proxy, the record). None without
+/// /usr/bin/time.
+fn nft_meter(mode: Mode) -> Option<(String, std::path::PathBuf)> {
     static METER: std::sync::OnceLock<Option<(String, std::path::PathBuf)>> =
         std::sync::OnceLock::new();
     METER
         .get_or_init(|| {
             let time = std::path::Path::new("/usr/bin/time");
-            let nft = Command::new("sh")
-                .args(["-c", "command -v nft"])
-                .output()
-                .ok()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .filter(|p| !p.is_empty())?;
             if !time.exists() {
                 return None;
             }
             let dir = std::env::temp_dir().join(format!("kp-nft-meter-{}", std::process::id()));
             std::fs::create_dir_all(&dir).ok()?;
             let record = dir.join("peaks");
-            let script = format!(
-                "#!/bin/sh\nexec /usr/bin/time -a -o {} -f %M {nft} \"$@\"\n",
-                record.display()
-            );
-            let wrapper = dir.join("nft");
-            std::fs::write(&wrapper, script).ok()?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).ok()?;
+            for tool in mode.tools() {
+                let real = Command::new("sh")
+                    .args(["-c", &format!("command -v {tool}")])
+                    .output()
+                    .ok()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                    .filter(|p| !p.is_empty())?;
+                let script = format!(
+                    "#!/bin/sh\nexec /usr/bin/time -a -o {} -f %M {real} \"$@\"\n",
+                    record.display()
+                );
+                let wrapper = dir.join(&tool);
+                std::fs::write(&wrapper, script).ok()?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).ok()?;
+            }
             let path = format!(
                 "{}:{}",
                 dir.display(),
@@ -395,9 +474,9 @@ fn nft_meter() -> Option<(String, std::path::PathBuf)> {
         .clone()
 }
 
-/// The largest peak RSS (KiB) of the `nft` runs recorded so far, and forgets them.
-fn take_nft_peak() -> Option<u64> {
-    let (_, record) = nft_meter()?;
+/// The largest peak RSS (KiB) of the tool runs recorded so far, and forgets them.
+fn take_nft_peak(mode: Mode) -> Option<u64> {
+    let (_, record) = nft_meter(mode)?;
     let text = std::fs::read_to_string(&record).unwrap_or_default();
     let _ = std::fs::remove_file(&record);
     Some(
@@ -408,7 +487,13 @@ fn take_nft_peak() -> Option<u64> {
     )
 }
 
-fn cluster_ips_in_kernel() -> usize {
+fn cluster_ips_in_kernel(mode: Mode) -> usize {
+    if let Mode::Iptables(backend) = mode {
+        return saved_rules(backend)
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES -d 198.19.") && l.contains("cluster IP"))
+            .count();
+    }
     Command::new("nft")
         .args(["list", "set", "ip", "kube-proxy", "cluster-ips"])
         .output()
@@ -444,6 +529,7 @@ fn change_latencies(
     n: usize,
     m: usize,
     kind: ChangeKind,
+    mode: Mode,
 ) -> Vec<Duration> {
     let mut samples = Vec::new();
     for k in 0..CHANGE_SAMPLES {
@@ -487,6 +573,14 @@ fn change_latencies(
                 break;
             }
         }
+        if let Mode::Iptables(backend) = mode {
+            let rule = format!("-j DNAT --to-destination {new_ip}:8080");
+            assert!(
+                saved_rules(backend).contains(&rule),
+                "{rule} not in the kernel"
+            );
+            continue;
+        }
         // The endpoint lands in whichever slot its order gives it.
         let element = format!("{{ {} . tcp . {} }}", cluster_ip(i), cluster_port(i));
         let text: String = (0..m)
@@ -510,6 +604,66 @@ fn change_latencies(
     samples
 }
 
+/// `iptables-save` of the nat and filter tables of the backend (IPv4).
+fn saved_rules(backend: &str) -> String {
+    let mut text = String::new();
+    for table in ["filter", "nat"] {
+        let out = Command::new(format!("iptables-{backend}-save"))
+            .args(["-t", table])
+            .output()
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    text
+}
+
+/// The floor of iptables mode: how long `iptables-restore` itself takes, in a fresh network
+/// namespace (empty tables), for `written` (the ruleset the proxy wrote, as `iptables-save`
+/// printed it) and for a minimal ruleset of one DNAT rule per endpoint of the same cluster.
+/// Returns (written, minimal, the minimal ruleset's rules).
+fn restore_floor(backend: &str, written: &str, n: usize, m: usize) -> (Duration, Duration, usize) {
+    let timed = |input: &str| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("a fresh namespace");
+        let started = Instant::now();
+        let mut child = Command::new(format!("iptables-{backend}-restore"))
+            .arg("--noflush")
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        started.elapsed()
+    };
+    let alone = timed(written);
+    let mut minimal = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
+    let mut rules = 0;
+    for i in 0..n {
+        for k in 0..m {
+            minimal.push_str(&format!(
+                "-A KUBE-SERVICES -d {}/32 -p tcp -m tcp --dport {} -j DNAT --to-destination {}:8080\n",
+                cluster_ip(i),
+                cluster_port(i),
+                pod_ip(i * m + k)
+            ));
+            rules += 1;
+        }
+    }
+    minimal.push_str("COMMIT\n");
+    (alone, timed(&minimal), rules)
+}
+
 fn median(samples: &[Duration]) -> Duration {
     let mut sorted = samples.to_vec();
     sorted.sort();
@@ -521,5 +675,9 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() {
-    common::run_scales("cold_start", run_scale);
+    common::run_scales(
+        "cold_start",
+        "nftables,iptables-nft,iptables-legacy",
+        run_scale,
+    );
 }

@@ -386,5 +386,5 @@ fn run_scale(n: usize, m: usize) {
 }
 
 fn main() {
-    common::run_scales("nftables_sync", run_scale);
+    common::run_scales("nftables_sync", "nftables", run_scale);
 }

@@ -85,6 +85,12 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             }
         },
     };
+    if let Err(e) = crate::kernel::iptables_backend::from_env() {
+        if effective.settings.mode == ProxyMode::Iptables {
+            eprintln!("kube-proxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
 
     crate::telemetry::logging::init(effective.settings.verbosity);
     for warning in &effective.warnings {
@@ -437,9 +443,11 @@ fn build_dataplane(
                     ),
                 ));
             }
-            let version =
-                crate::kernel::iptables_runner::check_iptables().map_err(anyhow::Error::msg)?;
-            info!(iptables = %version, "Using the iptables dataplane");
+            let requested = crate::kernel::iptables_backend::from_env().unwrap_or(None);
+            let (backend, why) = crate::kernel::iptables_backend::select(requested);
+            let version = crate::kernel::iptables_runner::check_iptables(backend)
+                .map_err(anyhow::Error::msg)?;
+            info!(iptables = %version, backend = backend.as_str(), reason = why, "Using the iptables dataplane");
             if policy.localhost_node_ports {
                 // As upstream: NodePorts on 127.0.0.1 need martian-source routing of loopback
                 // (guarded by KUBE-FIREWALL).
@@ -448,8 +456,9 @@ fn build_dataplane(
             Ok(Box::new(
                 kube_proxy_iptables::proxier::IptablesProxier::new(
                     policy,
-                    crate::kernel::iptables_runner::IptablesCommand,
-                ),
+                    crate::kernel::iptables_runner::IptablesCommand::new(backend),
+                )
+                .with_canary_interval(settings.sync_period),
             ))
         }
         mode => {

@@ -163,11 +163,20 @@ fn restore_input_is_accepted_by_iptables_restore() {
     }
 }
 
-/// The dataplane through the real tools: a full sync, a partial sync after an endpoint
-/// moved (its old KUBE-SEP chain deleted, the new one written), and another full sync that
-/// finds the built-in chains' jumps in place and adds none twice.
+/// The dataplane through the real tools of each backend: a full sync, a partial sync after
+/// an endpoint moved (its old KUBE-SEP chain deleted, the new one written), another full sync
+/// that finds the built-in chains' jumps in place and adds none twice, and large-cluster mode
+/// (a Service with 1001 endpoints: the endpoint rules lose their comments, everything is
+/// rewritten, the kernel takes the input).
 #[test]
 fn the_iptables_dataplane_syncs_through_the_real_tools() {
+    use kube_proxy::kernel::iptables_backend::Backend;
+    for backend in [Backend::Nft, Backend::Legacy] {
+        syncs_through_the_real_tools(backend);
+    }
+}
+
+fn syncs_through_the_real_tools(backend: kube_proxy::kernel::iptables_backend::Backend) {
     use kube_proxy::kernel::iptables_runner::IptablesCommand;
     use kube_proxy_iptables::proxier::IptablesProxier;
     use kube_proxy_model::testing::sync_ipv4;
@@ -176,7 +185,8 @@ fn the_iptables_dataplane_syncs_through_the_real_tools() {
     }
     let ns = Netns::new("iptd");
     let name = ns.0.clone();
-    let saved = testbed::in_netns(&name, || {
+    let save_tool = backend.tool("iptables", "save");
+    let saved = testbed::in_netns(&name, move || {
         let mut state = state_of(false);
         let policy = ProxyPolicy {
             detect_local: DetectLocal::ClusterCidr(vec!["198.18.0.0/16".parse().unwrap()]),
@@ -186,13 +196,11 @@ fn the_iptables_dataplane_syncs_through_the_real_tools() {
             node_ips: vec!["192.0.2.10".parse().unwrap()],
             ..Default::default()
         };
-        let mut proxier = IptablesProxier::new(policy, IptablesCommand);
+        let mut proxier = IptablesProxier::new(policy, IptablesCommand::new(backend));
         let mut plan = FamilyPlan::default();
         sync_ipv4(&mut proxier, &mut state, &mut plan, true, &node);
         let save = || {
-            let out = std::process::Command::new("iptables-save")
-                .output()
-                .unwrap();
+            let out = std::process::Command::new(&save_tool).output().unwrap();
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
         let first = save();
@@ -205,9 +213,23 @@ fn the_iptables_dataplane_syncs_through_the_real_tools() {
         sync_ipv4(&mut proxier, &mut state, &mut plan, false, &node);
         let second = save();
         sync_ipv4(&mut proxier, &mut state, &mut plan, true, &node);
-        (first, second, save())
+        let third = save();
+        // Large-cluster mode.
+        state.apply_service(&serde_json::from_value(json!({"metadata": {"namespace": "t", "name": "big"},
+            "spec": {"clusterIP": "198.19.0.200", "ports": [{"name": "p", "port": 80, "targetPort": 8080}]}})).unwrap());
+        let endpoints: Vec<serde_json::Value> = (0..1001)
+            .map(|i| json!({"addresses": [format!("198.18.{}.{}", 10 + i / 250, i % 250 + 1)]}))
+            .collect();
+        state.apply_slice(&serde_json::from_value(json!({"metadata": {"namespace": "t", "name": "big-1", "labels": {"kubernetes.io/service-name": "big"}},
+            "addressType": "IPv4", "ports": [{"name": "p", "port": 8080}], "endpoints": endpoints})).unwrap());
+        let report = sync_ipv4(&mut proxier, &mut state, &mut plan, false, &node);
+        assert!(
+            report.full,
+            "entering large-cluster mode rewrites everything"
+        );
+        (first, second, third, save())
     });
-    let (first, second, third) = saved;
+    let (first, second, third, large) = saved;
     let count = |text: &str, needle: &str| text.lines().filter(|l| l.contains(needle)).count();
     assert!(
         first.contains("-A KUBE-SEP-") && first.contains("198.18.0.2:8080"),
@@ -218,10 +240,15 @@ fn the_iptables_dataplane_syncs_through_the_real_tools() {
         "the moved endpoint's chain is gone:\n{second}"
     );
     assert!(second.contains("198.18.0.9:8080"), "{second}");
-    for text in [&first, &second, &third] {
+    for text in [&first, &second, &third, &large] {
         assert_eq!(count(text, "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"), 1, "{text}");
         assert_eq!(count(text, "-j KUBE-POSTROUTING"), 1, "{text}");
         assert_eq!(count(text, "-A INPUT "), 3, "{text}");
+        assert_eq!(
+            count(text, ":KUBE-PROXY-CANARY "),
+            3,
+            "mangle, filter, nat:\n{text}"
+        );
     }
     let chains = |text: &str| text.lines().filter(|l| l.starts_with(":KUBE-")).count();
     assert_eq!(
@@ -229,4 +256,12 @@ fn the_iptables_dataplane_syncs_through_the_real_tools() {
         chains(&third),
         "a full sync after a partial one finds nothing stale"
     );
+    let dnat: Vec<&str> = large.lines().filter(|l| l.contains("-j DNAT")).collect();
+    assert!(dnat.len() > 1001, "{backend:?}");
+    assert!(
+        dnat.iter().all(|l| !l.contains("--comment")),
+        "no comments on endpoint rules in large-cluster mode: {:?}",
+        &dnat[..3]
+    );
+    assert!(large.contains("--comment \"t/big:p cluster IP\""));
 }

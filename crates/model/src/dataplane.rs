@@ -48,6 +48,16 @@ pub struct SyncReport {
     pub statements: usize,
     /// Kernel transactions it took (more than one only for a table built in stages).
     pub transactions: usize,
+    /// Rules per kernel table, where the dataplane counts them (iptables).
+    pub rules: Vec<TableRules>,
+}
+
+/// The rules of one table: written by this sync, and ours in the kernel after it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableRules {
+    pub table: &'static str,
+    pub written: usize,
+    pub total: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +66,8 @@ pub struct SyncError {
     pub family: IpFamily,
     pub message: String,
     pub kind: SyncErrorKind,
+    /// The failed sync was a partial one (it wrote only changed service ports).
+    pub partial: bool,
 }
 
 /// What the caller should do about a failed sync.
@@ -75,6 +87,7 @@ impl SyncError {
             family,
             message: message.into(),
             kind: SyncErrorKind::Retry,
+            partial: false,
         }
     }
 
@@ -89,6 +102,7 @@ impl SyncError {
             } else {
                 SyncErrorKind::Retry
             },
+            partial: false,
         }
     }
 }

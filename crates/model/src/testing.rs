@@ -79,7 +79,7 @@ pub fn sync_ipv4(
     plan: &mut crate::FamilyPlan,
     full: bool,
     node: &crate::NodeView,
-) {
+) -> crate::dataplane::SyncReport {
     let changes = state.take_changes();
     let changed = plan.update(
         state,
@@ -96,7 +96,7 @@ pub fn sync_ipv4(
         node,
         service_cidrs: &[],
     };
-    dataplane.sync(input).unwrap_or_else(|e| panic!("{e}"));
+    dataplane.sync(input).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A fresh plan of everything in `state`, synced in full into `dataplane` (IPv4).

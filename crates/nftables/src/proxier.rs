@@ -183,6 +183,7 @@ impl<R: Runner> NftProxier<R> {
                     family: input.family,
                     message,
                     kind,
+                    partial: !full,
                 });
             }
             statements += tx.len();
@@ -208,6 +209,7 @@ impl<R: Runner> Dataplane for NftProxier<R> {
             full,
             statements,
             transactions,
+            ..Default::default()
         })
     }
 

@@ -3,9 +3,10 @@
 
 use std::process::Command;
 
-/// Runs `run_scale(n, m)` for each `NxM` of `KP_BENCH_SCALES` (default `10000x2,50000x5`),
-/// each in a child process of this benchmark; as root only.
-pub fn run_scales(name: &str, run_scale: fn(usize, usize)) {
+/// Runs `run_scale(n, m)` for each `NxM` of `KP_BENCH_SCALES` (default `10000x2,50000x5`)
+/// and each mode of `KP_BENCH_MODES` (the benchmark reads `KP_BENCH_MODE`; default
+/// `default_modes`), each in a child process of this benchmark; as root only.
+pub fn run_scales(name: &str, default_modes: &str, run_scale: fn(usize, usize)) {
     if let Ok(scale) = std::env::var("KP_BENCH_CHILD") {
         let (n, m) = scale.split_once('x').expect("NxM");
         run_scale(n.parse().unwrap(), m.parse().unwrap());
@@ -16,15 +17,19 @@ pub fn run_scales(name: &str, run_scale: fn(usize, usize)) {
         return;
     }
     let scales = std::env::var("KP_BENCH_SCALES").unwrap_or_else(|_| "10000x2,50000x5".into());
+    let modes = std::env::var("KP_BENCH_MODES").unwrap_or_else(|_| default_modes.into());
     let exe = std::env::current_exe().unwrap();
-    for scale in scales.split(',') {
-        let status = Command::new(&exe)
-            .env("KP_BENCH_CHILD", scale)
-            .status()
-            .unwrap();
-        if !status.success() {
-            eprintln!("scale {scale} failed: {status}");
-            std::process::exit(1);
+    for mode in modes.split(',') {
+        for scale in scales.split(',') {
+            let status = Command::new(&exe)
+                .env("KP_BENCH_CHILD", scale)
+                .env("KP_BENCH_MODE", mode)
+                .status()
+                .unwrap();
+            if !status.success() {
+                eprintln!("{mode} at scale {scale} failed: {status}");
+                std::process::exit(1);
+            }
         }
     }
 }

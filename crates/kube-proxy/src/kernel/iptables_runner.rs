@@ -7,18 +7,29 @@ use std::process::{Command, Stdio};
 use kube_proxy_iptables::proxier::{RestoreError, Restorer};
 use kube_proxy_model::IpFamily;
 
+use super::iptables_backend::Backend;
+
 /// How long to wait for the xtables lock (upstream waits 5 s).
 const LOCK_WAIT_SECONDS: &str = "5";
 
-/// `iptables-restore --noflush --wait` and `iptables-save` of the `iptables` alternative the
-/// node uses (nft or legacy backend).
+/// `iptables-restore --noflush --wait` and `iptables-save` of one backend (nft or legacy).
 #[derive(Debug, Default)]
-pub struct IptablesCommand;
+pub struct IptablesCommand {
+    pub backend: Backend,
+}
 
-fn tool(family: IpFamily, what: &str) -> String {
-    match family {
-        IpFamily::V4 => format!("iptables-{what}"),
-        IpFamily::V6 => format!("ip6tables-{what}"),
+impl IptablesCommand {
+    pub fn new(backend: Backend) -> Self {
+        IptablesCommand { backend }
+    }
+
+    /// `iptables-nft-restore`, `ip6tables-legacy-save`, `iptables-nft` (`what` empty)...
+    fn tool(&self, family: IpFamily, what: &str) -> String {
+        let base = match family {
+            IpFamily::V4 => "iptables",
+            IpFamily::V6 => "ip6tables",
+        };
+        self.backend.tool(base, what)
     }
 }
 
@@ -30,7 +41,7 @@ fn unavailable(program: &str, error: std::io::Error) -> RestoreError {
 
 impl Restorer for IptablesCommand {
     fn restore(&mut self, family: IpFamily, input: &str) -> Result<(), RestoreError> {
-        let program = tool(family, "restore");
+        let program = self.tool(family, "restore");
         let mut child = Command::new(&program)
             .args(["--noflush", "--wait", LOCK_WAIT_SECONDS])
             .stdin(Stdio::piped())
@@ -58,7 +69,7 @@ impl Restorer for IptablesCommand {
     }
 
     fn save(&mut self, family: IpFamily) -> Result<String, RestoreError> {
-        let program = tool(family, "save");
+        let program = self.tool(family, "save");
         let mut text = String::new();
         for table in ["filter", "nat"] {
             let output = Command::new(&program)
@@ -74,6 +85,34 @@ impl Restorer for IptablesCommand {
             text.push_str(&String::from_utf8_lossy(&output.stdout));
         }
         Ok(text)
+    }
+
+    fn chain_exists(
+        &mut self,
+        family: IpFamily,
+        table: &str,
+        chain: &str,
+    ) -> Result<bool, RestoreError> {
+        let program = self.tool(family, "");
+        let output = Command::new(&program)
+            .args(["--wait", LOCK_WAIT_SECONDS, "-t", table, "-S", chain])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| unavailable(&program, e))?;
+        match output.status.code() {
+            Some(0) => Ok(true),
+            // "No chain/target/match by that name" (or the table itself is gone).
+            Some(1) => Ok(false),
+            Some(4) => Err(RestoreError::Busy(format!(
+                "{program}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))),
+            _ => Err(RestoreError::Rejected(format!(
+                "{program} -t {table} -S {chain}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))),
+        }
     }
 }
 
@@ -96,17 +135,20 @@ impl Restorer for PrintRestores {
     fn save(&mut self, _family: IpFamily) -> Result<String, RestoreError> {
         Ok(String::new())
     }
+
+    fn chain_exists(&mut self, _: IpFamily, _: &str, _: &str) -> Result<bool, RestoreError> {
+        Ok(true)
+    }
 }
 
-/// Checks that `iptables-restore` can be run; its version line.
-pub fn check_iptables() -> Result<String, String> {
-    let output = Command::new("iptables-restore")
+/// Checks that the backend's `iptables-restore` can be run; its version line.
+pub fn check_iptables(backend: Backend) -> Result<String, String> {
+    let program = backend.tool("iptables", "restore");
+    let output = Command::new(&program)
         .arg("--version")
         .output()
         .map_err(|e| {
-            format!(
-                "the iptables proxy mode needs iptables-restore: {e}; install the iptables package"
-            )
+            format!("the iptables proxy mode needs {program}: {e}; install the iptables package")
         })?;
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }

@@ -4,6 +4,7 @@
 
 pub mod conntrack;
 pub mod host;
+pub mod iptables_backend;
 pub mod iptables_cleanup;
 pub mod iptables_runner;
 pub mod nft_runner;

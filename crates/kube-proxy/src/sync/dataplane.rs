@@ -66,6 +66,7 @@ impl Dataplane for StatePrinter {
             full,
             statements: 0,
             transactions: 1,
+            ..Default::default()
         };
         if changed.is_empty() && self.printed_once[index] {
             return Ok(report);

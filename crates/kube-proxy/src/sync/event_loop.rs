@@ -617,6 +617,7 @@ impl EventLoop {
                     let now = SystemTime::now();
                     self.status.lock().unwrap().updated(*family, now);
                     let m = &self.metrics;
+                    m.record_rules(*family, &report.rules);
                     m.last_sync_timestamp
                         .get_or_create(&labels)
                         .set(unix_seconds(now));
@@ -653,7 +654,7 @@ impl EventLoop {
                 }
                 Err(err) => {
                     all_ok = false;
-                    self.metrics.record_sync_failure(*family);
+                    self.metrics.record_sync_failure(*family, err.partial);
                     pending.full = true;
                     error!(error = %err, changed = pending.changed.len(), "Sync failed; will retry with a full sync");
                 }

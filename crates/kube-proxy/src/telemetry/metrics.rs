@@ -313,12 +313,39 @@ impl Metrics {
     }
 
     /// Counts a failed sync of `family` in the mode's failure counter.
-    pub fn record_sync_failure(&self, family: IpFamily) {
+    /// Records a failed sync of `family` (`partial`: one that wrote only changed ports).
+    pub fn record_sync_failure(&self, family: IpFamily, partial: bool) {
+        let labels = family_labels(family);
         let counter = match self.mode {
             ProxyMode::Nftables => &self.nftables_sync_failures,
             ProxyMode::Iptables | ProxyMode::Ipvs => &self.iptables_restore_failures,
         };
-        counter.get_or_create(&family_labels(family)).inc();
+        counter.get_or_create(&labels).inc();
+        if partial && self.mode == ProxyMode::Iptables {
+            self.iptables_partial_restore_failures
+                .get_or_create(&labels)
+                .inc();
+        }
+    }
+
+    /// The rule counts of a successful sync (iptables mode's `…_iptables_last`/`_total`).
+    pub fn record_rules(
+        &self,
+        family: IpFamily,
+        rules: &[kube_proxy_model::dataplane::TableRules],
+    ) {
+        for table in rules {
+            let labels = TableLabels {
+                ip_family: family.as_str(),
+                table: table.table,
+            };
+            self.iptables_rules_last
+                .get_or_create(&labels)
+                .set(table.written as i64);
+            self.iptables_rules_total
+                .get_or_create(&labels)
+                .set(table.total as i64);
+        }
     }
 
     /// Records one sync of `family` that took `elapsed`.

@@ -59,6 +59,47 @@ impl Outcome {
     }
 }
 
+/// A dataplane the packet cases run against: nftables mode, or iptables mode on one backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Nftables,
+    IptablesNft,
+    IptablesLegacy,
+}
+
+impl Mode {
+    /// `--proxy-mode`.
+    pub fn proxy_mode(self) -> &'static str {
+        match self {
+            Mode::Nftables => "nftables",
+            _ => "iptables",
+        }
+    }
+
+    pub fn is_iptables(self) -> bool {
+        self != Mode::Nftables
+    }
+
+    /// The iptables backend (`KUBE_PROXY_IPTABLES_BACKEND`), for iptables mode.
+    pub fn backend(self) -> Option<&'static str> {
+        match self {
+            Mode::Nftables => None,
+            Mode::IptablesNft => Some("nft"),
+            Mode::IptablesLegacy => Some("legacy"),
+        }
+    }
+
+    /// `iptables-save` of the backend (`ip6tables-…` for `ip6`).
+    pub fn save_tool(self, family: &str) -> String {
+        let base = if family == "ip6" {
+            "ip6tables"
+        } else {
+            "iptables"
+        };
+        format!("{base}-{}-save", self.backend().unwrap_or("nft"))
+    }
+}
+
 pub struct TestBed {
     pub prefix: String,
     pub manifests: PathBuf,
@@ -67,8 +108,8 @@ pub struct TestBed {
     namespaces: Vec<String>,
     /// Environment of the next proxy started.
     pub proxy_env: Vec<(String, String)>,
-    /// `--proxy-mode` of the proxies `start_proxy` starts.
-    pub mode: &'static str,
+    /// The dataplane of the proxies `start_proxy` starts.
+    pub mode: Mode,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -155,7 +196,7 @@ impl TestBed {
             log,
             namespaces: Vec::new(),
             proxy_env: Vec::new(),
-            mode: "nftables",
+            mode: Mode::Nftables,
         };
         bed.build();
         bed
@@ -325,13 +366,17 @@ impl TestBed {
             "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec: {podCIDRs: [198.18.1.0/24, \"2001:db8:18:1::/64\"]}\nstatus:\n  addresses:\n  - {type: InternalIP, address: 192.0.2.10}\n  - {type: InternalIP, address: \"2001:db8:2::10\"}\n",
         );
         let mut args: Vec<String> = vec![
-            format!("--proxy-mode={}", self.mode),
+            format!("--proxy-mode={}", self.mode.proxy_mode()),
             "--hostname-override=node-a".into(),
             format!("--manifests={}", self.manifests.display()),
-            "--healthz-bind-address=".into(),
-            "--metrics-bind-address=".into(),
             "-v=4".into(),
         ];
+        // No servers, unless `extra` binds one.
+        for server in ["--healthz-bind-address", "--metrics-bind-address"] {
+            if !extra.iter().any(|a| a.starts_with(server)) {
+                args.push(format!("{server}="));
+            }
+        }
         if !extra
             .iter()
             .any(|a| a.starts_with("--cluster-cidr") || a.starts_with("--detect-local-mode"))
@@ -353,8 +398,13 @@ impl TestBed {
             env!("CARGO_BIN_EXE_kube-proxy").into(),
         ];
         all.extend(args.iter().cloned());
+        let backend = self
+            .mode
+            .backend()
+            .map(|b| ("KUBE_PROXY_IPTABLES_BACKEND", b));
         let child = Command::new("ip")
             .args(&all)
+            .envs(backend)
             .envs(self.proxy_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
@@ -394,13 +444,10 @@ impl TestBed {
     /// The proxy's rules of `family` (`ip`, `ip6`) in node-a, as the mode shows them: `nft
     /// list table <family> kube-proxy`, or `iptables-save`/`ip6tables-save` in iptables mode.
     pub fn ruleset(&self, family: &str) -> String {
-        let save = match family {
-            "ip6" => "ip6tables-save",
-            _ => "iptables-save",
-        };
+        let save = self.mode.save_tool(family);
         let args: Vec<&str> = match self.mode {
-            "iptables" => vec![save],
-            _ => vec!["nft", "list", "table", family, "kube-proxy"],
+            Mode::Nftables => vec!["nft", "list", "table", family, "kube-proxy"],
+            _ => vec![&save],
         };
         self.ip_netns_exec("node", &args)
     }

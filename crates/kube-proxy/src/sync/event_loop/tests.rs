@@ -45,6 +45,7 @@ impl Dataplane for Recorder {
             full,
             statements: 0,
             transactions: 1,
+            ..Default::default()
         })
     }
 }

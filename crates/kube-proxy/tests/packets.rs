@@ -1,14 +1,81 @@
-//! The nftables dataplane proven with real packets: the proxy binary runs in node-a of the
-//! test bed (see testbed/mod.rs) on manifests, and clients in the client, node and pod
-//! namespaces connect to Service frontends. Each test checks which pods answer (all of them,
-//! no others), the source address the pod saw (masqueraded or not), and refused versus dropped.
+//! The dataplanes proven with real packets: the proxy binary runs in node-a of the test bed
+//! (see testbed/mod.rs) on manifests, and clients in the client, node and pod namespaces
+//! connect to Service frontends. Each test checks which pods answer (all of them, no others),
+//! the source address the pod saw (masqueraded or not), and refused versus dropped. The cases
+//! shared by the modes are in the tables below; the rest are about one mode.
 
 mod fakeapi;
 mod testbed;
 
 use std::time::Duration;
 
-use testbed::{ipaddr, sock, Outcome, TestBed, PODS};
+use testbed::{ipaddr, sock, Mode, Outcome, TestBed, PODS};
+
+/// The packet cases, each a function of the dataplane: every case runs in nftables mode and
+/// in iptables mode on both backends (`nftables::case`, `iptables_nft::case`,
+/// `iptables_legacy::case`), so a case is written once.
+macro_rules! packet_cases {
+    ($modname:ident: $mode:ident => $($case:ident),* $(,)?) => {
+        mod $modname {
+            $(
+                #[test]
+                fn $case() {
+                    super::$case(super::Mode::$mode);
+                }
+            )*
+        }
+    };
+}
+
+packet_cases!(nftables: Nftables =>
+    cluster_ip_from_pods_node_and_outside,
+    no_endpoints_rejects_and_endpoint_changes_are_followed,
+    node_port_and_external_ips_with_cluster_policy,
+    external_traffic_policy_local,
+    internal_traffic_policy_local,
+    client_ip_session_affinity,
+    load_balancer_source_ranges,
+    masquerading_under_each_local_traffic_detector,
+    sctp_services_are_programmed,
+    udp_clients_move_to_a_live_endpoint,
+    without_conntrack_cleanup_udp_clients_stay_on_the_removed_endpoint,
+    health_check_node_ports,
+    health_check_with_an_ipv4_only_node_port_addresses_flag,
+);
+packet_cases!(iptables_nft: IptablesNft =>
+    cluster_ip_from_pods_node_and_outside,
+    no_endpoints_rejects_and_endpoint_changes_are_followed,
+    node_port_and_external_ips_with_cluster_policy,
+    external_traffic_policy_local,
+    internal_traffic_policy_local,
+    client_ip_session_affinity,
+    load_balancer_source_ranges,
+    masquerading_under_each_local_traffic_detector,
+    sctp_services_are_programmed,
+    udp_clients_move_to_a_live_endpoint,
+    without_conntrack_cleanup_udp_clients_stay_on_the_removed_endpoint,
+    health_check_node_ports,
+    health_check_with_an_ipv4_only_node_port_addresses_flag,
+    iptables_localhost_node_ports,
+    iptables_takeover_canary_mode_switches_and_cleanup,
+);
+packet_cases!(iptables_legacy: IptablesLegacy =>
+    cluster_ip_from_pods_node_and_outside,
+    no_endpoints_rejects_and_endpoint_changes_are_followed,
+    node_port_and_external_ips_with_cluster_policy,
+    external_traffic_policy_local,
+    internal_traffic_policy_local,
+    client_ip_session_affinity,
+    load_balancer_source_ranges,
+    masquerading_under_each_local_traffic_detector,
+    sctp_services_are_programmed,
+    udp_clients_move_to_a_live_endpoint,
+    without_conntrack_cleanup_udp_clients_stay_on_the_removed_endpoint,
+    health_check_node_ports,
+    health_check_with_an_ipv4_only_node_port_addresses_flag,
+    iptables_localhost_node_ports,
+    iptables_takeover_canary_mode_switches_and_cleanup,
+);
 
 fn pod_ip(name: &str, v6: bool) -> &'static str {
     let pod = PODS.iter().find(|p| p.0 == name).unwrap();
@@ -67,17 +134,7 @@ fn pods(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-#[test]
-fn cluster_ip_from_pods_node_and_outside() {
-    cluster_ip_from_pods_node_and_outside_in("nftables");
-}
-
-#[test]
-fn cluster_ip_from_pods_node_and_outside_iptables() {
-    cluster_ip_from_pods_node_and_outside_in("iptables");
-}
-
-fn cluster_ip_from_pods_node_and_outside_in(mode: &'static str) {
+fn cluster_ip_from_pods_node_and_outside(mode: Mode) {
     if !testbed::available() {
         return;
     }
@@ -88,9 +145,9 @@ fn cluster_ip_from_pods_node_and_outside_in(mode: &'static str) {
         &service("web", &format!("  clusterIP: 198.19.0.10\n  clusterIPs: [198.19.0.10, \"2001:db8:19::10\"]\n  ipFamilyPolicy: PreferDualStack\n{PORTS}"), &["a1", "a2", "b1"]),
     );
     bed.start_proxy(&[]);
-    match mode {
-        "iptables" => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.2.2:8080"),
-        _ => bed.wait_for_rules("ip", "198.19.0.10 . udp . 80 : 198.18.2.2 . 8080"),
+    match mode.is_iptables() {
+        true => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.2.2:8080"),
+        false => bed.wait_for_rules("ip", "198.19.0.10 . udp . 80 : 198.18.2.2 . 8080"),
     }
     let vip = sock("198.19.0.10", 80);
 
@@ -131,7 +188,7 @@ fn cluster_ip_from_pods_node_and_outside_in(mode: &'static str) {
 
     // A port the Service does not have is rejected, not dropped (nftables mode; upstream's
     // iptables mode has no such rule).
-    if mode == "nftables" {
+    if mode == Mode::Nftables {
         assert_eq!(
             bed.tcp("a1", sock("198.19.0.10", 81), None),
             Outcome::Refused
@@ -139,16 +196,15 @@ fn cluster_ip_from_pods_node_and_outside_in(mode: &'static str) {
     }
 }
 
-/// iptables mode (in progress): a ClusterIP from a pod, the node and outside (masqueraded),
-/// a NodePort from outside, REJECT without endpoints, and an endpoint change followed by a
-/// partial sync.
-#[test]
-fn iptables_mode_cluster_ip_node_port_and_reject() {
+/// What only iptables mode has: a ClusterIP and NodePort, REJECT without endpoints, a
+/// partial sync, and NodePorts on 127.0.0.1 (`--iptables-localhost-nodeports`, default true)
+/// from the node, refused once the flag is off.
+fn iptables_localhost_node_ports(mode: Mode) {
     if !testbed::available() {
         return;
     }
     let mut bed = TestBed::new("ipt");
-    bed.mode = "iptables";
+    bed.mode = mode;
     bed.write_manifest(
         "web",
         &service(
@@ -199,7 +255,7 @@ fn iptables_mode_cluster_ip_node_port_and_reject() {
     bed.eventually("only b1 answers", || {
         bed.tcp_spread("a1", vip, 20).0 == pods(&["b1"])
     });
-    let saved = bed.ip_netns_exec("node", &["iptables-save", "-t", "nat"]);
+    let saved = bed.ip_netns_exec("node", &[&mode.save_tool("ip"), "-t", "nat"]);
     assert!(
         saved.contains("-j KUBE-SERVICES") && saved.contains("KUBE-SEP-"),
         "{saved}"
@@ -220,17 +276,7 @@ fn iptables_mode_cluster_ip_node_port_and_reject() {
     );
 }
 
-#[test]
-fn no_endpoints_rejects_and_endpoint_changes_are_followed() {
-    no_endpoints_rejects_and_endpoint_changes_are_followed_in("nftables");
-}
-
-#[test]
-fn no_endpoints_rejects_and_endpoint_changes_are_followed_iptables() {
-    no_endpoints_rejects_and_endpoint_changes_are_followed_in("iptables");
-}
-
-fn no_endpoints_rejects_and_endpoint_changes_are_followed_in(mode: &'static str) {
+fn no_endpoints_rejects_and_endpoint_changes_are_followed(mode: Mode) {
     if !testbed::available() {
         return;
     }
@@ -301,17 +347,7 @@ fn source_of(outcome: &Outcome) -> Option<std::net::IpAddr> {
     }
 }
 
-#[test]
-fn node_port_and_external_ips_with_cluster_policy() {
-    node_port_and_external_ips_with_cluster_policy_in("nftables");
-}
-
-#[test]
-fn node_port_and_external_ips_with_cluster_policy_iptables() {
-    node_port_and_external_ips_with_cluster_policy_in("iptables");
-}
-
-fn node_port_and_external_ips_with_cluster_policy_in(mode: &'static str) {
+fn node_port_and_external_ips_with_cluster_policy(mode: Mode) {
     if !testbed::available() {
         return;
     }
@@ -343,17 +379,7 @@ fn node_port_and_external_ips_with_cluster_policy_in(mode: &'static str) {
     assert_eq!(answered, both);
 }
 
-#[test]
-fn external_traffic_policy_local() {
-    external_traffic_policy_local_in("nftables");
-}
-
-#[test]
-fn external_traffic_policy_local_iptables() {
-    external_traffic_policy_local_in("iptables");
-}
-
-fn external_traffic_policy_local_in(mode: &'static str) {
+fn external_traffic_policy_local(mode: Mode) {
     if !testbed::available() {
         return;
     }
@@ -394,9 +420,9 @@ fn external_traffic_policy_local_in(mode: &'static str) {
     // No local endpoint left: outside clients are dropped, pods still get b1.
     bed.write_manifest("lb", &service("lb", &spec("198.51.100.40"), &["b1"]));
     // Wait on the kernel state: sampling connections could see only b1 by chance too early.
-    match mode {
-        "iptables" => bed.wait_for_rules("ip", "t/lb:p has no local endpoints"),
-        _ => bed.wait_for_element("ip", "no-endpoint-drop", "198.51.100.40 . tcp . 80"),
+    match mode.is_iptables() {
+        true => bed.wait_for_rules("ip", "t/lb:p has no local endpoints"),
+        false => bed.wait_for_element("ip", "no-endpoint-drop", "198.51.100.40 . tcp . 80"),
     }
     assert_eq!(
         bed.tcp_spread("a2", lb, 20).0,
@@ -427,17 +453,7 @@ fn external_traffic_policy_local_in(mode: &'static str) {
     );
 }
 
-#[test]
-fn internal_traffic_policy_local() {
-    internal_traffic_policy_local_in("nftables");
-}
-
-#[test]
-fn internal_traffic_policy_local_iptables() {
-    internal_traffic_policy_local_in("iptables");
-}
-
-fn internal_traffic_policy_local_in(mode: &'static str) {
+fn internal_traffic_policy_local(mode: Mode) {
     if !testbed::available() {
         return;
     }
@@ -460,17 +476,7 @@ fn internal_traffic_policy_local_in(mode: &'static str) {
     });
 }
 
-#[test]
-fn client_ip_session_affinity() {
-    client_ip_session_affinity_in("nftables");
-}
-
-#[test]
-fn client_ip_session_affinity_iptables() {
-    client_ip_session_affinity_in("iptables");
-}
-
-fn client_ip_session_affinity_in(mode: &'static str) {
+fn client_ip_session_affinity(mode: Mode) {
     if !testbed::available() {
         return;
     }
@@ -503,17 +509,7 @@ fn client_ip_session_affinity_in(mode: &'static str) {
     });
 }
 
-#[test]
-fn load_balancer_source_ranges() {
-    load_balancer_source_ranges_in("nftables");
-}
-
-#[test]
-fn load_balancer_source_ranges_iptables() {
-    load_balancer_source_ranges_in("iptables");
-}
-
-fn load_balancer_source_ranges_in(mode: &'static str) {
+fn load_balancer_source_ranges(mode: Mode) {
     if !testbed::available() {
         return;
     }
@@ -546,12 +542,12 @@ fn load_balancer_source_ranges_in(mode: &'static str) {
     );
 }
 
-#[test]
-fn masquerading_under_each_local_traffic_detector() {
+fn masquerading_under_each_local_traffic_detector(mode: Mode) {
     if !testbed::available() {
         return;
     }
     let mut bed = TestBed::new("msq");
+    bed.mode = mode;
     // b1 (remote) shows whether pod traffic is masqueraded; a2 (local) whether the node's is.
     bed.write_manifest(
         "remote",
@@ -628,19 +624,24 @@ fn masquerading_under_each_local_traffic_detector() {
     }
 }
 
-#[test]
-fn sctp_services_are_programmed() {
+fn sctp_services_are_programmed(mode: Mode) {
     if !testbed::available() {
         return;
     }
     let mut bed = TestBed::new("sct");
+    bed.mode = mode;
     let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: t}\nspec:\n  type: NodePort\n  clusterIP: 198.19.0.90\n  ports: [{name: s, port: 9000, nodePort: 30900, protocol: SCTP}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: t, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{name: s, port: 9000, protocol: SCTP}]\nendpoints: [{addresses: [198.18.1.2], nodeName: node-a}]\n";
     bed.write_manifest("s", yaml);
     bed.start_proxy(&[]);
     // This kernel has no SCTP sockets to send traffic with; the kernel accepting the rules is
     // what can be proven here.
-    bed.wait_for_rules("ip", "198.19.0.90 . sctp . 9000 : 198.18.1.2 . 9000");
-    bed.wait_for_rules("ip", "sctp . 30900 : 198.18.1.2 . 9000");
+    if mode.is_iptables() {
+        bed.wait_for_rules("ip", "-m sctp --dport 30900 -j KUBE-EXT-");
+        bed.wait_for_rules("ip", "-m sctp -j DNAT --to-destination 198.18.1.2:9000");
+    } else {
+        bed.wait_for_rules("ip", "198.19.0.90 . sctp . 9000 : 198.18.1.2 . 9000");
+        bed.wait_for_rules("ip", "sctp . 30900 : 198.18.1.2 . 9000");
+    }
     assert!(
         !bed.proxy_log().contains("Sync failed"),
         "{}",
@@ -1036,15 +1037,291 @@ fn takes_over_from_upstream_iptables_mode() {
     assert_eq!(bed.ruleset("ip"), "");
 }
 
+/// Rules of others in every built-in chain of every table iptables mode touches, and a
+/// chain of their own: they must come out of every run byte-identical.
+const FOREIGN_IPTABLES: &str = "*raw
+-A PREROUTING -s 203.0.113.250/32 -m comment --comment foreign -j ACCEPT
+-A OUTPUT -d 203.0.113.250/32 -m comment --comment foreign -j ACCEPT
+COMMIT
+*mangle
+:FOREIGN - [0:0]
+-A PREROUTING -s 203.0.113.250/32 -m comment --comment foreign -j FOREIGN
+-A INPUT -s 203.0.113.250/32 -m comment --comment foreign -j ACCEPT
+-A FORWARD -s 203.0.113.250/32 -m comment --comment foreign -j ACCEPT
+-A OUTPUT -d 203.0.113.250/32 -m comment --comment foreign -j ACCEPT
+-A POSTROUTING -d 203.0.113.250/32 -m comment --comment foreign -j ACCEPT
+-A FOREIGN -j MARK --set-xmark 0x1/0x1
+COMMIT
+*filter
+:FOREIGN - [0:0]
+-A INPUT -s 203.0.113.250/32 -m comment --comment foreign -j FOREIGN
+-A FORWARD -s 203.0.113.250/32 -m comment --comment foreign -j ACCEPT
+-A OUTPUT -d 203.0.113.250/32 -m comment --comment foreign -j ACCEPT
+-A FOREIGN -j ACCEPT
+COMMIT
+*nat
+:FOREIGN - [0:0]
+-A PREROUTING -s 203.0.113.250/32 -m comment --comment foreign -j FOREIGN
+-A INPUT -s 203.0.113.250/32 -m comment --comment foreign -j ACCEPT
+-A OUTPUT -d 203.0.113.250/32 -m comment --comment foreign -j ACCEPT
+-A POSTROUTING -d 203.0.113.250/32 -m comment --comment foreign -j ACCEPT
+-A FOREIGN -j ACCEPT
+COMMIT
+";
+
+/// The lines of an `iptables-save` that are not kube-proxy's (no `KUBE-` in them), without
+/// the comments and counters that change by themselves.
+fn foreign_lines(saved: &str) -> Vec<String> {
+    saved
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.contains("KUBE-"))
+        .map(|l| match l.rfind(" [") {
+            Some(at) if l.starts_with(':') => l[..at].to_string(),
+            _ => l.to_string(),
+        })
+        .collect()
+}
+
+/// `GET /metrics` of the proxy in node-a (bound to 127.0.0.1:10249 there).
+fn metrics_of(bed: &TestBed) -> String {
+    use std::io::{Read, Write};
+    testbed::in_netns(&bed.ns("node"), || {
+        let Ok(mut stream) = std::net::TcpStream::connect("127.0.0.1:10249") else {
+            return String::new();
+        };
+        let _ = write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
+        );
+        let mut body = String::new();
+        let _ = stream.read_to_string(&mut body);
+        body
+    })
+}
+
+/// The value of the metric line starting with `series`.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The drop-in path in iptables mode, on one backend: upstream's iptables rules are replaced
+/// under an established connection (its stale chains deleted), rules of others in every
+/// built-in chain and a foreign nftables table stay byte-identical through every step, the
+/// rule-count metrics are live, deleting our chains (the canary with them) is repaired by
+/// the next periodic sync, the node switches to nftables mode and back (each mode removing
+/// the other's rules after its first sync, the connection surviving), and `--cleanup` leaves
+/// only what is not ours (plus kubelet's shared chains, as upstream).
+fn iptables_takeover_canary_mode_switches_and_cleanup(mode: Mode) {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("ipx");
+    bed.mode = mode;
+    let node = bed.ns("node");
+    let backend = mode.backend().unwrap();
+    let in_node = |cmd: &[&str], stdin: &str| -> String {
+        use std::io::Write;
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &node])
+            .args(cmd)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.as_bytes()).unwrap();
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let restore = format!("iptables-{backend}-restore");
+    let save_tool = mode.save_tool("ip");
+    let saved = || in_node(&[&save_tool], "");
+    in_node(&[&restore, "--noflush"], FOREIGN_IPTABLES);
+    // Upstream's Service, sent to a2's long-lived echo server (port 8081).
+    in_node(
+        &[&restore, "--noflush"],
+        &UPSTREAM_IPTABLES.replace("198.18.1.3:8080", "198.18.1.3:8081"),
+    );
+    in_node(
+        &["nft", "-f", "-"],
+        "table inet foreign {\n chain input { type filter hook input priority 10; ip saddr 203.0.113.250 accept; }\n}\n",
+    );
+    let foreign_nft = || in_node(&["nft", "list", "table", "inet", "foreign"], "");
+    let (foreign, nft_before) = (foreign_lines(&saved()), foreign_nft());
+    let unchanged = |step: &str| {
+        assert_eq!(
+            foreign_lines(&saved()),
+            foreign,
+            "{step}: foreign iptables rules"
+        );
+        assert_eq!(foreign_nft(), nft_before, "{step}: foreign nftables table");
+    };
+    let vip = sock("198.19.0.130", 80);
+    // Upstream's rules send the Service to a2; an established connection through them.
+    let mut held = bed.connect("a1", vip);
+    assert_eq!(held.exchange("one").unwrap(), "a2 one");
+
+    bed.write_manifest("s", "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: t}\nspec:\n  clusterIP: 198.19.0.130\n  ports: [{name: e, port: 80, targetPort: 8081}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: t, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{name: e, port: 8081}]\nendpoints: [{addresses: [198.18.1.3], nodeName: node-a}]\n");
+    // A new connection's answer, if any.
+    let a1 = bed.ns("a1");
+    let fresh = |text: &str| {
+        let text = text.to_string();
+        testbed::in_netns(&a1, move || {
+            use std::io::{BufRead, Write};
+            let stream = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(1)).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+            (&stream).write_all(format!("{text}\n").as_bytes()).ok()?;
+            let mut line = String::new();
+            std::io::BufReader::new(&stream).read_line(&mut line).ok()?;
+            Some(line.trim_end().to_string())
+        })
+    };
+    let fast = [
+        "--iptables-sync-period=1s",
+        "--metrics-bind-address=127.0.0.1:10249",
+    ];
+    bed.start_proxy(&fast);
+    let rules = saved();
+    assert!(!rules.contains("KUBE-SVC-TESTAAAAAAAAAAAA"), "{rules}");
+    assert!(
+        rules.contains("-j DNAT --to-destination 198.18.1.3:8081"),
+        "{rules}"
+    );
+    assert_eq!(
+        held.exchange("two").unwrap(),
+        "a2 two",
+        "across the takeover"
+    );
+    unchanged("after the takeover");
+    let text = metrics_of(&bed);
+    let nat_total = metric(
+        &text,
+        "kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"nat\"}",
+    );
+    let ours = rules
+        .lines()
+        .filter(|l| l.starts_with("-A KUBE-") && !l.starts_with("-A KUBE-MARK-MASQ"))
+        .count();
+    assert!(nat_total.is_some_and(|n| n > 5.0), "{text}");
+    assert!(
+        metric(
+            &text,
+            "kubeproxy_sync_proxy_rules_iptables_last{ip_family=\"IPv4\",table=\"filter\"}"
+        )
+        .is_some_and(|n| n > 0.0),
+        "{text}"
+    );
+    assert!(ours > 5, "{rules}");
+
+    // Someone deletes our nat chains and the canaries: the next periodic sync notices.
+    let mut wipe = String::from("*mangle\n-X KUBE-PROXY-CANARY\nCOMMIT\n*nat\n");
+    for chain in ["PREROUTING", "OUTPUT"] {
+        wipe.push_str(&format!(
+            "-D {chain} -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n"
+        ));
+    }
+    wipe.push_str(
+        "-F KUBE-SERVICES\n-X KUBE-SERVICES\n-F KUBE-PROXY-CANARY\n-X KUBE-PROXY-CANARY\nCOMMIT\n",
+    );
+    in_node(&[&restore, "--noflush"], &wipe);
+    // (Whether a connection fails in between depends on the next sync's timing.)
+    bed.eventually("the canary check repairs the rules", || {
+        saved().contains(
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        )
+    });
+    bed.eventually("the Service answers again", || {
+        fresh("new").as_deref() == Some("a2 new")
+    });
+    bed.eventually("the canary's loss logged", || {
+        bed.proxy_log()
+            .contains("KUBE-PROXY-CANARY of IPv4 is gone")
+    });
+    unchanged("after the repair");
+
+    // To nftables mode: the iptables chains go after its first sync.
+    bed.mode = Mode::Nftables;
+    bed.start_proxy(&[]);
+    bed.eventually("iptables chains removed", || {
+        !saved().contains("KUBE-SERVICES")
+    });
+    assert_eq!(
+        held.exchange("three").unwrap(),
+        "a2 three",
+        "into nftables mode"
+    );
+    assert_eq!(fresh("new").as_deref(), Some("a2 new"));
+    unchanged("in nftables mode");
+    // And back: the nftables table goes.
+    bed.mode = mode;
+    bed.start_proxy(&[]);
+    bed.eventually("the kube-proxy table removed", || {
+        !in_node(&["nft", "list", "tables"], "").contains("kube-proxy")
+    });
+    assert_eq!(
+        held.exchange("four").unwrap(),
+        "a2 four",
+        "back in iptables mode"
+    );
+    assert_eq!(fresh("new").as_deref(), Some("a2 new"));
+    unchanged("back in iptables mode");
+
+    bed.stop_proxy();
+    let cleanup = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node,
+            env!("CARGO_BIN_EXE_kube-proxy"),
+            "--cleanup",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        cleanup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cleanup.stderr)
+    );
+    let rules = saved();
+    let left: Vec<&str> = rules
+        .lines()
+        .filter(|l| l.contains("KUBE-"))
+        .filter(|l| !l.contains("KUBE-MARK-MASQ") && !l.contains("KUBE-FIREWALL"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "only kubelet's shared chains stay: {left:?}"
+    );
+    unchanged("after --cleanup");
+}
+
 /// A UDP client that keeps its source port sends to a Service whose only endpoint (a1) is
 /// then replaced by b1. a1's server keeps running, so a stale conntrack entry would keep
 /// answering "a1". Returns what the client sees after the change, and the proxy's log.
-fn udp_flow_across_endpoint_replacement(test: &str, extra: &[&str]) -> (Vec<String>, String) {
+fn udp_flow_across_endpoint_replacement(
+    mode: Mode,
+    test: &str,
+    extra: &[&str],
+) -> (Vec<String>, String) {
     let mut bed = TestBed::new(test);
+    bed.mode = mode;
     let spec = "  type: NodePort\n  clusterIP: 198.19.0.60\n  ports:\n  - {name: u, port: 53, targetPort: 8080, nodePort: 30060, protocol: UDP}";
     bed.write_manifest("dns", &service("dns", spec, &["a1"]));
     bed.start_proxy(extra);
-    bed.wait_for_rules("ip", "198.19.0.60 . udp . 53");
+    match mode.is_iptables() {
+        true => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.1.2:8080"),
+        false => bed.wait_for_rules("ip", "198.19.0.60 . udp . 53"),
+    }
     let vip = sock("198.19.0.60", 53);
     let node_port = sock(testbed::NODE_A, 30060);
     let answer = |outcome: Outcome| match outcome {
@@ -1054,7 +1331,10 @@ fn udp_flow_across_endpoint_replacement(test: &str, extra: &[&str]) -> (Vec<Stri
     assert_eq!(answer(bed.udp_from_port("a2", vip, 40053)), "a1");
     assert_eq!(answer(bed.udp_from_port("client", node_port, 40054)), "a1");
     bed.write_manifest("dns", &service("dns", spec, &["b1"]));
-    bed.wait_for_rules("ip", "198.18.2.2 . 8080");
+    match mode.is_iptables() {
+        true => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.2.2:8080"),
+        false => bed.wait_for_rules("ip", "198.18.2.2 . 8080"),
+    }
     // Give a cleanup (if any) time to run after the sync that programmed b1.
     bed.eventually("the sync to finish", || {
         bed.proxy_log()
@@ -1075,12 +1355,11 @@ fn udp_flow_across_endpoint_replacement(test: &str, extra: &[&str]) -> (Vec<Stri
 
 /// Stale UDP conntrack entries are deleted after the sync that removed their endpoint: the
 /// same client socket reaches the new endpoint at once (ClusterIP and NodePort).
-#[test]
-fn udp_clients_move_to_a_live_endpoint() {
+fn udp_clients_move_to_a_live_endpoint(mode: Mode) {
     if !testbed::available() {
         return;
     }
-    let (seen, log) = udp_flow_across_endpoint_replacement("ctclean", &[]);
+    let (seen, log) = udp_flow_across_endpoint_replacement(mode, "ctclean", &[]);
     assert_eq!(seen, pods(&["b1"]), "{log}");
     // Exactly the two stale entries (ClusterIP and NodePort) were deleted.
     assert!(
@@ -1092,13 +1371,12 @@ fn udp_clients_move_to_a_live_endpoint() {
 
 /// The control for the test above: with the cleanup disabled the same flows stay stuck on
 /// the removed endpoint, so the cleanup is what moves them.
-#[test]
-fn without_conntrack_cleanup_udp_clients_stay_on_the_removed_endpoint() {
+fn without_conntrack_cleanup_udp_clients_stay_on_the_removed_endpoint(mode: Mode) {
     if !testbed::available() {
         return;
     }
     let (seen, log) =
-        udp_flow_across_endpoint_replacement("ctkeep", &["--conntrack-cleanup=false"]);
+        udp_flow_across_endpoint_replacement(mode, "ctkeep", &["--conntrack-cleanup=false"]);
     assert_eq!(seen, pods(&["a1"]), "{log}");
 }
 
@@ -1135,12 +1413,12 @@ fn http_get_from(
 /// local endpoint count while this node has ready local endpoints, 503 otherwise (remote
 /// only, terminating only), per family, on the node's addresses; closed when the Service
 /// goes away and moved when its port changes.
-#[test]
-fn health_check_node_ports() {
+fn health_check_node_ports(mode: Mode) {
     if !testbed::available() {
         return;
     }
     let mut bed = TestBed::new("hcnp");
+    bed.mode = mode;
     let spec = |hcnp: u16| {
         format!("  type: LoadBalancer\n  clusterIP: 198.19.0.45\n  clusterIPs: [198.19.0.45, \"2001:db8:19::45\"]\n  ipFamilyPolicy: PreferDualStack\n  externalTrafficPolicy: Local\n  healthCheckNodePort: {hcnp}\n{PORTS_NP}")
     };
@@ -1216,12 +1494,12 @@ fn health_check_node_ports() {
 /// listens on the node's address in the CIDR (and not on its other IPv4 addresses), IPv6 on
 /// every IPv6 address (a family without a CIDR is not restricted, as upstream), and the node's
 /// link-local addresses, which cannot be bound without their interface, do not stop either.
-#[test]
-fn health_check_with_an_ipv4_only_node_port_addresses_flag() {
+fn health_check_with_an_ipv4_only_node_port_addresses_flag(mode: Mode) {
     if !testbed::available() {
         return;
     }
     let mut bed = TestBed::new("hc4");
+    bed.mode = mode;
     let spec = format!("  type: LoadBalancer\n  clusterIP: 198.19.0.46\n  clusterIPs: [198.19.0.46, \"2001:db8:19::46\"]\n  ipFamilyPolicy: PreferDualStack\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32002\n{PORTS_NP}");
     bed.write_manifest("lb", &service("lb", &spec, &["a1", "b1"]));
     bed.start_proxy(&["--nodeport-addresses=192.0.2.0/24"]);
