@@ -1,7 +1,7 @@
 //! An in-memory `iptables-restore --noflush` / `iptables-save`: applies an input to a copy
 //! of the tables and keeps it only when every line succeeded, failing where the tools fail
-//! (a rule in a chain that does not exist, a jump to a missing chain, deleting a chain that is
-//! not empty or still a jump target). Tests use it to check, without root, that a series of
+//! (a rule in a chain that does not exist, a jump to a missing chain, deleting a rule that is
+//! not there, or a chain that is not empty or still a jump target). Tests use it to check, without root, that a series of
 //! partial syncs leaves the same rules as one full sync.
 
 use std::collections::BTreeMap;
@@ -71,6 +71,16 @@ impl Restorer for FakeIptables {
                     return Err(fail("bad position"));
                 }
                 rules.insert(position - 1, rule.to_string());
+            } else if let Some(rest) = line.strip_prefix("-D ") {
+                let (chain, rule) = rest.split_once(' ').ok_or_else(|| fail("empty rule"))?;
+                let rules = chains
+                    .get_mut(chain)
+                    .ok_or_else(|| fail(&format!("no chain {chain}")))?;
+                let at = rules
+                    .iter()
+                    .position(|r| r == rule)
+                    .ok_or_else(|| fail("no such rule"))?;
+                rules.remove(at);
             } else if let Some(chain) = line.strip_prefix("-X ") {
                 match chains.get(chain) {
                     None => return Err(fail(&format!("no chain {chain}"))),

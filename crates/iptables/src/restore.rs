@@ -56,16 +56,31 @@ pub enum Rewrite<'a> {
     Ports(&'a BTreeSet<ServicePortName>),
 }
 
-/// An input and the chains each service port has after it.
+/// The contents of the static chains, by (table, chain): what a sync wrote, so the next
+/// partial sync can write only the difference.
+pub type Statics = BTreeMap<(&'static str, &'static str), Vec<String>>;
+
+/// The chains and rules of one service port that an input writes.
+#[derive(Clone, Debug, Default)]
+pub struct PortChains {
+    pub chains: Vec<String>,
+    /// (chain, rule arguments after `-A <chain>`).
+    pub rules: Vec<(String, String)>,
+}
+
+/// What one sync writes, before it is spelled as `iptables-restore` inputs.
 #[derive(Clone, Debug, Default)]
 pub struct Rendered {
-    pub text: String,
+    /// The static chains in writing order, each with its whole contents (every port's
+    /// dispatch and filter rules are there).
+    pub statics: Vec<((&'static str, &'static str), Vec<String>)>,
+    /// The ports whose own chains are written (every port in a full sync).
+    pub ports: Vec<PortChains>,
+    /// Per-service-port chains no port needs any more: deleted.
+    pub stale: Vec<String>,
+    /// The chains each service port has after the sync.
     pub chains: BTreeMap<ServicePortName, Vec<String>>,
-    /// Rules (`-A` lines) the input writes to the filter table (all of ours there).
-    pub filter_rules: usize,
-    /// Rules the input writes to the nat table.
-    pub nat_rules: usize,
-    /// Our nat rules after it is applied: written, plus those of unchanged ports' chains.
+    /// Our nat rules once applied: the static chains' and every port's.
     pub nat_rules_total: usize,
 }
 
@@ -75,15 +90,33 @@ pub const KUBE_PROXY_CANARY: &str = "KUBE-PROXY-CANARY";
 /// The tables holding a canary.
 pub const CANARY_TABLES: [&str; 3] = ["mangle", "nat", "filter"];
 
+/// Rules (`-A`/`-I` lines) an input writes to `table`.
+pub fn rules_written(input: &str, table: &str) -> usize {
+    table_section(input, table)
+        .filter(|l| l.starts_with("-A ") || l.starts_with("-I "))
+        .count()
+}
+
+fn table_section<'a>(input: &'a str, table: &str) -> impl Iterator<Item = &'a str> {
+    let header = format!("*{table}");
+    input
+        .lines()
+        .skip_while(move |l| *l != header)
+        .skip(1)
+        .take_while(|l| *l != "COMMIT")
+}
+
 /// The whole input for a full sync. `existing`: the nat chains the kernel has now (from
 /// `iptables-save`); the per-service-port ones no port needs are deleted.
 pub fn render_full(plan: &FamilyPlan, ctx: &FamilyContext, existing: &BTreeSet<String>) -> String {
-    render(plan, ctx, Rewrite::All, existing, Style::default()).text
+    render(plan, ctx, Rewrite::All, existing, Style::default())
+        .full_inputs(None)
+        .concat()
 }
 
-/// An input that rewrites the static chains (they hold every port's dispatch and filter
-/// rules), the chains of the ports `rewrite` names, and deletes those of `candidates` that no
-/// port needs any more (other chains, and chains of others, are never touched).
+/// What a sync writes: the static chains (they hold every port's dispatch and filter rules),
+/// the chains of the ports `rewrite` names, and the deletion of those of `candidates` that
+/// no port needs any more (other chains, and chains of others, are never touched).
 pub fn render(
     plan: &FamilyPlan,
     ctx: &FamilyContext,
@@ -92,39 +125,92 @@ pub fn render(
     style: Style,
 ) -> Rendered {
     let mark = format!("{:#x}/{:#x}", ctx.mark, ctx.mark);
-    let mut filter_rules: Vec<String> = vec![
-        format!("-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP"),
-        format!("-A {KUBE_FORWARD} -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark} -j ACCEPT"),
-        format!("-A {KUBE_FORWARD} -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
-    ];
-    let mut nat_chains: Vec<String> = NAT_CHAINS.iter().map(|c| c.to_string()).collect();
-    let mut nat_rules: Vec<String> = vec![
-        format!("-A {KUBE_POSTROUTING} -m mark ! --mark {mark} -j RETURN"),
-        format!("-A {KUBE_POSTROUTING} -j MARK --xor-mark {:#x}", ctx.mark),
-        format!("-A {KUBE_POSTROUTING} -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"),
-        format!("-A {KUBE_MARK_MASQ} -j MARK --or-mark {:#x}", ctx.mark),
-    ];
+    let mut statics: Vec<((&'static str, &'static str), Vec<String>)> = Vec::new();
+    for chain in FILTER_CHAINS {
+        statics.push((("filter", chain), Vec::new()));
+    }
+    if ctx.localhost_nodeports {
+        // Upstream's guard for route_localnet: nothing from outside reaches 127.0.0.0/8
+        // unless it was DNATed there by a NodePort rule.
+        statics.push((("filter", KUBE_FIREWALL), vec!["-m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP".to_string()]));
+    }
+    for chain in NAT_CHAINS {
+        statics.push((("nat", chain), Vec::new()));
+    }
+    let index: BTreeMap<(&str, &str), usize> = statics
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| (*key, i))
+        .collect();
+    let mut push = |table: &'static str, chain: &str, rule: String| {
+        let i = index[&(table, chain)];
+        statics[i].1.push(rule);
+    };
+    push(
+        "filter",
+        KUBE_FORWARD,
+        "-m conntrack --ctstate INVALID -j DROP".into(),
+    );
+    push(
+        "filter",
+        KUBE_FORWARD,
+        format!(
+            "-m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark} -j ACCEPT"
+        ),
+    );
+    push("filter", KUBE_FORWARD, "-m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".into());
+    push(
+        "nat",
+        KUBE_POSTROUTING,
+        format!("-m mark ! --mark {mark} -j RETURN"),
+    );
+    push(
+        "nat",
+        KUBE_POSTROUTING,
+        format!("-j MARK --xor-mark {:#x}", ctx.mark),
+    );
+    push("nat", KUBE_POSTROUTING, "-m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully".into());
+    push(
+        "nat",
+        KUBE_MARK_MASQ,
+        format!("-j MARK --or-mark {:#x}", ctx.mark),
+    );
+
     let mut wanted: BTreeSet<String> = BTreeSet::new();
     let mut chains = BTreeMap::new();
-    let mut skipped_nat_rules = 0;
+    let mut ports = Vec::new();
+    let mut port_rules_total = 0;
     for (name, port_plan) in &plan.services {
         let rules = service::render_in(port_plan, ctx, style);
         let write_chains = match rewrite {
             Rewrite::All => true,
             Rewrite::Ports(ports) => ports.contains(name),
         };
-        filter_rules.extend(rules.filter.iter().map(|(c, r)| format!("-A {c} {r}")));
-        for (chain, rule) in &rules.nat {
-            if write_chains || !is_service_port_chain(chain) {
-                nat_rules.push(format!("-A {chain} {rule}"));
+        for (chain, rule) in rules.filter {
+            push("filter", chain, rule);
+        }
+        let mut own = PortChains::default();
+        for (chain, rule) in rules.nat {
+            if is_service_port_chain(&chain) {
+                port_rules_total += 1;
+                if write_chains {
+                    own.rules.push((chain, rule));
+                }
             } else {
-                skipped_nat_rules += 1;
+                let chain = NAT_CHAINS
+                    .iter()
+                    .find(|c| **c == chain)
+                    .expect("a static nat chain");
+                push("nat", chain, rule);
             }
         }
         for chain in &rules.chains {
             if wanted.insert(chain.clone()) && write_chains {
-                nat_chains.push(chain.clone());
+                own.chains.push(chain.clone());
             }
+        }
+        if write_chains {
+            ports.push(own);
         }
         chains.insert(name.clone(), rules.chains);
     }
@@ -138,61 +224,224 @@ pub fn render(
                 IpFamily::V4 => " ! -d 127.0.0.0/8",
                 IpFamily::V6 => " ! -d ::1/128",
             };
-            nat_rules.push(format!(
-                "-A {KUBE_SERVICES} {comment} -m addrtype --dst-type LOCAL{not_loopback} -j {KUBE_NODEPORTS}"
-            ));
+            push(
+                "nat",
+                KUBE_SERVICES,
+                format!("{comment} -m addrtype --dst-type LOCAL{not_loopback} -j {KUBE_NODEPORTS}"),
+            );
         }
         NodePortDestinations::Addresses(ips) => {
             for ip in ips.iter().filter(|ip| !ip.is_loopback()) {
-                nat_rules.push(format!(
-                    "-A {KUBE_SERVICES} {comment} -d {ip} -j {KUBE_NODEPORTS}"
-                ));
+                push(
+                    "nat",
+                    KUBE_SERVICES,
+                    format!("{comment} -d {ip} -j {KUBE_NODEPORTS}"),
+                );
             }
         }
     }
-    let stale: Vec<&String> = candidates
+    let stale: Vec<String> = candidates
         .iter()
         .filter(|c| is_service_port_chain(c) && !wanted.contains(*c))
+        .cloned()
         .collect();
-
-    let mut out = String::new();
-    let filter_count = filter_rules.len() + usize::from(ctx.localhost_nodeports);
-    let nat_count = nat_rules.len();
-    out.push_str("*filter\n");
-    for chain in FILTER_CHAINS {
-        let _ = writeln!(out, ":{chain} - [0:0]");
-    }
-    if ctx.localhost_nodeports {
-        // Upstream's guard for route_localnet: nothing from outside reaches 127.0.0.0/8
-        // unless it was DNATed there by a NodePort rule.
-        let _ = writeln!(out, ":{KUBE_FIREWALL} - [0:0]");
-        let _ = writeln!(out, "-A {KUBE_FIREWALL} -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP");
-    }
-    for rule in filter_rules {
-        let _ = writeln!(out, "{rule}");
-    }
-    out.push_str("COMMIT\n*nat\n");
-    for chain in nat_chains
+    let static_nat: usize = statics
         .iter()
-        .map(String::as_str)
-        .chain(stale.iter().map(|c| c.as_str()))
-    {
+        .filter(|((table, _), _)| *table == "nat")
+        .map(|(_, rules)| rules.len())
+        .sum();
+    Rendered {
+        statics,
+        ports,
+        stale,
+        chains,
+        nat_rules_total: static_nat + port_rules_total,
+    }
+}
+
+impl Rendered {
+    /// The static chains' contents, for the next partial sync to compare against.
+    pub fn statics(&self) -> Statics {
+        self.statics.iter().cloned().collect()
+    }
+
+    /// A full sync's inputs: one that rewrites everything; or, with `stage_chains`, first
+    /// the ports' own chains in stages of about that many chains (each port whole in one
+    /// stage), then one with the static chains, the deletions of stale chains and nothing
+    /// else. Either way traffic only reaches a new port's chains through the last input; an
+    /// existing port's chains are rewritten whole in one stage.
+    pub fn full_inputs(&self, stage_chains: Option<usize>) -> Vec<String> {
+        let mut inputs = Vec::new();
+        let limit = stage_chains.unwrap_or(usize::MAX);
+        let total: usize = self.ports.iter().map(|p| p.chains.len()).sum();
+        let mut inline = &self.ports[..];
+        if total > limit {
+            let mut start = 0;
+            while start < self.ports.len() {
+                let mut end = start;
+                let mut count = 0;
+                while end < self.ports.len() && (count < limit || end == start) {
+                    count += self.ports[end].chains.len();
+                    end += 1;
+                }
+                let mut out = String::from("*nat\n");
+                if start == 0 {
+                    // The ports' chains jump to KUBE-MARK-MASQ: make sure it is there, with
+                    // its rule (rewritten in the same transaction, so never empty).
+                    let key = ("nat", KUBE_MARK_MASQ);
+                    let _ = writeln!(out, ":{KUBE_MARK_MASQ} - [0:0]");
+                    for (_, rules) in self.statics.iter().filter(|(k, _)| *k == key) {
+                        for rule in rules {
+                            let _ = writeln!(out, "-A {KUBE_MARK_MASQ} {rule}");
+                        }
+                    }
+                }
+                write_port_chains(&mut out, &self.ports[start..end], &[]);
+                out.push_str("COMMIT\n");
+                inputs.push(out);
+                start = end;
+            }
+            inline = &[];
+        }
+        let mut out = String::new();
+        out.push_str("*filter\n");
+        for ((_, chain), _) in self.statics.iter().filter(|((t, _), _)| *t == "filter") {
+            let _ = writeln!(out, ":{chain} - [0:0]");
+        }
+        for ((_, chain), rules) in self.statics.iter().filter(|((t, _), _)| *t == "filter") {
+            for rule in rules {
+                let _ = writeln!(out, "-A {chain} {rule}");
+            }
+        }
+        out.push_str("COMMIT\n*nat\n");
+        for ((_, chain), _) in self.statics.iter().filter(|((t, _), _)| *t == "nat") {
+            let _ = writeln!(out, ":{chain} - [0:0]");
+        }
+        let mut ports_text = String::new();
+        write_port_chains(&mut ports_text, inline, &self.stale);
+        let (declarations, rules): (Vec<&str>, Vec<&str>) =
+            ports_text.lines().partition(|l| l.starts_with(':'));
+        for line in declarations {
+            let _ = writeln!(out, "{line}");
+        }
+        for ((_, chain), rules) in self.statics.iter().filter(|((t, _), _)| *t == "nat") {
+            for rule in rules {
+                let _ = writeln!(out, "-A {chain} {rule}");
+            }
+        }
+        for line in rules {
+            let _ = writeln!(out, "{line}");
+        }
+        for chain in &self.stale {
+            let _ = writeln!(out, "-X {chain}");
+        }
+        out.push_str("COMMIT\n");
+        inputs.push(out);
+        inputs
+    }
+
+    /// A partial sync's input: the ports' own chains, and of each static chain only what
+    /// changed since `previous` (`-D` of a rule gone, `-I <chain> 1` of a new one: the
+    /// order within a static chain carries no meaning, except that the NodePorts rule stays
+    /// last, and new rules go first). `None` when nothing changed at all: no restore needed.
+    pub fn partial_input(&self, previous: &Statics) -> Option<String> {
+        let mut out = String::new();
+        for table in ["filter", "nat"] {
+            let _ = writeln!(out, "*{table}");
+            let mut removed = Vec::new();
+            let mut added = Vec::new();
+            let mut declared = Vec::new();
+            for ((t, chain), rules) in self.statics.iter().filter(|((t, _), _)| *t == table) {
+                match previous.get(&(*t, *chain)) {
+                    None => {
+                        declared.push(*chain);
+                        added.extend(rules.iter().map(|r| format!("-A {chain} {r}")));
+                    }
+                    Some(before) if before != rules => {
+                        let (gone, new) = multiset_difference(before, rules);
+                        removed.extend(gone.into_iter().map(|r| format!("-D {chain} {r}")));
+                        added.extend(new.into_iter().rev().map(|r| format!("-I {chain} 1 {r}")));
+                    }
+                    Some(_) => {}
+                }
+            }
+            for chain in declared {
+                let _ = writeln!(out, ":{chain} - [0:0]");
+            }
+            let mut ports_text = String::new();
+            if table == "nat" {
+                write_port_chains(&mut ports_text, &self.ports, &self.stale);
+            }
+            let (declarations, port_rules): (Vec<&str>, Vec<&str>) =
+                ports_text.lines().partition(|l| l.starts_with(':'));
+            for line in declarations
+                .iter()
+                .chain(&removed.iter().map(String::as_str).collect::<Vec<_>>())
+                .chain(&port_rules)
+                .chain(&added.iter().map(String::as_str).collect::<Vec<_>>())
+            {
+                let _ = writeln!(out, "{line}");
+            }
+            if table == "nat" {
+                for chain in &self.stale {
+                    let _ = writeln!(out, "-X {chain}");
+                }
+            }
+            out.push_str("COMMIT\n");
+        }
+        (out != "*filter\nCOMMIT\n*nat\nCOMMIT\n").then_some(out)
+    }
+}
+
+/// The declarations (sorted: `iptables-nft-restore` takes twice as long for the same chains
+/// in random order) and rules of `ports`' chains, and the declarations of `stale` (a chain
+/// is emptied by its declaration before its deletion).
+fn write_port_chains(out: &mut String, ports: &[PortChains], stale: &[String]) {
+    let mut declared: Vec<&str> = ports
+        .iter()
+        .flat_map(|p| p.chains.iter().map(String::as_str))
+        .chain(stale.iter().map(String::as_str))
+        .collect();
+    declared.sort_unstable();
+    for chain in declared {
         let _ = writeln!(out, ":{chain} - [0:0]");
     }
-    for rule in nat_rules {
-        let _ = writeln!(out, "{rule}");
+    for port in ports {
+        for (chain, rule) in &port.rules {
+            let _ = writeln!(out, "-A {chain} {rule}");
+        }
     }
-    for chain in stale {
-        let _ = writeln!(out, "-X {chain}");
+}
+
+/// (in `before` but not `after`, in `after` but not `before`), counting duplicates.
+fn multiset_difference<'a>(
+    before: &'a [String],
+    after: &'a [String],
+) -> (Vec<&'a String>, Vec<&'a String>) {
+    let mut counts: std::collections::HashMap<&str, isize> = std::collections::HashMap::new();
+    for rule in before {
+        *counts.entry(rule).or_default() += 1;
     }
-    out.push_str("COMMIT\n");
-    Rendered {
-        text: out,
-        chains,
-        filter_rules: filter_count,
-        nat_rules: nat_count,
-        nat_rules_total: nat_count + skipped_nat_rules,
+    for rule in after {
+        *counts.entry(rule).or_default() -= 1;
     }
+    let mut gone = Vec::new();
+    let mut new = Vec::new();
+    for rule in before {
+        let count = counts.get_mut(rule.as_str()).unwrap();
+        if *count > 0 {
+            *count -= 1;
+            gone.push(rule);
+        }
+    }
+    for rule in after {
+        let count = counts.get_mut(rule.as_str()).unwrap();
+        if *count < 0 {
+            *count += 1;
+            new.push(rule);
+        }
+    }
+    (gone, new)
 }
 
 /// The jumps from the built-in chains into ours (table, chain, rule), in upstream's order;
@@ -334,17 +583,21 @@ COMMIT
 :KUBE-SERVICES - [0:0]
 :KUBE-MARK-MASQ - [0:0]
 :KUBE-POSTROUTING - [0:0]
+:KUBE-SEP-AFGSLHOD2HFNCBX4 - [0:0]
+:KUBE-SEP-GONE0000000000000 - [0:0]
 :KUBE-SVC-CDGGSHYLG3RE2FKL - [0:0]
+-A KUBE-SERVICES -m comment --comment \"default/web:http cluster IP\" -m tcp -p tcp -d 10.96.0.10 --dport 80 -j KUBE-SVC-CDGGSHYLG3RE2FKL
+-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS
 ";
         assert!(text.starts_with(expected_head), "{text}");
-        let expected_tail = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS
+        let expected_tail = "-A KUBE-SEP-AFGSLHOD2HFNCBX4 -m comment --comment default/web:http -m tcp -p tcp -j DNAT --to-destination 10.244.1.5:8080
 -X KUBE-SEP-GONE0000000000000
 COMMIT
 ";
         assert!(text.ends_with(expected_tail), "{text}");
         assert!(
             text.contains(":KUBE-SEP-GONE0000000000000 - [0:0]\n"),
-            "declared before its deletion"
+            "declared (emptied) before its deletion"
         );
         assert!(
             !text.contains("KUBE-MARK-DROP"),

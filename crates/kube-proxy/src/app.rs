@@ -458,7 +458,8 @@ fn build_dataplane(
                     policy,
                     crate::kernel::iptables_runner::IptablesCommand::new(backend),
                 )
-                .with_canary_interval(settings.sync_period),
+                .with_canary_interval(settings.sync_period)
+                .with_staged_full_syncs(backend.full_sync_stage_chains()),
             ))
         }
         mode => {

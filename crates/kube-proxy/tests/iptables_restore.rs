@@ -196,7 +196,10 @@ fn syncs_through_the_real_tools(backend: kube_proxy::kernel::iptables_backend::B
             node_ips: vec!["192.0.2.10".parse().unwrap()],
             ..Default::default()
         };
-        let mut proxier = IptablesProxier::new(policy, IptablesCommand::new(backend));
+        // Small stages on the nf_tables backend, so the large-cluster sync below is staged.
+        let stages = backend.full_sync_stage_chains().map(|_| 100);
+        let mut proxier = IptablesProxier::new(policy, IptablesCommand::new(backend))
+            .with_staged_full_syncs(stages);
         let mut plan = FamilyPlan::default();
         sync_ipv4(&mut proxier, &mut state, &mut plan, true, &node);
         let save = || {

@@ -338,6 +338,11 @@ fn no_endpoints_rejects_and_endpoint_changes_are_followed(mode: Mode) {
     bed.eventually("the service is gone", || {
         !bed.ruleset("ip").contains("198.19.0.20")
     });
+    // Every change went in as a partial sync: none was rejected (iptables mode deletes the
+    // rules of its static chains that changed by their spec).
+    let log = bed.proxy_log();
+    assert!(!log.contains("Sync failed"), "{log}");
+    assert!(log.contains("full=false"), "{log}");
 }
 
 fn source_of(outcome: &Outcome) -> Option<std::net::IpAddr> {
