@@ -12,7 +12,7 @@ use kube_proxy_model::context::{FamilyContext, ProxyPolicy};
 use kube_proxy_model::dataplane::{
     Dataplane, SyncError, SyncErrorKind, SyncInput, SyncReport, TableRules,
 };
-use kube_proxy_model::{FamilyPlan, IpFamily, ServicePortName};
+use kube_proxy_model::{FamilyPlan, IpFamily};
 
 use crate::restore::{self, Rewrite, CANARY_TABLES, KUBE_PROXY_CANARY};
 use crate::service::{Style, LARGE_CLUSTER_ENDPOINTS};
@@ -80,8 +80,8 @@ struct FamilyState {
     initialized: bool,
     ctx: Option<FamilyContext>,
     style: Style,
-    /// The per-service-port chains each port has in the kernel.
-    chains: BTreeMap<ServicePortName, Vec<String>>,
+    /// What each service port has in the kernel (its chains, its rules in the static ones).
+    ports: restore::PortCache,
     /// The static chains' contents in the kernel.
     statics: restore::Statics,
     /// When the canary chains were last found (or created).
@@ -209,13 +209,21 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
             let previous: BTreeSet<String> = input
                 .changed
                 .iter()
-                .filter_map(|name| state.chains.get(name))
-                .flatten()
+                .filter_map(|name| state.ports.get(name))
+                .flat_map(|port| port.chains.iter())
                 .cloned()
                 .collect();
             (Rewrite::Ports(input.changed), previous)
         };
-        let rendered = restore::render(input.plan, &ctx, rewrite, &candidates, style);
+        let state = self.families.entry(family).or_default();
+        let rendered = restore::render(
+            input.plan,
+            &ctx,
+            rewrite,
+            &candidates,
+            style,
+            &mut state.ports,
+        );
         let inputs: Vec<String> = match &saved {
             Some(saved) => {
                 let mut inputs = rendered.full_inputs(self.stage_chains);
@@ -240,7 +248,7 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
                 // everything.
                 let error = match error {
                     RestoreError::Rejected(message) => RestoreError::Rejected(
-                        match restore::describe_failure(text, &message, &rendered.chains) {
+                        match restore::describe_failure(text, &message, &state.ports) {
                             Some(at) => format!("{message}: {at}"),
                             None => message,
                         },
@@ -252,7 +260,6 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
             }
         }
         state.statics = rendered.statics();
-        state.chains = rendered.chains;
         state.ctx = Some(ctx);
         state.style = style;
         state.initialized = true;

@@ -78,11 +78,22 @@ pub struct Rendered {
     pub ports: Vec<PortChains>,
     /// Per-service-port chains no port needs any more: deleted.
     pub stale: Vec<String>,
-    /// The chains each service port has after the sync.
-    pub chains: BTreeMap<ServicePortName, Vec<String>>,
     /// Our nat rules once applied: the static chains' and every port's.
     pub nat_rules_total: usize,
 }
+
+/// What one service port puts in the static chains, its own chains and how many rules
+/// they hold: kept between syncs, so a partial sync renders only the changed ports.
+#[derive(Clone, Debug, Default)]
+pub struct PortStatics {
+    pub filter: Vec<(&'static str, String)>,
+    pub nat: Vec<(&'static str, String)>,
+    pub chains: Vec<String>,
+    pub own_rules: usize,
+}
+
+/// Every port's [`PortStatics`], as last written.
+pub type PortCache = BTreeMap<ServicePortName, PortStatics>;
 
 /// Upstream's canary chain, in mangle, nat and filter: created by a full sync; gone means
 /// someone deleted our chains (`iptables -X`, `nft flush ruleset`), so everything is rewritten.
@@ -109,20 +120,31 @@ fn table_section<'a>(input: &'a str, table: &str) -> impl Iterator<Item = &'a st
 /// The whole input for a full sync. `existing`: the nat chains the kernel has now (from
 /// `iptables-save`); the per-service-port ones no port needs are deleted.
 pub fn render_full(plan: &FamilyPlan, ctx: &FamilyContext, existing: &BTreeSet<String>) -> String {
-    render(plan, ctx, Rewrite::All, existing, Style::default())
-        .full_inputs(None)
-        .concat()
+    let mut cache = PortCache::new();
+    render(
+        plan,
+        ctx,
+        Rewrite::All,
+        existing,
+        Style::default(),
+        &mut cache,
+    )
+    .full_inputs(None)
+    .concat()
 }
 
 /// What a sync writes: the static chains (they hold every port's dispatch and filter rules),
 /// the chains of the ports `rewrite` names, and the deletion of those of `candidates` that
-/// no port needs any more (other chains, and chains of others, are never touched).
+/// no port needs any more (other chains, and chains of others, are never touched). `cache`
+/// holds what each port rendered last time: only the ports `rewrite` names are rendered
+/// again (all of them, and the cache rebuilt, for [`Rewrite::All`]).
 pub fn render(
     plan: &FamilyPlan,
     ctx: &FamilyContext,
     rewrite: Rewrite<'_>,
     candidates: &BTreeSet<String>,
     style: Style,
+    cache: &mut PortCache,
 ) -> Rendered {
     let mark = format!("{:#x}/{:#x}", ctx.mark, ctx.mark);
     let mut statics: Vec<((&'static str, &'static str), Vec<String>)> = Vec::new();
@@ -177,42 +199,53 @@ pub fn render(
     );
 
     let mut wanted: BTreeSet<String> = BTreeSet::new();
-    let mut chains = BTreeMap::new();
     let mut ports = Vec::new();
+    match rewrite {
+        Rewrite::All => cache.clear(),
+        Rewrite::Ports(names) => {
+            for name in names {
+                cache.remove(name);
+            }
+        }
+    }
     let mut port_rules_total = 0;
     for (name, port_plan) in &plan.services {
-        let rules = service::render_in(port_plan, ctx, style);
-        let write_chains = match rewrite {
-            Rewrite::All => true,
-            Rewrite::Ports(ports) => ports.contains(name),
-        };
-        for (chain, rule) in rules.filter {
-            push("filter", chain, rule);
-        }
-        let mut own = PortChains::default();
-        for (chain, rule) in rules.nat {
-            if is_service_port_chain(&chain) {
-                port_rules_total += 1;
-                if write_chains {
+        if !cache.contains_key(name) {
+            let rules = service::render_in(port_plan, ctx, style);
+            let mut own = PortChains::default();
+            let mut statics = PortStatics {
+                filter: rules.filter,
+                ..Default::default()
+            };
+            for (chain, rule) in rules.nat {
+                if is_service_port_chain(&chain) {
                     own.rules.push((chain, rule));
+                } else {
+                    let chain = NAT_CHAINS
+                        .iter()
+                        .find(|c| **c == chain)
+                        .expect("a static nat chain");
+                    statics.nat.push((chain, rule));
                 }
-            } else {
-                let chain = NAT_CHAINS
-                    .iter()
-                    .find(|c| **c == chain)
-                    .expect("a static nat chain");
-                push("nat", chain, rule);
             }
-        }
-        for chain in &rules.chains {
-            if wanted.insert(chain.clone()) && write_chains {
-                own.chains.push(chain.clone());
+            statics.own_rules = own.rules.len();
+            for chain in &rules.chains {
+                if wanted.insert(chain.clone()) {
+                    own.chains.push(chain.clone());
+                }
             }
-        }
-        if write_chains {
+            statics.chains = rules.chains;
             ports.push(own);
+            cache.insert(name.clone(), statics);
         }
-        chains.insert(name.clone(), rules.chains);
+        let statics = &cache[name];
+        for (chain, rule) in &statics.filter {
+            push("filter", chain, rule.clone());
+        }
+        for (chain, rule) in &statics.nat {
+            push("nat", chain, rule.clone());
+        }
+        port_rules_total += statics.own_rules;
     }
     // Last: NodePorts, for packets addressed to this node.
     let comment =
@@ -254,7 +287,6 @@ pub fn render(
         statics,
         ports,
         stale,
-        chains,
         nat_rules_total: static_nat + port_rules_total,
     }
 }
@@ -498,11 +530,7 @@ pub fn for_full_sync(input: &str, present: impl Fn(&str, &str, &str) -> bool) ->
 /// What a rejected input's message points at: `line N failed` of `input`, the line, and the
 /// service port it belongs to (by its chain in `chains`, or the port named in its comment),
 /// so the log says which Service broke the sync.
-pub fn describe_failure(
-    input: &str,
-    message: &str,
-    chains: &BTreeMap<ServicePortName, Vec<String>>,
-) -> Option<String> {
+pub fn describe_failure(input: &str, message: &str, ports: &PortCache) -> Option<String> {
     let number: usize = message
         .split("line ")
         .nth(1)?
@@ -518,15 +546,15 @@ pub fn describe_failure(
         .and_then(|rest| rest.split_whitespace().next());
     let owner = chain
         .and_then(|chain| {
-            chains
+            ports
                 .iter()
-                .find(|(_, own)| own.iter().any(|c| c == chain))
+                .find(|(_, port)| port.chains.iter().any(|c| c == chain))
                 .map(|(name, _)| name.to_string())
         })
         .or_else(|| {
             let comment = line.split("--comment ").nth(1)?.trim_start_matches('"');
             let name = comment.split([' ', '"']).next()?;
-            chains
+            ports
                 .keys()
                 .map(ToString::to_string)
                 .find(|known| known == name)
