@@ -64,8 +64,8 @@ pub type Statics = BTreeMap<(&'static str, &'static str), Vec<String>>;
 #[derive(Clone, Debug, Default)]
 pub struct PortChains {
     pub chains: Vec<String>,
-    /// (chain, rule arguments after `-A <chain>`).
-    pub rules: Vec<(String, String)>,
+    /// The `-A <chain> <rule>` lines, rendered once (a large cluster has millions).
+    pub rules: String,
 }
 
 /// What one sync writes, before it is spelled as `iptables-restore` inputs.
@@ -168,11 +168,13 @@ pub fn render(
         let i = index[&(table, chain)];
         statics[i].1.push(rule);
     };
-    push(
-        "filter",
-        KUBE_FORWARD,
-        "-m conntrack --ctstate INVALID -j DROP".into(),
-    );
+    if ctx.drop_invalid {
+        push(
+            "filter",
+            KUBE_FORWARD,
+            "-m conntrack --ctstate INVALID -j DROP".into(),
+        );
+    }
     push(
         "filter",
         KUBE_FORWARD,
@@ -219,7 +221,8 @@ pub fn render(
             };
             for (chain, rule) in rules.nat {
                 if is_service_port_chain(&chain) {
-                    own.rules.push((chain, rule));
+                    statics.own_rules += 1;
+                    let _ = writeln!(own.rules, "-A {chain} {rule}");
                 } else {
                     let chain = NAT_CHAINS
                         .iter()
@@ -228,7 +231,6 @@ pub fn render(
                     statics.nat.push((chain, rule));
                 }
             }
-            statics.own_rules = own.rules.len();
             for chain in &rules.chains {
                 if wanted.insert(chain.clone()) {
                     own.chains.push(chain.clone());
@@ -328,7 +330,10 @@ impl Rendered {
                         }
                     }
                 }
-                write_port_chains(&mut out, &self.ports[start..end], &[]);
+                write_declarations(&mut out, &self.ports[start..end], &[]);
+                for port in &self.ports[start..end] {
+                    out.push_str(&port.rules);
+                }
                 out.push_str("COMMIT\n");
                 inputs.push(out);
                 start = end;
@@ -349,20 +354,14 @@ impl Rendered {
         for ((_, chain), _) in self.statics.iter().filter(|((t, _), _)| *t == "nat") {
             let _ = writeln!(out, ":{chain} - [0:0]");
         }
-        let mut ports_text = String::new();
-        write_port_chains(&mut ports_text, inline, &self.stale);
-        let (declarations, rules): (Vec<&str>, Vec<&str>) =
-            ports_text.lines().partition(|l| l.starts_with(':'));
-        for line in declarations {
-            let _ = writeln!(out, "{line}");
-        }
+        write_declarations(&mut out, inline, &self.stale);
         for ((_, chain), rules) in self.statics.iter().filter(|((t, _), _)| *t == "nat") {
             for rule in rules {
                 let _ = writeln!(out, "-A {chain} {rule}");
             }
         }
-        for line in rules {
-            let _ = writeln!(out, "{line}");
+        for port in inline {
+            out.push_str(&port.rules);
         }
         for chain in &self.stale {
             let _ = writeln!(out, "-X {chain}");
@@ -400,18 +399,18 @@ impl Rendered {
             for chain in declared {
                 let _ = writeln!(out, ":{chain} - [0:0]");
             }
-            let mut ports_text = String::new();
             if table == "nat" {
-                write_port_chains(&mut ports_text, &self.ports, &self.stale);
+                write_declarations(&mut out, &self.ports, &self.stale);
             }
-            let (declarations, port_rules): (Vec<&str>, Vec<&str>) =
-                ports_text.lines().partition(|l| l.starts_with(':'));
-            for line in declarations
-                .iter()
-                .chain(&removed.iter().map(String::as_str).collect::<Vec<_>>())
-                .chain(&port_rules)
-                .chain(&added.iter().map(String::as_str).collect::<Vec<_>>())
-            {
+            for line in &removed {
+                let _ = writeln!(out, "{line}");
+            }
+            if table == "nat" {
+                for port in &self.ports {
+                    out.push_str(&port.rules);
+                }
+            }
+            for line in &added {
                 let _ = writeln!(out, "{line}");
             }
             if table == "nat" {
@@ -425,10 +424,10 @@ impl Rendered {
     }
 }
 
-/// The declarations (sorted: `iptables-nft-restore` takes twice as long for the same chains
-/// in random order) and rules of `ports`' chains, and the declarations of `stale` (a chain
-/// is emptied by its declaration before its deletion).
-fn write_port_chains(out: &mut String, ports: &[PortChains], stale: &[String]) {
+/// The declarations of `ports`' chains and of `stale` (a chain is emptied by its
+/// declaration before its deletion), sorted: `iptables-nft-restore` takes twice as long for
+/// the same chains in random order.
+fn write_declarations(out: &mut String, ports: &[PortChains], stale: &[String]) {
     let mut declared: Vec<&str> = ports
         .iter()
         .flat_map(|p| p.chains.iter().map(String::as_str))
@@ -437,11 +436,6 @@ fn write_port_chains(out: &mut String, ports: &[PortChains], stale: &[String]) {
     declared.sort_unstable();
     for chain in declared {
         let _ = writeln!(out, ":{chain} - [0:0]");
-    }
-    for port in ports {
-        for (chain, rule) in &port.rules {
-            let _ = writeln!(out, "-A {chain} {rule}");
-        }
     }
 }
 
@@ -499,30 +493,38 @@ pub const JUMPS: [(&str, &str, &str); 12] = [
 /// `present(table, chain, target)` does not find, at the end of its table (after the chains
 /// it jumps to exist).
 pub fn for_full_sync(input: &str, present: impl Fn(&str, &str, &str) -> bool) -> String {
-    let mut out = String::with_capacity(input.len() + 2048);
+    let mut out = String::with_capacity(input.len() + 4096);
     let _ = writeln!(out, "*mangle\n:{KUBE_PROXY_CANARY} - [0:0]\nCOMMIT");
-    let mut table = "";
-    for line in input.lines() {
-        if let Some(name) = line.strip_prefix('*') {
-            table = if name == "filter" { "filter" } else { "nat" };
-            let _ = writeln!(out, "{line}\n:{KUBE_PROXY_CANARY} - [0:0]");
-            continue;
-        }
-        if line == "COMMIT" {
-            let firewall = input.contains(&format!(":{KUBE_FIREWALL} - [0:0]"));
-            let firewall_jumps = [
-                ("filter", "INPUT", "-j KUBE-FIREWALL"),
-                ("filter", "OUTPUT", "-j KUBE-FIREWALL"),
-            ];
-            let extra = firewall_jumps.iter().filter(|_| firewall);
-            for (jump_table, chain, rule) in JUMPS.iter().chain(extra) {
-                let target = rule.rsplit(' ').next().unwrap_or("");
-                if *jump_table == table && !present(table, chain, target) {
-                    let _ = writeln!(out, "-I {chain} 1 {rule}");
-                }
+    let firewall = input.contains(&format!(":{KUBE_FIREWALL} - [0:0]"));
+    let firewall_jumps = [
+        ("filter", "INPUT", "-j KUBE-FIREWALL"),
+        ("filter", "OUTPUT", "-j KUBE-FIREWALL"),
+    ];
+    // Each table's section, as is, with the canary declared first and the jumps last.
+    let mut rest = input;
+    while let Some(start) = rest.find('*') {
+        let end = rest[start..]
+            .find("COMMIT\n")
+            .map_or(rest.len(), |at| start + at);
+        let header_end = rest[start..].find('\n').map_or(end, |at| start + at + 1);
+        let header = &rest[start..header_end];
+        let table = if header.trim() == "*filter" {
+            "filter"
+        } else {
+            "nat"
+        };
+        out.push_str(header);
+        let _ = writeln!(out, ":{KUBE_PROXY_CANARY} - [0:0]");
+        out.push_str(&rest[header_end..end]);
+        let extra = firewall_jumps.iter().filter(|_| firewall);
+        for (jump_table, chain, rule) in JUMPS.iter().chain(extra) {
+            let target = rule.rsplit(' ').next().unwrap_or("");
+            if *jump_table == table && !present(table, chain, target) {
+                let _ = writeln!(out, "-I {chain} 1 {rule}");
             }
         }
-        let _ = writeln!(out, "{line}");
+        out.push_str("COMMIT\n");
+        rest = &rest[(end + "COMMIT\n".len()).min(rest.len())..];
     }
     out
 }
@@ -632,5 +634,16 @@ COMMIT
             "chains of others are not touched"
         );
         assert!(text.contains("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n"));
+        // With a liberal conntrack (tcpBeLiberal) there is no INVALID drop, as upstream.
+        let liberal = ProxyPolicy {
+            drop_invalid: false,
+            ..policy.clone()
+        };
+        let ctx = FamilyContext::resolve(&liberal, IpFamily::V4, &NodeView::default());
+        let text = render_full(&plan, &ctx, &existing);
+        assert!(!text.contains("INVALID"), "{text}");
+        assert!(
+            text.contains("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\"")
+        );
     }
 }

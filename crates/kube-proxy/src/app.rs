@@ -433,6 +433,12 @@ fn build_dataplane(
                 detect_local: settings.detect_local.clone(),
                 node_port_addresses: settings.node_port_addresses.clone(),
                 localhost_node_ports: settings.localhost_node_ports,
+                // As upstream: read once, after the sysctls were set at start.
+                drop_invalid: crate::kernel::node_setup::read_value(
+                    "net/netfilter/nf_conntrack_tcp_be_liberal",
+                )
+                .unwrap_or(0)
+                    == 0,
             };
             if flags.dry_run == Some(true) {
                 info!("--dry-run: printing iptables-restore inputs instead of applying them");

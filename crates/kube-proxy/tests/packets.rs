@@ -41,6 +41,7 @@ packet_cases!(nftables: Nftables =>
     without_conntrack_cleanup_udp_clients_stay_on_the_removed_endpoint,
     health_check_node_ports,
     health_check_with_an_ipv4_only_node_port_addresses_flag,
+    upstream_command_line_against_an_api_server,
 );
 packet_cases!(iptables_nft: IptablesNft =>
     cluster_ip_from_pods_node_and_outside,
@@ -56,6 +57,7 @@ packet_cases!(iptables_nft: IptablesNft =>
     without_conntrack_cleanup_udp_clients_stay_on_the_removed_endpoint,
     health_check_node_ports,
     health_check_with_an_ipv4_only_node_port_addresses_flag,
+    upstream_command_line_against_an_api_server,
     iptables_localhost_node_ports,
     iptables_takeover_canary_mode_switches_and_cleanup,
 );
@@ -73,6 +75,7 @@ packet_cases!(iptables_legacy: IptablesLegacy =>
     without_conntrack_cleanup_udp_clients_stay_on_the_removed_endpoint,
     health_check_node_ports,
     health_check_with_an_ipv4_only_node_port_addresses_flag,
+    upstream_command_line_against_an_api_server,
     iptables_localhost_node_ports,
     iptables_takeover_canary_mode_switches_and_cleanup,
 );
@@ -680,12 +683,14 @@ fn start_against_fake_api(
     kubeconfig
 }
 
-#[test]
-fn upstream_command_line_against_an_api_server() {
+/// In iptables mode on the nf_tables backend the flags name no mode at all (upstream's
+/// default, as kubeadm's `mode: ""`); on the legacy backend `--proxy-mode iptables`.
+fn upstream_command_line_against_an_api_server(mode: Mode) {
     if !testbed::available() {
         return;
     }
     let mut bed = TestBed::new("api");
+    bed.mode = mode;
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let _guard = runtime.enter();
     let fake = std::sync::Arc::new(std::sync::Mutex::new(fakeapi::Fake::default()));
@@ -706,24 +711,24 @@ fn upstream_command_line_against_an_api_server() {
             "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.10"}]}}),
         ];
     }
-    let kubeconfig = start_against_fake_api(
-        &mut bed,
-        &fake,
-        &[
-            "--hostname-override",
-            "node-a",
-            "--proxy-mode",
-            "nftables",
-            "--cluster-cidr",
-            "198.18.0.0/16",
-            "--healthz-bind-address",
-            "0.0.0.0:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-            "--conntrack-max-per-core=0",
-            "-v=2",
-        ],
-    );
+    let mode_flags: &[&str] = match mode {
+        Mode::Nftables => &["--proxy-mode", "nftables"],
+        Mode::IptablesNft => &[],
+        Mode::IptablesLegacy => &["--proxy-mode", "iptables"],
+    };
+    let mut flags = vec!["--hostname-override", "node-a"];
+    flags.extend_from_slice(mode_flags);
+    flags.extend_from_slice(&[
+        "--cluster-cidr",
+        "198.18.0.0/16",
+        "--healthz-bind-address",
+        "0.0.0.0:10256",
+        "--metrics-bind-address",
+        "127.0.0.1:10249",
+        "--conntrack-max-per-core=0",
+        "-v=2",
+    ]);
+    let kubeconfig = start_against_fake_api(&mut bed, &fake, &flags);
     assert_eq!(
         bed.tcp_spread("a2", sock("198.19.0.100", 80), 30).0,
         pods(&["a1", "b1"]),

@@ -22,6 +22,9 @@ pub struct ProxyPolicy {
     pub node_port_addresses: NodePortAddresses,
     /// iptables mode's `localhostNodePorts`: NodePorts answer on 127.0.0.1 too (IPv4 only).
     pub localhost_node_ports: bool,
+    /// iptables mode drops forwarded packets conntrack finds INVALID, unless the node's
+    /// conntrack is liberal about TCP windows (`nf_conntrack_tcp_be_liberal`, read at start).
+    pub drop_invalid: bool,
 }
 
 impl Default for ProxyPolicy {
@@ -32,6 +35,7 @@ impl Default for ProxyPolicy {
             detect_local: DetectLocal::ClusterCidr(Vec::new()),
             node_port_addresses: NodePortAddresses::Primary,
             localhost_node_ports: false,
+            drop_invalid: true,
         }
     }
 }
@@ -72,6 +76,8 @@ pub struct FamilyContext {
     /// NodePorts answer on 127.0.0.1 (IPv4, every local address accepting NodePorts, and
     /// `localhostNodePorts`); needs `route_localnet` and upstream's `KUBE-FIREWALL` guard.
     pub localhost_nodeports: bool,
+    /// Drop forwarded INVALID packets (iptables mode; see [`ProxyPolicy::drop_invalid`]).
+    pub drop_invalid: bool,
 }
 
 impl FamilyContext {
@@ -110,6 +116,7 @@ impl FamilyContext {
                 && family == IpFamily::V4
                 && nodeports == NodePortDestinations::AllLocal,
             nodeports,
+            drop_invalid: policy.drop_invalid,
         }
     }
 

@@ -38,8 +38,9 @@ impl NftConfig {
             masquerade_all: self.masquerade_all,
             detect_local: self.detect_local.clone(),
             node_port_addresses: self.node_port_addresses.clone(),
-            // Upstream's nftables mode never accepts NodePorts on loopback.
+            // Upstream's nftables mode never accepts NodePorts on loopback, nor drops INVALID.
             localhost_node_ports: false,
+            drop_invalid: false,
         }
     }
 }
