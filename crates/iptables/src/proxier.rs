@@ -82,8 +82,6 @@ struct FamilyState {
     style: Style,
     /// What each service port has in the kernel (its chains, its rules in the static ones).
     ports: restore::PortCache,
-    /// The static chains' contents in the kernel.
-    statics: restore::Statics,
     /// When the canary chains were last found (or created).
     canary_seen: Option<Instant>,
 }
@@ -209,7 +207,7 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
             let previous: BTreeSet<String> = input
                 .changed
                 .iter()
-                .filter_map(|name| state.ports.get(name))
+                .filter_map(|name| state.ports.ports.get(name))
                 .flat_map(|port| port.chains.iter())
                 .cloned()
                 .collect();
@@ -236,10 +234,7 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
                 }
                 inputs
             }
-            None => {
-                let state = self.families.entry(family).or_default();
-                rendered.partial_input(&state.statics).into_iter().collect()
-            }
+            None => rendered.partial_input().into_iter().collect(),
         };
         let state = self.families.entry(family).or_default();
         for text in &inputs {
@@ -259,7 +254,6 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
                 return Err(failed(error, !full));
             }
         }
-        state.statics = rendered.statics();
         state.ctx = Some(ctx);
         state.style = style;
         state.initialized = true;
@@ -272,12 +266,7 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
                 .map(|i| restore::rules_written(i, table))
                 .sum()
         };
-        let filter_total = state
-            .statics
-            .iter()
-            .filter(|((t, _), _)| *t == "filter")
-            .map(|(_, rules)| rules.len())
-            .sum();
+        let (filter_total, nat_total) = (state.ports.filter_rules, state.ports.nat_rules);
         Ok(SyncReport {
             service_ports: input.plan.services.len(),
             changed: input.changed.len(),
@@ -293,7 +282,7 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
                 TableRules {
                     table: "nat",
                     written: written("nat"),
-                    total: rendered.nat_rules_total,
+                    total: nat_total,
                 },
             ],
         })

@@ -56,10 +56,6 @@ pub enum Rewrite<'a> {
     Ports(&'a BTreeSet<ServicePortName>),
 }
 
-/// The contents of the static chains, by (table, chain): what a sync wrote, so the next
-/// partial sync can write only the difference.
-pub type Statics = BTreeMap<(&'static str, &'static str), Vec<String>>;
-
 /// The chains and rules of one service port that an input writes.
 #[derive(Clone, Debug, Default)]
 pub struct PortChains {
@@ -78,8 +74,9 @@ pub struct Rendered {
     pub ports: Vec<PortChains>,
     /// Per-service-port chains no port needs any more: deleted.
     pub stale: Vec<String>,
-    /// Our nat rules once applied: the static chains' and every port's.
-    pub nat_rules_total: usize,
+    /// Partial syncs: what changed in each static chain (the changed ports' rules only;
+    /// `statics` is then empty).
+    pub changes: BTreeMap<(&'static str, &'static str), StaticChange>,
 }
 
 /// What one service port puts in the static chains, its own chains and how many rules
@@ -92,8 +89,22 @@ pub struct PortStatics {
     pub own_rules: usize,
 }
 
-/// Every port's [`PortStatics`], as last written.
-pub type PortCache = BTreeMap<ServicePortName, PortStatics>;
+/// Every port's [`PortStatics`] as last written, and the rule counts of the tables.
+#[derive(Clone, Debug, Default)]
+pub struct PortCache {
+    pub ports: BTreeMap<ServicePortName, PortStatics>,
+    /// Our rules in the filter table (all in static chains).
+    pub filter_rules: usize,
+    /// Our rules in the nat table: the static chains' and every port's own.
+    pub nat_rules: usize,
+}
+
+/// Rules that leave and join one static chain in a partial sync.
+#[derive(Clone, Debug, Default)]
+pub struct StaticChange {
+    pub removed: Vec<String>,
+    pub added: Vec<String>,
+}
 
 /// Upstream's canary chain, in mangle, nat and filter: created by a full sync; gone means
 /// someone deleted our chains (`iptables -X`, `nft flush ruleset`), so everything is rewritten.
@@ -120,7 +131,7 @@ fn table_section<'a>(input: &'a str, table: &str) -> impl Iterator<Item = &'a st
 /// The whole input for a full sync. `existing`: the nat chains the kernel has now (from
 /// `iptables-save`); the per-service-port ones no port needs are deleted.
 pub fn render_full(plan: &FamilyPlan, ctx: &FamilyContext, existing: &BTreeSet<String>) -> String {
-    let mut cache = PortCache::new();
+    let mut cache = PortCache::default();
     render(
         plan,
         ctx,
@@ -202,52 +213,98 @@ pub fn render(
 
     let mut wanted: BTreeSet<String> = BTreeSet::new();
     let mut ports = Vec::new();
+    let mut changes: BTreeMap<(&'static str, &'static str), StaticChange> = BTreeMap::new();
+    let mut render_port = |name: &ServicePortName, cache: &mut PortCache| {
+        let Some(port_plan) = plan.services.get(name) else {
+            return;
+        };
+        let rules = service::render_in(port_plan, ctx, style);
+        let mut own = PortChains::default();
+        let mut statics = PortStatics {
+            filter: rules.filter,
+            ..Default::default()
+        };
+        for (chain, rule) in rules.nat {
+            if is_service_port_chain(&chain) {
+                statics.own_rules += 1;
+                let _ = writeln!(own.rules, "-A {chain} {rule}");
+            } else {
+                let chain = NAT_CHAINS
+                    .iter()
+                    .find(|c| **c == chain)
+                    .expect("a static nat chain");
+                statics.nat.push((chain, rule));
+            }
+        }
+        for chain in &rules.chains {
+            if wanted.insert(chain.clone()) {
+                own.chains.push(chain.clone());
+            }
+        }
+        statics.chains = rules.chains;
+        ports.push(own);
+        cache.filter_rules += statics.filter.len();
+        cache.nat_rules += statics.nat.len() + statics.own_rules;
+        cache.ports.insert(name.clone(), statics);
+    };
     match rewrite {
-        Rewrite::All => cache.clear(),
+        Rewrite::All => {
+            *cache = PortCache::default();
+            for name in plan.services.keys() {
+                render_port(name, cache);
+            }
+            for statics in cache.ports.values() {
+                for (chain, rule) in &statics.filter {
+                    push("filter", chain, rule.clone());
+                }
+                for (chain, rule) in &statics.nat {
+                    push("nat", chain, rule.clone());
+                }
+            }
+        }
         Rewrite::Ports(names) => {
+            // Only the changed ports are rendered; of the static chains, only their rules
+            // can differ (everything else depends on the context, whose change means a full
+            // sync).
             for name in names {
-                cache.remove(name);
-            }
-        }
-    }
-    let mut port_rules_total = 0;
-    for (name, port_plan) in &plan.services {
-        if !cache.contains_key(name) {
-            let rules = service::render_in(port_plan, ctx, style);
-            let mut own = PortChains::default();
-            let mut statics = PortStatics {
-                filter: rules.filter,
-                ..Default::default()
-            };
-            for (chain, rule) in rules.nat {
-                if is_service_port_chain(&chain) {
-                    statics.own_rules += 1;
-                    let _ = writeln!(own.rules, "-A {chain} {rule}");
-                } else {
-                    let chain = NAT_CHAINS
-                        .iter()
-                        .find(|c| **c == chain)
-                        .expect("a static nat chain");
-                    statics.nat.push((chain, rule));
+                let old = cache.ports.remove(name).unwrap_or_default();
+                cache.filter_rules -= old.filter.len();
+                cache.nat_rules -= old.nat.len() + old.own_rules;
+                render_port(name, cache);
+                let new = cache.ports.get(name).cloned().unwrap_or_default();
+                let keyed = |rules: &[(&'static str, String)], table: &'static str| {
+                    let mut by_chain: BTreeMap<(&'static str, &'static str), Vec<String>> =
+                        BTreeMap::new();
+                    for (chain, rule) in rules {
+                        by_chain
+                            .entry((table, chain))
+                            .or_default()
+                            .push(rule.clone());
+                    }
+                    by_chain
+                };
+                for table in ["filter", "nat"] {
+                    let (before, after) = match table {
+                        "filter" => (keyed(&old.filter, "filter"), keyed(&new.filter, "filter")),
+                        _ => (keyed(&old.nat, "nat"), keyed(&new.nat, "nat")),
+                    };
+                    let keys: BTreeSet<_> = before.keys().chain(after.keys()).copied().collect();
+                    for key in keys {
+                        let empty = Vec::new();
+                        let (gone, new) = multiset_difference(
+                            before.get(&key).unwrap_or(&empty),
+                            after.get(&key).unwrap_or(&empty),
+                        );
+                        if gone.is_empty() && new.is_empty() {
+                            continue;
+                        }
+                        let change = changes.entry(key).or_default();
+                        change.removed.extend(gone.into_iter().cloned());
+                        change.added.extend(new.into_iter().cloned());
+                    }
                 }
             }
-            for chain in &rules.chains {
-                if wanted.insert(chain.clone()) {
-                    own.chains.push(chain.clone());
-                }
-            }
-            statics.chains = rules.chains;
-            ports.push(own);
-            cache.insert(name.clone(), statics);
         }
-        let statics = &cache[name];
-        for (chain, rule) in &statics.filter {
-            push("filter", chain, rule.clone());
-        }
-        for (chain, rule) in &statics.nat {
-            push("nat", chain, rule.clone());
-        }
-        port_rules_total += statics.own_rules;
     }
     // Last: NodePorts, for packets addressed to this node.
     let comment =
@@ -280,25 +337,31 @@ pub fn render(
         .filter(|c| is_service_port_chain(c) && !wanted.contains(*c))
         .cloned()
         .collect();
-    let static_nat: usize = statics
-        .iter()
-        .filter(|((table, _), _)| *table == "nat")
-        .map(|(_, rules)| rules.len())
-        .sum();
+    if matches!(rewrite, Rewrite::All) {
+        // The static chains' own rules (not of any port).
+        let ports_filter: usize = cache.ports.values().map(|p| p.filter.len()).sum();
+        let ports_nat: usize = cache.ports.values().map(|p| p.nat.len()).sum();
+        let count = |table: &str| -> usize {
+            statics
+                .iter()
+                .filter(|((t, _), _)| *t == table)
+                .map(|(_, rules)| rules.len())
+                .sum()
+        };
+        cache.filter_rules += count("filter") - ports_filter;
+        cache.nat_rules += count("nat") - ports_nat;
+    } else {
+        statics.clear();
+    }
     Rendered {
         statics,
         ports,
         stale,
-        nat_rules_total: static_nat + port_rules_total,
+        changes,
     }
 }
 
 impl Rendered {
-    /// The static chains' contents, for the next partial sync to compare against.
-    pub fn statics(&self) -> Statics {
-        self.statics.iter().cloned().collect()
-    }
-
     /// A full sync's inputs: one that rewrites everything; or, with `stage_chains`, first
     /// the ports' own chains in stages of about that many chains (each port whole in one
     /// stage), then one with the static chains, the deletions of stale chains and nothing
@@ -375,29 +438,21 @@ impl Rendered {
     /// changed since `previous` (`-D` of a rule gone, `-I <chain> 1` of a new one: the
     /// order within a static chain carries no meaning, except that the NodePorts rule stays
     /// last, and new rules go first). `None` when nothing changed at all: no restore needed.
-    pub fn partial_input(&self, previous: &Statics) -> Option<String> {
+    pub fn partial_input(&self) -> Option<String> {
         let mut out = String::new();
         for table in ["filter", "nat"] {
             let _ = writeln!(out, "*{table}");
             let mut removed = Vec::new();
             let mut added = Vec::new();
-            let mut declared = Vec::new();
-            for ((t, chain), rules) in self.statics.iter().filter(|((t, _), _)| *t == table) {
-                match previous.get(&(*t, *chain)) {
-                    None => {
-                        declared.push(*chain);
-                        added.extend(rules.iter().map(|r| format!("-A {chain} {r}")));
-                    }
-                    Some(before) if before != rules => {
-                        let (gone, new) = multiset_difference(before, rules);
-                        removed.extend(gone.into_iter().map(|r| format!("-D {chain} {r}")));
-                        added.extend(new.into_iter().rev().map(|r| format!("-I {chain} 1 {r}")));
-                    }
-                    Some(_) => {}
-                }
-            }
-            for chain in declared {
-                let _ = writeln!(out, ":{chain} - [0:0]");
+            for ((_, chain), change) in self.changes.iter().filter(|((t, _), _)| *t == table) {
+                removed.extend(change.removed.iter().map(|r| format!("-D {chain} {r}")));
+                added.extend(
+                    change
+                        .added
+                        .iter()
+                        .rev()
+                        .map(|r| format!("-I {chain} 1 {r}")),
+                );
             }
             if table == "nat" {
                 write_declarations(&mut out, &self.ports, &self.stale);
@@ -532,7 +587,8 @@ pub fn for_full_sync(input: &str, present: impl Fn(&str, &str, &str) -> bool) ->
 /// What a rejected input's message points at: `line N failed` of `input`, the line, and the
 /// service port it belongs to (by its chain in `chains`, or the port named in its comment),
 /// so the log says which Service broke the sync.
-pub fn describe_failure(input: &str, message: &str, ports: &PortCache) -> Option<String> {
+pub fn describe_failure(input: &str, message: &str, cache: &PortCache) -> Option<String> {
+    let ports = &cache.ports;
     let number: usize = message
         .split("line ")
         .nth(1)?

@@ -78,8 +78,23 @@ fn partial_syncs_equal_one_full_sync_in_the_fake_iptables() {
     for step in 0..400 {
         changes.apply_one(&mut state);
         let before = proxier.runner().restores;
-        sync(&mut proxier, &mut state, &mut plan, false);
+        let report = kube_proxy_model::testing::sync_ipv4(
+            &mut proxier,
+            &mut state,
+            &mut plan,
+            false,
+            &node(),
+        );
         partial_inputs += proxier.runner().restores - before;
+        // The rule counts of the metrics follow the kernel through partial syncs.
+        for table in &report.rules {
+            let ours: usize = proxier.runner().families[&IpFamily::V4][table.table]
+                .iter()
+                .filter(|(chain, _)| chain.starts_with("KUBE-"))
+                .map(|(_, rules)| rules.len())
+                .sum();
+            assert_eq!(table.total, ours, "{} after step {step}", table.table);
+        }
         // A partial input declares (and so rewrites) only the changed ports' chains.
         let declared = proxier
             .runner()
