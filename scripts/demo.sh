@@ -2,23 +2,29 @@
 # The main job on the embedded default: kube-proxy-rs in nftables mode on the example
 # manifests (examples/manifests), inside throwaway network namespaces, with requests to a
 # ClusterIP answered by pods; everything is removed afterwards. No cluster is needed.
+# `./scripts/demo.sh iptables` runs it in iptables mode (upstream's default) instead.
 #
 # As root it installs what it needs (nftables, iproute2) when missing. Without root it
 # cannot create namespaces, so it prints the nftables ruleset the proxy would program
 # instead (kube-proxy --dry-run --once), which needs no privilege.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE=${1:-nftables}
+case "$MODE" in
+  nftables | iptables) ;;
+  *) echo "usage: $0 [nftables|iptables]" >&2; exit 2 ;;
+esac
 
-if [ "$(id -u)" = 0 ] && { ! command -v nft >/dev/null || ! command -v ip >/dev/null; }; then
-  echo "==> installing nftables and iproute2"
+if [ "$(id -u)" = 0 ] && { ! command -v nft >/dev/null || ! command -v ip >/dev/null || ! command -v iptables-restore >/dev/null; }; then
+  echo "==> installing nftables, iptables and iproute2"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq --no-install-recommends nftables iproute2 >/dev/null
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends nftables iptables iproute2 >/dev/null
 fi
 
 echo "==> building kube-proxy (release)"
 cargo build --release --locked -p kube-proxy
 BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/kube-proxy
-PROXY_ARGS=(--proxy-mode=nftables --manifests=examples/manifests --hostname-override=node-a
+PROXY_ARGS=(--proxy-mode=$MODE --manifests=examples/manifests --hostname-override=node-a
             --cluster-cidr=198.18.0.0/16,2001:db8:18::/48)
 
 if [ "$(id -u)" != 0 ] || ! command -v python3 >/dev/null; then
@@ -70,24 +76,37 @@ done
 echo "==> starting kube-proxy-rs in $NODE: ${PROXY_ARGS[*]}"
 ip netns exec $NODE "$BIN" "${PROXY_ARGS[@]}" --healthz-bind-address= --metrics-bind-address= >/dev/null 2>/tmp/kpdemo-proxy.log &
 PROXY_PID=$!
+programmed() {
+  if [ "$MODE" = iptables ]; then
+    ip netns exec $NODE iptables-save -t nat 2>/dev/null | grep -q "DNAT --to-destination 198.18.2.7"
+  else
+    ip netns exec $NODE nft list set ip kube-proxy cluster-ips 2>/dev/null | grep -q 198.19.0.10
+  fi
+}
 for _ in $(seq 1 100); do
-  ip netns exec $NODE nft list set ip kube-proxy cluster-ips 2>/dev/null | grep -q 198.19.0.10 && break
+  programmed && break
   sleep 0.1
 done
 
 echo "==> the ruleset it programmed (excerpt):"
-ip netns exec $NODE nft list table ip kube-proxy | grep -E "198.19.0.10|dnat-2|slot-[01] " | head -8 | sed 's/^/    /'
+if [ "$MODE" = iptables ]; then
+  ip netns exec $NODE iptables-save -t nat | grep -E "demo/web" | head -8 | sed 's/^/    /'
+else
+  ip netns exec $NODE nft list table ip kube-proxy | grep -E "198.19.0.10|dnat-2|slot-[01] " | head -8 | sed 's/^/    /'
+fi
 echo "==> requests from the node to the ClusterIP of demo/web (198.19.0.10:80):"
 for _ in 1 2 3 4 5 6; do
   ip netns exec $NODE python3 -c '
 import socket
 s = socket.create_connection(("198.19.0.10", 80), timeout=2); print("    " + s.recv(200).decode().strip())'
 done
-echo "==> a request to a port demo/web does not have (198.19.0.10:81):"
-ip netns exec $NODE python3 -c '
+if [ "$MODE" = nftables ]; then
+  echo "==> a request to a port demo/web does not have (198.19.0.10:81):"
+  ip netns exec $NODE python3 -c '
 import socket
 try:
     socket.create_connection(("198.19.0.10", 81), timeout=2); print("    connected?!")
 except ConnectionRefusedError:
     print("    refused, as upstream nftables mode rejects unknown ports of a ClusterIP")'
+fi
 echo "==> proxy log: /tmp/kpdemo-proxy.log"
