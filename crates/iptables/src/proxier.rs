@@ -214,7 +214,7 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
             (Rewrite::Ports(input.changed), previous)
         };
         let state = self.families.entry(family).or_default();
-        let rendered = restore::render(
+        let mut rendered = restore::render(
             input.plan,
             &ctx,
             rewrite,
@@ -223,17 +223,14 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
             &mut state.ports,
         );
         let inputs: Vec<String> = match &saved {
-            Some(saved) => {
-                let mut inputs = rendered.full_inputs(self.stage_chains);
-                // The last input also creates the canaries and makes sure the built-in
-                // chains jump to ours.
-                if let Some(last) = inputs.last_mut() {
-                    *last = restore::for_full_sync(last, |table, chain, target| {
-                        saved_jump(saved, table, chain, target)
-                    });
-                }
-                inputs
-            }
+            // A full sync also creates the canaries and makes sure the built-in chains
+            // jump to ours.
+            Some(saved) => rendered.full_inputs(
+                self.stage_chains,
+                Some(&|table: &str, chain: &str, target: &str| {
+                    saved_jump(saved, table, chain, target)
+                }),
+            ),
             None => rendered.partial_input().into_iter().collect(),
         };
         let state = self.families.entry(family).or_default();

@@ -140,7 +140,7 @@ pub fn render_full(plan: &FamilyPlan, ctx: &FamilyContext, existing: &BTreeSet<S
         Style::default(),
         &mut cache,
     )
-    .full_inputs(None)
+    .full_inputs(None, None)
     .concat()
 }
 
@@ -367,11 +367,20 @@ impl Rendered {
     /// stage), then one with the static chains, the deletions of stale chains and nothing
     /// else. Either way traffic only reaches a new port's chains through the last input; an
     /// existing port's chains are rewritten whole in one stage.
-    pub fn full_inputs(&self, stage_chains: Option<usize>) -> Vec<String> {
+    ///
+    /// With `jumps` (a full sync of the proxier: whether `(table, chain, target)` already has
+    /// its jump), the last input also creates the canary chains and inserts the missing jumps
+    /// from the built-in chains. The ports' rendered rules are moved into the inputs (a large
+    /// cluster's are hundreds of MB).
+    pub fn full_inputs(
+        &mut self,
+        stage_chains: Option<usize>,
+        jumps: Option<&dyn Fn(&str, &str, &str) -> bool>,
+    ) -> Vec<String> {
         let mut inputs = Vec::new();
         let limit = stage_chains.unwrap_or(usize::MAX);
         let total: usize = self.ports.iter().map(|p| p.chains.len()).sum();
-        let mut inline = &self.ports[..];
+        let mut inline = self.ports.len();
         if total > limit {
             let mut start = 0;
             while start < self.ports.len() {
@@ -394,17 +403,30 @@ impl Rendered {
                     }
                 }
                 write_declarations(&mut out, &self.ports[start..end], &[]);
-                for port in &self.ports[start..end] {
-                    out.push_str(&port.rules);
+                for port in &mut self.ports[start..end] {
+                    out.push_str(&std::mem::take(&mut port.rules));
                 }
                 out.push_str("COMMIT\n");
                 inputs.push(out);
                 start = end;
             }
-            inline = &[];
+            inline = 0;
         }
+        let inline = &mut self.ports[..inline];
+        let firewall = self.statics.iter().any(|((_, c), _)| *c == KUBE_FIREWALL);
+        let jumps_of = |out: &mut String, table: &str| {
+            if let Some(present) = jumps {
+                write_missing_jumps(out, table, firewall, present);
+            }
+        };
         let mut out = String::new();
+        if jumps.is_some() {
+            let _ = writeln!(out, "*mangle\n:{KUBE_PROXY_CANARY} - [0:0]\nCOMMIT");
+        }
         out.push_str("*filter\n");
+        if jumps.is_some() {
+            let _ = writeln!(out, ":{KUBE_PROXY_CANARY} - [0:0]");
+        }
         for ((_, chain), _) in self.statics.iter().filter(|((t, _), _)| *t == "filter") {
             let _ = writeln!(out, ":{chain} - [0:0]");
         }
@@ -413,7 +435,11 @@ impl Rendered {
                 let _ = writeln!(out, "-A {chain} {rule}");
             }
         }
+        jumps_of(&mut out, "filter");
         out.push_str("COMMIT\n*nat\n");
+        if jumps.is_some() {
+            let _ = writeln!(out, ":{KUBE_PROXY_CANARY} - [0:0]");
+        }
         for ((_, chain), _) in self.statics.iter().filter(|((t, _), _)| *t == "nat") {
             let _ = writeln!(out, ":{chain} - [0:0]");
         }
@@ -423,12 +449,13 @@ impl Rendered {
                 let _ = writeln!(out, "-A {chain} {rule}");
             }
         }
-        for port in inline {
-            out.push_str(&port.rules);
+        for port in inline.iter_mut() {
+            out.push_str(&std::mem::take(&mut port.rules));
         }
         for chain in &self.stale {
             let _ = writeln!(out, "-X {chain}");
         }
+        jumps_of(&mut out, "nat");
         out.push_str("COMMIT\n");
         inputs.push(out);
         inputs
@@ -543,45 +570,26 @@ pub const JUMPS: [(&str, &str, &str); 12] = [
     ("nat", "POSTROUTING", "-m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING"),
 ];
 
-/// `input` made a full sync's: the canary chains declared in each table (with a `mangle`
-/// section of their own), and `-I <chain> 1 <rule>` for each jump of [`JUMPS`] that
-/// `present(table, chain, target)` does not find, at the end of its table (after the chains
-/// it jumps to exist).
-pub fn for_full_sync(input: &str, present: impl Fn(&str, &str, &str) -> bool) -> String {
-    let mut out = String::with_capacity(input.len() + 4096);
-    let _ = writeln!(out, "*mangle\n:{KUBE_PROXY_CANARY} - [0:0]\nCOMMIT");
-    let firewall = input.contains(&format!(":{KUBE_FIREWALL} - [0:0]"));
+/// `-I <chain> 1 <rule>` for each jump of [`JUMPS`] into `table` (and, with `firewall`, the
+/// jumps to `KUBE-FIREWALL`) that `present(table, chain, target)` does not find; written
+/// last in the table's section, after the chains they jump to exist.
+fn write_missing_jumps(
+    out: &mut String,
+    table: &str,
+    firewall: bool,
+    present: &dyn Fn(&str, &str, &str) -> bool,
+) {
     let firewall_jumps = [
         ("filter", "INPUT", "-j KUBE-FIREWALL"),
         ("filter", "OUTPUT", "-j KUBE-FIREWALL"),
     ];
-    // Each table's section, as is, with the canary declared first and the jumps last.
-    let mut rest = input;
-    while let Some(start) = rest.find('*') {
-        let end = rest[start..]
-            .find("COMMIT\n")
-            .map_or(rest.len(), |at| start + at);
-        let header_end = rest[start..].find('\n').map_or(end, |at| start + at + 1);
-        let header = &rest[start..header_end];
-        let table = if header.trim() == "*filter" {
-            "filter"
-        } else {
-            "nat"
-        };
-        out.push_str(header);
-        let _ = writeln!(out, ":{KUBE_PROXY_CANARY} - [0:0]");
-        out.push_str(&rest[header_end..end]);
-        let extra = firewall_jumps.iter().filter(|_| firewall);
-        for (jump_table, chain, rule) in JUMPS.iter().chain(extra) {
-            let target = rule.rsplit(' ').next().unwrap_or("");
-            if *jump_table == table && !present(table, chain, target) {
-                let _ = writeln!(out, "-I {chain} 1 {rule}");
-            }
+    let extra = firewall_jumps.iter().filter(|_| firewall);
+    for (jump_table, chain, rule) in JUMPS.iter().chain(extra) {
+        let target = rule.rsplit(' ').next().unwrap_or("");
+        if *jump_table == table && !present(table, chain, target) {
+            let _ = writeln!(out, "-I {chain} 1 {rule}");
         }
-        out.push_str("COMMIT\n");
-        rest = &rest[(end + "COMMIT\n".len()).min(rest.len())..];
     }
-    out
 }
 
 /// What a rejected input's message points at: `line N failed` of `input`, the line, and the
