@@ -375,7 +375,7 @@ impl Rendered {
     pub fn full_inputs(
         &mut self,
         stage_chains: Option<usize>,
-        jumps: Option<&dyn Fn(&str, &str, &str) -> bool>,
+        jumps: Option<JumpPresent<'_>>,
     ) -> Vec<String> {
         let mut inputs = Vec::new();
         let limit = stage_chains.unwrap_or(usize::MAX);
@@ -570,15 +570,13 @@ pub const JUMPS: [(&str, &str, &str); 12] = [
     ("nat", "POSTROUTING", "-m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING"),
 ];
 
+/// Whether the kernel has the jump `(table, built-in chain, target)` already.
+pub type JumpPresent<'a> = &'a dyn Fn(&str, &str, &str) -> bool;
+
 /// `-I <chain> 1 <rule>` for each jump of [`JUMPS`] into `table` (and, with `firewall`, the
 /// jumps to `KUBE-FIREWALL`) that `present(table, chain, target)` does not find; written
 /// last in the table's section, after the chains they jump to exist.
-fn write_missing_jumps(
-    out: &mut String,
-    table: &str,
-    firewall: bool,
-    present: &dyn Fn(&str, &str, &str) -> bool,
-) {
+fn write_missing_jumps(out: &mut String, table: &str, firewall: bool, present: JumpPresent<'_>) {
     let firewall_jumps = [
         ("filter", "INPUT", "-j KUBE-FIREWALL"),
         ("filter", "OUTPUT", "-j KUBE-FIREWALL"),
