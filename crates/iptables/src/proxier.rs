@@ -92,6 +92,7 @@ pub struct IptablesProxier<R: Restorer> {
     families: BTreeMap<IpFamily, FamilyState>,
     canary_interval: Duration,
     stage_chains: Option<usize>,
+    nfacct: bool,
     warnings: Vec<String>,
 }
 
@@ -103,6 +104,7 @@ impl<R: Restorer> IptablesProxier<R> {
             families: BTreeMap::new(),
             canary_interval: Duration::from_secs(30),
             stage_chains: None,
+            nfacct: false,
             warnings: Vec::new(),
         }
     }
@@ -120,6 +122,12 @@ impl<R: Restorer> IptablesProxier<R> {
     /// (upstream: every `syncPeriod`).
     pub fn with_canary_interval(mut self, interval: Duration) -> Self {
         self.canary_interval = interval;
+        self
+    }
+
+    /// The nfacct counters exist (the binary created them): rules count packets in them.
+    pub fn with_nfacct_counters(mut self, nfacct: bool) -> Self {
+        self.nfacct = nfacct;
         self
     }
 
@@ -153,7 +161,7 @@ impl<R: Restorer> IptablesProxier<R> {
 
 /// The rendering style for `plan`: large-cluster mode past the threshold, as upstream counts
 /// (every endpoint of every service port).
-fn style_for(plan: &FamilyPlan) -> Style {
+fn style_for(plan: &FamilyPlan, nfacct: bool) -> Style {
     let endpoints: usize = plan
         .services
         .values()
@@ -161,6 +169,7 @@ fn style_for(plan: &FamilyPlan) -> Style {
         .sum();
     Style {
         large_cluster: endpoints > LARGE_CLUSTER_ENDPOINTS,
+        nfacct,
     }
 }
 
@@ -173,7 +182,7 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
         let family = input.family;
         let ctx = FamilyContext::resolve(&self.policy, family, input.node)
             .with_service_cidrs(input.service_cidrs);
-        let style = style_for(input.plan);
+        let style = style_for(input.plan, self.nfacct);
         let state = self.families.entry(family).or_default();
         let mut full = input.full
             || !state.initialized

@@ -180,10 +180,17 @@ pub fn render(
         statics[i].1.push(rule);
     };
     if ctx.drop_invalid {
+        let counter = match style.nfacct {
+            true => format!(
+                " -m nfacct --nfacct-name {}",
+                service::INVALID_DROPPED_COUNTER
+            ),
+            false => String::new(),
+        };
         push(
             "filter",
             KUBE_FORWARD,
-            "-m conntrack --ctstate INVALID -j DROP".into(),
+            format!("-m conntrack --ctstate INVALID{counter} -j DROP"),
         );
     }
     push(

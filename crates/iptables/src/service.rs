@@ -79,7 +79,15 @@ pub struct Style {
     /// Large-cluster mode ([`LARGE_CLUSTER_ENDPOINTS`]): no comment on the endpoint
     /// selection rules and in the `KUBE-SEP` chains.
     pub large_cluster: bool,
+    /// The nfacct counters exist: the INVALID drop and localhost NodePorts count packets
+    /// (`-m nfacct`), as upstream.
+    pub nfacct: bool,
 }
+
+/// The nfacct counter of packets accepted on localhost NodePorts.
+pub const LOCALHOST_NODEPORTS_COUNTER: &str = "localhost_nps_accepted_pkts";
+/// The nfacct counter of packets the INVALID rule drops.
+pub const INVALID_DROPPED_COUNTER: &str = "ct_state_invalid_dropped_pkts";
 
 /// The rules of one service port, in the default style.
 pub fn render(plan: &ServicePortPlan, ctx: &FamilyContext) -> PortRules {
@@ -189,6 +197,15 @@ pub fn render_in(plan: &ServicePortPlan, ctx: &FamilyContext, style: Style) -> P
             ))
         }) {
             if uses_ext_chain {
+                if style.nfacct && ctx.localhost_nodeports {
+                    // Counted separately, as upstream (then the same way as the rule below).
+                    out.nat.push((
+                        KUBE_NODEPORTS.into(),
+                        format!(
+                            "-m comment --comment {name} {proto} -d 127.0.0.0/8 --dport {node_port} -m nfacct --nfacct-name {LOCALHOST_NODEPORTS_COUNTER} -j {ext_chain}"
+                        ),
+                    ));
+                }
                 out.nat.push((
                     KUBE_NODEPORTS.into(),
                     format!(

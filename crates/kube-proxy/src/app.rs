@@ -286,6 +286,10 @@ async fn run(
         registry.register_collector(Box::new(
             crate::telemetry::process_metrics::ProcessCollector,
         ));
+        if settings.mode == ProxyMode::Iptables {
+            registry
+                .register_collector(Box::new(crate::telemetry::nfacct_metrics::NfacctCollector));
+        }
         let server = crate::servers::metrics_server::MetricsServer {
             registry,
             mode: settings.mode.as_str(),
@@ -465,7 +469,8 @@ fn build_dataplane(
                     crate::kernel::iptables_runner::IptablesCommand::new(backend),
                 )
                 .with_canary_interval(settings.sync_period)
-                .with_staged_full_syncs(backend.full_sync_stage_chains()),
+                .with_staged_full_syncs(backend.full_sync_stage_chains())
+                .with_nfacct_counters(crate::kernel::nfacct::ensure_counters()),
             ))
         }
         mode => {

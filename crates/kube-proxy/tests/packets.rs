@@ -220,7 +220,7 @@ fn iptables_localhost_node_ports(mode: Mode) {
         "none",
         &service("none", &format!("  clusterIP: 198.19.0.61\n{PORTS}"), &[]),
     );
-    bed.start_proxy(&[]);
+    bed.start_proxy(&["--metrics-bind-address=127.0.0.1:10249"]);
     let vip = sock("198.19.0.60", 80);
     let mut expected = pods(&["a1", "a2", "b1"]);
     expected.sort();
@@ -242,6 +242,28 @@ fn iptables_localhost_node_ports(mode: Mode) {
     assert_eq!(
         bed.tcp_spread("node", sock("127.0.0.1", 30045), 30).0,
         expected
+    );
+    // Each of those connections was counted by upstream's nfacct counter (the nat rule sees
+    // a connection's first packet). (`iptables-save` prints `--nfacct-name` with two spaces.)
+    let text = metrics_of(&bed);
+    let accepted = metric(
+        &text,
+        "kubeproxy_iptables_localhost_nodeports_accepted_packets_total",
+    );
+    assert!(accepted.is_some_and(|n| n >= 30.0), "{text}");
+    assert!(
+        metric(
+            &text,
+            "kubeproxy_iptables_ct_state_invalid_dropped_packets_total"
+        )
+        .is_some(),
+        "{text}"
+    );
+    assert!(
+        bed.ruleset("ip")
+            .contains("-m nfacct --nfacct-name  ct_state_invalid_dropped_pkts -j DROP"),
+        "{}",
+        bed.ruleset("ip")
     );
     assert_eq!(
         bed.tcp("a1", sock("198.19.0.61", 80), None),

@@ -7,5 +7,6 @@ pub mod host;
 pub mod iptables_backend;
 pub mod iptables_cleanup;
 pub mod iptables_runner;
+pub mod nfacct;
 pub mod nft_runner;
 pub mod node_setup;

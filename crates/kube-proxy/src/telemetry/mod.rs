@@ -3,4 +3,5 @@
 
 pub mod logging;
 pub mod metrics;
+pub mod nfacct_metrics;
 pub mod process_metrics;
