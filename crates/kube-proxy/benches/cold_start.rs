@@ -384,7 +384,8 @@ impl Proxy {
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0)
         };
-        while let Ok((read_at, line)) = self.lines.recv_timeout(Duration::from_secs(120)) {
+        // Long enough for a large cold start on the nf_tables iptables backend.
+        while let Ok((read_at, line)) = self.lines.recv_timeout(Duration::from_secs(900)) {
             let at = read_at - self.started;
             // KP_BENCH_VERBOSE=1: show how each sync went.
             if std::env::var_os("KP_BENCH_VERBOSE").is_some()

@@ -41,6 +41,42 @@ fn unavailable(program: &str, error: std::io::Error) -> RestoreError {
 
 impl Restorer for IptablesCommand {
     fn restore(&mut self, family: IpFamily, input: &str) -> Result<(), RestoreError> {
+        let started = std::time::Instant::now();
+        let result = self.run_restore(family, input);
+        // A large input (a full sync of a large cluster, in stages on the nf_tables
+        // backend) takes seconds: report each, so a long sync shows its progress.
+        let lines = input.bytes().filter(|b| *b == b'\n').count();
+        if lines >= LARGE_INPUT_LINES {
+            tracing::info!(
+                family = %family,
+                lines,
+                elapsed = ?started.elapsed(),
+                ok = result.is_ok(),
+                "Ran iptables-restore"
+            );
+        }
+        result
+    }
+
+    fn save(&mut self, family: IpFamily) -> Result<String, RestoreError> {
+        self.run_save(family)
+    }
+
+    fn chain_exists(
+        &mut self,
+        family: IpFamily,
+        table: &str,
+        chain: &str,
+    ) -> Result<bool, RestoreError> {
+        self.run_chain_exists(family, table, chain)
+    }
+}
+
+/// Inputs of at least this many lines are logged with their duration.
+const LARGE_INPUT_LINES: usize = 10_000;
+
+impl IptablesCommand {
+    fn run_restore(&mut self, family: IpFamily, input: &str) -> Result<(), RestoreError> {
         let program = self.tool(family, "restore");
         let mut child = Command::new(&program)
             .args(["--noflush", "--wait", LOCK_WAIT_SECONDS])
@@ -68,7 +104,7 @@ impl Restorer for IptablesCommand {
         }
     }
 
-    fn save(&mut self, family: IpFamily) -> Result<String, RestoreError> {
+    fn run_save(&mut self, family: IpFamily) -> Result<String, RestoreError> {
         let program = self.tool(family, "save");
         let mut text = String::new();
         for table in ["filter", "nat"] {
@@ -87,7 +123,7 @@ impl Restorer for IptablesCommand {
         Ok(text)
     }
 
-    fn chain_exists(
+    fn run_chain_exists(
         &mut self,
         family: IpFamily,
         table: &str,
