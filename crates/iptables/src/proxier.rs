@@ -58,7 +58,8 @@ pub fn saved_chains(saved: &str, table: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn table_lines<'a>(saved: &'a str, table: &str) -> impl Iterator<Item = &'a str> {
+/// The lines of `table`'s section of an `iptables-save` output or a restore input.
+pub fn table_lines<'a>(saved: &'a str, table: &str) -> impl Iterator<Item = &'a str> {
     let header = format!("*{table}");
     saved
         .lines()

@@ -114,18 +114,9 @@ pub const CANARY_TABLES: [&str; 3] = ["mangle", "nat", "filter"];
 
 /// Rules (`-A`/`-I` lines) an input writes to `table`.
 pub fn rules_written(input: &str, table: &str) -> usize {
-    table_section(input, table)
+    crate::proxier::table_lines(input, table)
         .filter(|l| l.starts_with("-A ") || l.starts_with("-I "))
         .count()
-}
-
-fn table_section<'a>(input: &'a str, table: &str) -> impl Iterator<Item = &'a str> {
-    let header = format!("*{table}");
-    input
-        .lines()
-        .skip_while(move |l| *l != header)
-        .skip(1)
-        .take_while(|l| *l != "COMMIT")
 }
 
 /// The whole input for a full sync. `existing`: the nat chains the kernel has now (from
