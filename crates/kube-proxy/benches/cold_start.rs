@@ -578,9 +578,23 @@ fn change_latencies(
             }
         }
         if let Mode::Iptables(backend) = mode {
+            // The new endpoint's own chain (listing only it: the whole table is 1M+ rules at
+            // 50k Services).
+            let port = kube_proxy_model::ServicePortName::new(
+                "bench",
+                &format!("svc-{i}"),
+                "http",
+                kube_proxy_model::Protocol::Tcp,
+            );
+            let chain =
+                kube_proxy_iptables::names::endpoint_chain(&port, new_ip.parse().unwrap(), 8080);
+            let listed = Command::new(format!("iptables-{backend}"))
+                .args(["-t", "nat", "-S", &chain])
+                .output()
+                .unwrap();
             let rule = format!("-j DNAT --to-destination {new_ip}:8080");
             assert!(
-                saved_rules(backend).contains(&rule),
+                String::from_utf8_lossy(&listed.stdout).contains(&rule),
                 "{rule} not in the kernel"
             );
             continue;
