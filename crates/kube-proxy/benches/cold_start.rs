@@ -647,6 +647,8 @@ fn restore_floor(
 ) -> (Option<Duration>, Duration, usize) {
     let timed = |input: &str| {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("a fresh namespace");
+        // The ruleset counts in upstream's nfacct objects, which must exist first.
+        kube_proxy::kernel::nfacct::ensure_counters();
         let started = Instant::now();
         let mut child = Command::new(format!("iptables-{backend}-restore"))
             .arg("--noflush")
