@@ -1,7 +1,8 @@
-//! The kubeadm-style manifests under deploy/kubeadm: every object decodes as its Kubernetes
+//! What deploy/ ships: the kubeadm-style manifests (every object decodes as its Kubernetes
 //! type with no field the type does not know, the binary accepts the ConfigMap's config.conf
 //! (`--write-config-to` round trip) and kubeconfig.conf, and the DaemonSet runs the binary
-//! with a command line it takes, the config where the ConfigMap is mounted.
+//! with a command line it takes, the config where the ConfigMap is mounted), and the systemd
+//! unit (`systemd-analyze verify`, its command line).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -247,5 +248,70 @@ fn the_daemon_set_runs_the_binary_as_kubeadm_does() {
     );
     let text = std::fs::read_to_string(&written).unwrap();
     assert!(text.contains("hostnameOverride: node-a"), "{text}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+const UNIT: &str = include_str!("../../../deploy/systemd/kube-proxy.service");
+
+/// deploy/systemd/kube-proxy.service passes `systemd-analyze verify` with no warning (with
+/// ExecStart pointed at the built binary, since nothing is installed here), and its command
+/// line is one the binary takes.
+#[test]
+fn the_systemd_unit_verifies() {
+    let analyze = Command::new("systemd-analyze").arg("--version").output();
+    if analyze.is_err() {
+        assert!(
+            std::env::var_os("KP_REQUIRE_NETNS").is_none(),
+            "systemd-analyze is missing (install systemd)"
+        );
+        eprintln!("skipped: no systemd-analyze");
+        return;
+    }
+    let dir = temp_dir("systemd");
+    let binary = env!("CARGO_BIN_EXE_kube-proxy");
+    let unit = dir.join("kube-proxy.service");
+    std::fs::write(&unit, UNIT.replace("/usr/bin/kube-proxy", binary)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+    for needed in [
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "Restart=always",
+        "StandardError=journal",
+    ] {
+        assert!(UNIT.contains(needed), "{needed}");
+    }
+
+    let exec = UNIT
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap();
+    let args: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(args[0], "/usr/bin/kube-proxy");
+    assert_eq!(
+        args[2], "$KUBE_PROXY_ARGS",
+        "flags from /etc/default/kube-proxy"
+    );
+    write_config_map(&dir);
+    let config = args[1].replace("/var/lib/kube-proxy/", &format!("{}/", dir.display()));
+    let out = Command::new(binary)
+        .arg(config)
+        .args(["--hostname-override=node-1", "-v=2"])
+        .arg(format!(
+            "--write-config-to={}",
+            dir.join("written.yaml").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
