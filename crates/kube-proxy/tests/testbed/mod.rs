@@ -761,7 +761,19 @@ fn udp_request(to: SocketAddr, source: Option<IpAddr>) -> Outcome {
 }
 
 fn udp_request_from(to: SocketAddr, bind: SocketAddr) -> Outcome {
-    let socket = UdpSocket::bind(bind).unwrap();
+    // A fixed source port can still be held for a moment by the previous request's socket
+    // (seen once in CI as EADDRINUSE): try again shortly.
+    let mut attempts = 0;
+    let socket = loop {
+        match UdpSocket::bind(bind) {
+            Ok(socket) => break socket,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempts < 40 => {
+                attempts += 1;
+                thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("binding {bind}: {e}"),
+        }
+    };
     socket.set_read_timeout(Some(TIMEOUT)).unwrap();
     if let Err(e) = socket.connect(to) {
         return classify(e);
