@@ -80,6 +80,40 @@ packet_cases!(iptables_legacy: IptablesLegacy =>
     iptables_takeover_canary_mode_switches_and_cleanup,
 );
 
+/// Cases run with the proxy from the container image (`Dockerfile`, built by
+/// scripts/image.sh; `KP_IMAGE` names it), as a DaemonSet runs it: privileged, in the node's
+/// network namespace.
+macro_rules! image_cases {
+    ($modname:ident: $mode:ident => $($case:ident),* $(,)?) => {
+        mod $modname {
+            $(
+                #[test]
+                fn $case() {
+                    if let Some(image) = super::testbed::test_image() {
+                        super::testbed::with_image(&image, || super::$case(super::Mode::$mode));
+                    }
+                }
+            )*
+        }
+    };
+}
+
+image_cases!(image_nftables: Nftables =>
+    cluster_ip_from_pods_node_and_outside,
+    node_port_and_external_ips_with_cluster_policy,
+    client_ip_session_affinity,
+);
+image_cases!(image_iptables_nft: IptablesNft =>
+    cluster_ip_from_pods_node_and_outside,
+    node_port_and_external_ips_with_cluster_policy,
+    iptables_localhost_node_ports,
+);
+image_cases!(image_iptables_legacy: IptablesLegacy =>
+    cluster_ip_from_pods_node_and_outside,
+    external_traffic_policy_local,
+    iptables_localhost_node_ports,
+);
+
 fn pod_ip(name: &str, v6: bool) -> &'static str {
     let pod = PODS.iter().find(|p| p.0 == name).unwrap();
     if v6 {

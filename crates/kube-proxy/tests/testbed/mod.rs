@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
@@ -100,6 +100,35 @@ impl Mode {
     }
 }
 
+thread_local! {
+    /// The container image the beds of this thread run the proxy from (see `with_image`).
+    static IMAGE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `case` with every bed it creates running the proxy from `image` (`podman run` in the
+/// bed's node namespace) instead of the built binary.
+pub fn with_image<T>(image: &str, case: impl FnOnce() -> T) -> T {
+    IMAGE.with(|i| *i.borrow_mut() = Some(image.to_string()));
+    let result = case();
+    IMAGE.with(|i| *i.borrow_mut() = None);
+    result
+}
+
+/// The image the image cases run from: `KP_IMAGE` (set by .ci/run after building it).
+/// Without it they are skipped, unless `KP_REQUIRE_NETNS` says everything must run (CI).
+pub fn test_image() -> Option<String> {
+    match std::env::var("KP_IMAGE") {
+        Ok(image) if !image.is_empty() => Some(image),
+        _ => {
+            assert!(
+                std::env::var_os("KP_REQUIRE_NETNS").is_none(),
+                "KP_IMAGE is not set: build the image with scripts/image.sh first"
+            );
+            None
+        }
+    }
+}
+
 pub struct TestBed {
     pub prefix: String,
     pub manifests: PathBuf,
@@ -110,6 +139,8 @@ pub struct TestBed {
     pub proxy_env: Vec<(String, String)>,
     /// The dataplane of the proxies `start_proxy` starts.
     pub mode: Mode,
+    /// Run the proxy from this container image (`with_image`).
+    pub image: Option<String>,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -197,6 +228,7 @@ impl TestBed {
             namespaces: Vec::new(),
             proxy_env: Vec::new(),
             mode: Mode::Nftables,
+            image: IMAGE.with(|i| i.borrow().clone()),
         };
         bed.build();
         bed
@@ -391,21 +423,52 @@ impl TestBed {
     pub fn start_proxy_with(&mut self, args: &[String]) {
         self.stop_proxy();
         let log = File::create(&self.log).unwrap();
-        let mut all: Vec<String> = vec![
-            "netns".into(),
-            "exec".into(),
-            self.ns("node"),
-            env!("CARGO_BIN_EXE_kube-proxy").into(),
-        ];
-        all.extend(args.iter().cloned());
         let backend = self
             .mode
             .backend()
-            .map(|b| ("KUBE_PROXY_IPTABLES_BACKEND", b));
-        let child = Command::new("ip")
-            .args(&all)
-            .envs(backend)
-            .envs(self.proxy_env.iter().map(|(k, v)| (k, v)))
+            .map(|b| ("KUBE_PROXY_IPTABLES_BACKEND".to_string(), b.to_string()));
+        let env: Vec<(String, String)> = backend
+            .into_iter()
+            .chain(self.proxy_env.iter().cloned())
+            .collect();
+        let mut command = match &self.image {
+            // The image's binary, in the node's namespace, privileged as the DaemonSet runs it;
+            // the manifests mounted where the host has them.
+            Some(image) => {
+                let mut command = Command::new("podman");
+                // scripts/image.sh's settings for this machine (runc, ulimits).
+                let conf = "/var/cache/kube-proxy-rs/image/containers.conf";
+                if std::env::var_os("CONTAINERS_CONF").is_none() && Path::new(conf).exists() {
+                    command.env("CONTAINERS_CONF", conf);
+                }
+                command.args([
+                    "run".to_string(),
+                    "--rm".into(),
+                    "--privileged".into(),
+                    format!("--network=ns:/run/netns/{}", self.ns("node")),
+                    format!(
+                        "--volume={}:{}",
+                        self.manifests.display(),
+                        self.manifests.display()
+                    ),
+                ]);
+                for (key, value) in &env {
+                    command.arg(format!("--env={key}={value}"));
+                }
+                command.arg(image).arg("/usr/local/bin/kube-proxy");
+                command
+            }
+            None => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", &self.ns("node")])
+                    .arg(env!("CARGO_BIN_EXE_kube-proxy"))
+                    .envs(env.iter().map(|(k, v)| (k, v)));
+                command
+            }
+        };
+        let child = command
+            .args(args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
