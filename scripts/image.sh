@@ -60,7 +60,7 @@ cp Dockerfile "$context/"
 cp "$binary" "$context/kube-proxy"
 echo "==> podman build $IMAGE"
 podman build --network=host --build-arg BASE="$BASE" --build-arg BINARY=kube-proxy -t "$IMAGE" "$context" >/dev/null
-elapsed=$(echo "$(date +%s.%N) - $started" | bc 2>/dev/null || echo "?")
+elapsed=$(printf '%.1f' "$(echo "$(date +%s.%N) - $started" | bc)")
 size=$(podman image inspect "$IMAGE" --format '{{.Size}}')
-echo "==> built $IMAGE: $(( size / 1000000 )) MB, in ${elapsed%.*} s (base image included when not cached)"
+echo "==> built $IMAGE: $(( size / 1000000 )) MB, in $elapsed s (the base image included when it was not cached)"
 echo "==> to run the image cases: export KP_IMAGE=$IMAGE CONTAINERS_CONF=$CONTAINERS_CONF"
