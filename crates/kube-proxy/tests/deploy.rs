@@ -315,3 +315,86 @@ fn the_systemd_unit_verifies() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The Debian package (`KP_DEB`, built by scripts/deb.sh in .ci/run), unpacked into a fresh
+/// root: its dependencies, its files, the binary running with the packaged configuration, and
+/// the packaged unit verified against the packaged binary.
+#[test]
+fn the_debian_package_installs_the_binary_unit_and_config() {
+    let deb = match std::env::var("KP_DEB") {
+        Ok(deb) if !deb.is_empty() => deb,
+        _ => {
+            assert!(
+                std::env::var_os("KP_REQUIRE_NETNS").is_none(),
+                "KP_DEB is not set: build the package with scripts/deb.sh first"
+            );
+            return;
+        }
+    };
+    let field = |name: &str| {
+        let out = Command::new("dpkg-deb")
+            .args(["-f", &deb, name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(field("Package"), "kube-proxy-rs");
+    let depends = field("Depends");
+    for needed in ["nftables", "iptables", "conntrack", "iproute2"] {
+        assert!(depends.contains(needed), "{depends}");
+    }
+    let root = temp_dir("deb");
+    let unpacked = Command::new("dpkg")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(unpacked.success());
+    let binary = root.join("usr/bin/kube-proxy");
+    let unit = root.join("lib/systemd/system/kube-proxy.service");
+    let config = root.join("var/lib/kube-proxy/config.conf");
+    assert_eq!(std::fs::read_to_string(&unit).unwrap(), UNIT);
+    let out = Command::new(&binary)
+        .arg(format!("--config={}", config.display()))
+        .arg("--hostname-override=node-1")
+        .arg(format!(
+            "--write-config-to={}",
+            root.join("written.yaml").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written = std::fs::read_to_string(root.join("written.yaml")).unwrap();
+    assert!(
+        written.contains("kubeconfig: /var/lib/kube-proxy/kubeconfig.conf"),
+        "{written}"
+    );
+    let checked = root.join("check.service");
+    std::fs::write(
+        &checked,
+        UNIT.replace("/usr/bin/kube-proxy", &binary.display().to_string()),
+    )
+    .unwrap();
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&checked)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(root);
+}
