@@ -485,7 +485,13 @@ fn external_traffic_policy_local(mode: Mode) {
     bed.write_manifest("lb", &service("lb", &spec("198.51.100.40"), &["b1"]));
     // Wait on the kernel state: sampling connections could see only b1 by chance too early.
     match mode.is_iptables() {
-        true => bed.wait_for_rules("ip", "t/lb:p has no local endpoints"),
+        true => {
+            // iptables-restore commits filter, then nat: wait for both.
+            bed.wait_for_rules("ip", "t/lb:p has no local endpoints");
+            bed.eventually("a1's endpoint chain gone", || {
+                !bed.ruleset("ip").contains("198.18.1.2:8080")
+            });
+        }
         false => bed.wait_for_element("ip", "no-endpoint-drop", "198.51.100.40 . tcp . 80"),
     }
     assert_eq!(
