@@ -318,7 +318,8 @@ fn the_systemd_unit_verifies() {
 
 /// The Debian package (`KP_DEB`, built by scripts/deb.sh in .ci/run), unpacked into a fresh
 /// root: its dependencies, its files, the binary running with the packaged configuration, and
-/// the packaged unit verified against the packaged binary.
+/// the packaged unit verified against the packaged binary; then installed with `dpkg -i` on
+/// the machine (only CI sets `KP_DEB`) and purged.
 #[test]
 fn the_debian_package_installs_the_binary_unit_and_config() {
     let deb = match std::env::var("KP_DEB") {
@@ -397,4 +398,27 @@ fn the_debian_package_installs_the_binary_unit_and_config() {
         );
     }
     let _ = std::fs::remove_dir_all(root);
+
+    // And installed for real with dpkg (CI's machine has the dependencies), then purged.
+    let dpkg = |args: &[&str]| {
+        let out = Command::new("dpkg").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "dpkg {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    dpkg(&["-i", &deb]);
+    let status = dpkg(&["-s", "kube-proxy-rs"]);
+    assert!(status.contains("Status: install ok installed"), "{status}");
+    let version = Command::new("/usr/bin/kube-proxy")
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).contains("kube-proxy-rs"));
+    assert!(Path::new("/lib/systemd/system/kube-proxy.service").exists());
+    assert!(Path::new("/var/lib/kube-proxy/config.conf").exists());
+    dpkg(&["--purge", "kube-proxy-rs"]);
+    assert!(!Path::new("/usr/bin/kube-proxy").exists());
 }
