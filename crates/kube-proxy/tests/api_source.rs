@@ -250,3 +250,51 @@ async fn service_cidrs_are_listed_when_served() {
         source.abort();
     }
 }
+
+/// An API server that answers the watch request itself with HTTP 410 (after an outage, the
+/// version the watch resumes from is too old): the source relists at once instead of
+/// retrying the watch from that version with a growing backoff, which never recovers.
+#[tokio::test]
+async fn a_watch_answered_410_relists_at_once() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    {
+        let mut f = fake.lock().unwrap();
+        f.nodes = vec![
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "resourceVersion": "7"}}),
+        ];
+        f.service_lists
+            .push_back(("10".into(), vec![service("a", "198.19.0.1", "10")]));
+        f.service_watches.push_back(WatchReply::HttpGone);
+        f.service_lists.push_back((
+            "20".into(),
+            vec![
+                service("a", "198.19.0.1", "10"),
+                service("c", "198.19.0.3", "19"),
+            ],
+        ));
+    }
+    let url = serve(fake.clone()).await;
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let source = tokio::spawn(api::run(client, "node-a".into(), tx));
+    let mut seen = Vec::new();
+    match next_service_event(&mut rx, &mut seen).await {
+        ObjectEvent::Replace(list) => assert_eq!(names(&list), vec!["a"]),
+        other => panic!("expected the initial list, got {}", other.describe()),
+    }
+    match next_service_event(&mut rx, &mut seen).await {
+        ObjectEvent::Replace(list) => assert_eq!(names(&list), vec!["a", "c"], "relisted"),
+        other => panic!("expected a relist, got {}", other.describe()),
+    }
+    let requests = fake.lock().unwrap().requests.clone();
+    let watches = requests
+        .iter()
+        .filter(|r| r.starts_with("/api/v1/services?") && r.contains("watch=true"))
+        .take_while(|r| r.contains("resourceVersion=10"))
+        .count();
+    assert_eq!(
+        watches, 1,
+        "no retry from the expired version: {requests:#?}"
+    );
+    source.abort();
+}

@@ -150,6 +150,17 @@ enum ListWatchError {
     Closed,
 }
 
+impl ListWatchError {
+    /// `410 Gone`/`Expired`: the requested version is no longer in the server's history.
+    fn is_gone(&self) -> bool {
+        match self {
+            ListWatchError::Request(kube::Error::Api(status)) => status.code == 410,
+            ListWatchError::Status { status, .. } => *status == 410,
+            _ => false,
+        }
+    }
+}
+
 /// Exponential backoff, as kube's and client-go's reflectors: 0.8 s doubling to 30 s.
 struct Backoff {
     next: Duration,
@@ -234,6 +245,9 @@ async fn list_watch<K>(
                     backoff.reset();
                 }
                 Ok(WatchEnd::Gone) => continue 'list,
+                // The same answered to the watch request itself: relist at once, not after a
+                // backoff (and never retry the watch from a version the server no longer has).
+                Err(error) if error.is_gone() => continue 'list,
                 Err(ListWatchError::Closed) => return,
                 Err(error) => {
                     warn!(kind = what, error = %error, retry_in = ?backoff.next, "Watch failed; resuming with backoff");

@@ -30,6 +30,9 @@ pub enum WatchReply {
     Events(Vec<Value>),
     /// Keep the watch open forever.
     Hang,
+    /// Answer the watch request itself with HTTP 410 (the version is too old), as an API
+    /// server does when it no longer has it.
+    HttpGone,
 }
 
 enum ReplyKind {
@@ -98,7 +101,9 @@ fn streaming(fake: &Arc<Mutex<Fake>>, path: &str, reply: WatchReply) -> Body {
         _ => ReplyKind::End,
     };
     match reply {
-        WatchReply::Hang => fake.lock().unwrap().hanging.push((path.to_string(), tx)),
+        WatchReply::Hang | WatchReply::HttpGone => {
+            fake.lock().unwrap().hanging.push((path.to_string(), tx))
+        }
         WatchReply::Events(events) | WatchReply::EventsThenCut(events) => {
             let cut = matches!(reply_kind, ReplyKind::Cut);
             tokio::spawn(async move {
@@ -206,6 +211,15 @@ async fn handle(
                 .service_watches
                 .pop_front()
                 .unwrap_or(WatchReply::Hang);
+            if matches!(reply, WatchReply::HttpGone) {
+                let mut resp = Response::new(body_of(
+                    &json!({"kind": "Status", "apiVersion": "v1",
+                    "metadata": {}, "status": "Failure", "message": "too old resource version: 10 (15)",
+                    "reason": "Expired", "code": 410}),
+                ));
+                *resp.status_mut() = hyper::StatusCode::GONE;
+                return Ok(resp);
+            }
             streaming(&fake, &path, reply)
         }
         ("/apis/discovery.k8s.io/v1/endpointslices", false) => {
