@@ -1,7 +1,8 @@
-//! The iptables dataplane: renders each sync as one `iptables-restore --noflush` input per
-//! family and keeps the bookkeeping of what was applied (which chains each service port has),
-//! so a partial sync writes the static chains and the changed ports' chains only, as
-//! upstream's MinimizeIPTablesRestore does.
+//! The iptables dataplane: renders each sync as `iptables-restore --noflush` input per family
+//! and keeps the bookkeeping of what was applied (each service port's chains and its rules in
+//! the static chains), so a partial sync writes the changed ports' chains and only the
+//! changed rules of the static chains (less than upstream's MinimizeIPTablesRestore, which
+//! rewrites the static chains every time).
 //!
 //! Pure: a [`Restorer`] runs the tools (the binary's, or a fake in tests).
 
@@ -78,7 +79,8 @@ pub fn saved_jump(saved: &str, table: &str, chain: &str, target: &str) -> bool {
 
 #[derive(Default)]
 struct FamilyState {
-    initialized: bool,
+    /// The context of the last successful sync (`None`: nothing applied yet, or the kernel's
+    /// state is unknown after a failure; either way the next sync is full).
     ctx: Option<FamilyContext>,
     style: Style,
     /// What each service port has in the kernel (its chains, its rules in the static ones).
@@ -185,10 +187,7 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
             .with_service_cidrs(input.service_cidrs);
         let style = style_for(input.plan, self.nfacct);
         let state = self.families.entry(family).or_default();
-        let mut full = input.full
-            || !state.initialized
-            || state.ctx.as_ref() != Some(&ctx)
-            || state.style != style;
+        let mut full = input.full || state.ctx.as_ref() != Some(&ctx) || state.style != style;
         let failed = |error: RestoreError, partial: bool| SyncError {
             family,
             kind: match error {
@@ -263,7 +262,6 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
         }
         state.ctx = Some(ctx);
         state.style = style;
-        state.initialized = true;
         if full {
             state.canary_seen = Some(Instant::now());
         }

@@ -1,7 +1,9 @@
-//! A full `iptables-restore --noflush` input for one family: the static chains with their
-//! rules, every service port's rules, the last rule of `KUBE-SERVICES`, and the deletion of
-//! chains no port needs any more. Declaring a chain (`:NAME - [0:0]`) empties it, so the
-//! input replaces exactly the chains it names and nothing else in the tables.
+//! The `iptables-restore --noflush` inputs of one family: a full sync's (the static chains with
+//! their rules, every service port's chains, the last rule of `KUBE-SERVICES`, the deletion
+//! of chains no port needs any more; in stages on the nf_tables backend) and a partial sync's
+//! (the changed ports' chains and the changed rules of the static chains). Declaring a chain
+//! (`:NAME - [0:0]`) empties it, so an input replaces exactly the chains it names and nothing
+//! else in the tables.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;

@@ -31,6 +31,34 @@ impl IptablesCommand {
         };
         self.backend.tool(base, what)
     }
+
+    fn run_restore(&mut self, family: IpFamily, input: &str) -> Result<(), RestoreError> {
+        let program = self.tool(family, "restore");
+        let mut child = Command::new(&program)
+            .args(["--noflush", "--wait", LOCK_WAIT_SECONDS])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| unavailable(&program, e))?;
+        let written = child
+            .stdin
+            .take()
+            .map(|mut stdin| stdin.write_all(input.as_bytes()));
+        let output = child
+            .wait_with_output()
+            .map_err(|e| unavailable(&program, e))?;
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        match output.status.code() {
+            Some(0) => match written {
+                Some(Err(e)) => Err(unavailable(&program, e)),
+                _ => Ok(()),
+            },
+            // RESOURCE_PROBLEM: another program held the xtables lock.
+            Some(4) => Err(RestoreError::Busy(format!("{program}: {stderr}"))),
+            _ => Err(RestoreError::Rejected(format!("{program}: {stderr}"))),
+        }
+    }
 }
 
 fn unavailable(program: &str, error: std::io::Error) -> RestoreError {
@@ -59,52 +87,6 @@ impl Restorer for IptablesCommand {
     }
 
     fn save(&mut self, family: IpFamily) -> Result<String, RestoreError> {
-        self.run_save(family)
-    }
-
-    fn chain_exists(
-        &mut self,
-        family: IpFamily,
-        table: &str,
-        chain: &str,
-    ) -> Result<bool, RestoreError> {
-        self.run_chain_exists(family, table, chain)
-    }
-}
-
-/// Inputs of at least this many lines are logged with their duration.
-const LARGE_INPUT_LINES: usize = 10_000;
-
-impl IptablesCommand {
-    fn run_restore(&mut self, family: IpFamily, input: &str) -> Result<(), RestoreError> {
-        let program = self.tool(family, "restore");
-        let mut child = Command::new(&program)
-            .args(["--noflush", "--wait", LOCK_WAIT_SECONDS])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| unavailable(&program, e))?;
-        let written = child
-            .stdin
-            .take()
-            .map(|mut stdin| stdin.write_all(input.as_bytes()));
-        let output = child
-            .wait_with_output()
-            .map_err(|e| unavailable(&program, e))?;
-        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
-        match output.status.code() {
-            Some(0) => match written {
-                Some(Err(e)) => Err(unavailable(&program, e)),
-                _ => Ok(()),
-            },
-            // RESOURCE_PROBLEM: another program held the xtables lock.
-            Some(4) => Err(RestoreError::Busy(format!("{program}: {stderr}"))),
-            _ => Err(RestoreError::Rejected(format!("{program}: {stderr}"))),
-        }
-    }
-
-    fn run_save(&mut self, family: IpFamily) -> Result<String, RestoreError> {
         let program = self.tool(family, "save");
         let mut text = String::new();
         for table in ["filter", "nat"] {
@@ -123,7 +105,7 @@ impl IptablesCommand {
         Ok(text)
     }
 
-    fn run_chain_exists(
+    fn chain_exists(
         &mut self,
         family: IpFamily,
         table: &str,
@@ -151,6 +133,9 @@ impl IptablesCommand {
         }
     }
 }
+
+/// Inputs of at least this many lines are logged with their duration.
+const LARGE_INPUT_LINES: usize = 10_000;
 
 /// Prints each restore input to stdout instead of applying it (`--dry-run`; needs no root).
 /// It cannot read the kernel: every full sync writes everything.
