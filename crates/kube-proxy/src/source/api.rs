@@ -14,8 +14,18 @@
 //! a relist, streamed as `ListStart`, `Listed`..., `ListDone`, so the receiver never applies a
 //! half-listed kind and deletes what the relist no longer has. Errors back off exponentially
 //! from 0.8 s to 30 s. Each of these is logged.
+//!
+//! A backoff must not hold the proxy back once an API server that was unreachable answers
+//! again (after an outage the watches would otherwise wait up to 30 s more, then meet
+//! `410 Expired` and relist). So while a kind waits after a *connection* failure, one probe
+//! shared by all kinds ([`Reachability`]) asks `/readyz` every 0.3-0.6 s (jittered, so nodes do
+//! not probe in step); a refused connection costs the server nothing. The first answer of
+//! any HTTP status ends every such wait at once. Failures the server itself answered (5xx,
+//! 429, ...) keep the plain backoff: there the server is up and asks to be left alone.
 
 use std::fmt::Debug;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -85,6 +95,7 @@ pub async fn client(settings: &ClientSettings) -> anyhow::Result<Client> {
 
 /// Runs the four list+watch loops until the receiver is gone.
 pub async fn run(client: Client, node_name: String, tx: EventSender) {
+    let reachability = Reachability::new(client.clone());
     let labels = Selection {
         labels: Some(PROXY_LABEL_SELECTOR.into()),
         fields: None,
@@ -94,6 +105,7 @@ pub async fn run(client: Client, node_name: String, tx: EventSender) {
             client.clone(),
             labels.clone(),
             "Services",
+            reachability.clone(),
             tx.clone(),
             SourceEvent::Services,
         )),
@@ -101,6 +113,7 @@ pub async fn run(client: Client, node_name: String, tx: EventSender) {
             client.clone(),
             labels,
             "EndpointSlices",
+            reachability.clone(),
             tx.clone(),
             SourceEvent::EndpointSlices,
         )),
@@ -111,6 +124,7 @@ pub async fn run(client: Client, node_name: String, tx: EventSender) {
                 fields: Some(format!("metadata.name={node_name}")),
             },
             "Node",
+            reachability.clone(),
             tx.clone(),
             SourceEvent::Node,
         )),
@@ -118,6 +132,7 @@ pub async fn run(client: Client, node_name: String, tx: EventSender) {
             client,
             Selection::default(),
             "ServiceCIDRs",
+            reachability.clone(),
             tx,
             SourceEvent::ServiceCidrs,
         )),
@@ -151,6 +166,17 @@ enum ListWatchError {
 }
 
 impl ListWatchError {
+    /// The API server was not reached or the connection broke: no HTTP answer came.
+    fn is_unreachable(&self) -> bool {
+        match self {
+            ListWatchError::Request(kube::Error::Api(_)) => false,
+            ListWatchError::Request(_) | ListWatchError::Body(_) => true,
+            ListWatchError::Status { .. }
+            | ListWatchError::Malformed(_)
+            | ListWatchError::Closed => false,
+        }
+    }
+
     /// `410 Gone`/`Expired`: the requested version is no longer in the server's history.
     fn is_gone(&self) -> bool {
         match self {
@@ -176,16 +202,105 @@ impl Backoff {
     fn reset(&mut self) {
         self.next = Self::FIRST;
     }
-    async fn wait(&mut self) {
-        tokio::time::sleep(self.next).await;
+    /// Waits out the backoff; after a connection failure the wait also ends as soon as the
+    /// API server answers again.
+    async fn wait(&mut self, error: &ListWatchError, reachability: &Arc<Reachability>) {
+        let sleep = tokio::time::sleep(self.next);
         self.next = (self.next * 2).min(Self::MAX);
+        if error.is_unreachable() {
+            tokio::select! {
+                _ = sleep => {}
+                _ = reachability.answering() => {
+                    info!("The API server answers again; resuming at once instead of waiting out the backoff");
+                    self.reset();
+                }
+            }
+        } else {
+            sleep.await;
+        }
     }
+}
+
+/// One probe of the API server shared by every kind that waits after a connection failure.
+pub(crate) struct Reachability {
+    client: Client,
+    /// Bumped each time a probe is answered.
+    answered: tokio::sync::watch::Sender<u64>,
+    probing: AtomicBool,
+}
+
+impl Reachability {
+    /// A probe's interval is `PROBE_EVERY` plus up to as much again of jitter.
+    const PROBE_EVERY: Duration = Duration::from_millis(300);
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+    pub(crate) fn new(client: Client) -> Arc<Self> {
+        Arc::new(Reachability {
+            client,
+            answered: tokio::sync::watch::channel(0).0,
+            probing: AtomicBool::new(false),
+        })
+    }
+
+    /// Returns once the API server answers a probe (started now, or already running).
+    async fn answering(self: &Arc<Self>) {
+        let mut answered = self.answered.subscribe();
+        answered.borrow_and_update();
+        if !self.probing.swap(true, Ordering::AcqRel) {
+            let this = self.clone();
+            tokio::spawn(async move { this.probe_until_answered().await });
+        }
+        let _ = answered.changed().await;
+    }
+
+    async fn probe_until_answered(&self) {
+        let mut probes = 0u64;
+        loop {
+            tokio::time::sleep(Self::PROBE_EVERY + jitter(Self::PROBE_EVERY)).await;
+            probes += 1;
+            let request = hyper::Request::get("/readyz")
+                .body(Vec::new())
+                .expect("a static request");
+            match tokio::time::timeout(
+                Self::PROBE_TIMEOUT,
+                self.client.send(request.map(kube::client::Body::from)),
+            )
+            .await
+            {
+                Ok(Ok(response)) => {
+                    debug!(status = %response.status(), probes, "The API server answered a probe");
+                    self.probing.store(false, Ordering::Release);
+                    self.answered.send_modify(|n| *n += 1);
+                    return;
+                }
+                Ok(Err(error)) => {
+                    debug!(error = %error, probes, "The API server is still unreachable")
+                }
+                Err(_) => debug!(probes, "A probe of the API server timed out"),
+            }
+            if self.answered.receiver_count() == 0 {
+                // Nobody waits any more (each wait's backoff ran out first).
+                self.probing.store(false, Ordering::Release);
+                return;
+            }
+        }
+    }
+}
+
+/// A random duration below `max`: each `RandomState` is keyed afresh from the process's
+/// random seed, so the hash of nothing is a random number (no random crate needed).
+fn jitter(max: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let fraction = (hasher.finish() % 1000) as u32;
+    max * fraction / 1000
 }
 
 async fn list_watch<K>(
     client: Client,
     selection: Selection,
     what: &'static str,
+    reachability: Arc<Reachability>,
     tx: EventSender,
     wrap: fn(ObjectEvent<K>) -> SourceEvent,
 ) where
@@ -233,7 +348,7 @@ async fn list_watch<K>(
             Err(error) => {
                 warn!(kind = what, error = %error, retry_in = ?backoff.next, "List failed; retrying with backoff");
                 failing = true;
-                backoff.wait().await;
+                backoff.wait(&error, &reachability).await;
                 continue 'list;
             }
         };
@@ -251,7 +366,7 @@ async fn list_watch<K>(
                 Err(ListWatchError::Closed) => return,
                 Err(error) => {
                     warn!(kind = what, error = %error, retry_in = ?backoff.next, "Watch failed; resuming with backoff");
-                    backoff.wait().await;
+                    backoff.wait(&error, &reachability).await;
                 }
             }
         }

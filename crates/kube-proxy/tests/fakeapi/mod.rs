@@ -60,6 +60,11 @@ pub struct Fake {
     pub prepared: std::collections::HashMap<String, Bytes>,
     /// Delay before answering Node lists (a Node that shows up after the other kinds).
     pub node_delay: Option<Duration>,
+    /// Watches from a resourceVersion below this are answered `410 Expired`, as an API
+    /// server answers them after a restart (its watch cache starts at the current version).
+    pub expired_below: u64,
+    /// The resourceVersion of EndpointSlice, Node and ServiceCIDR lists (default 5, 7, 3).
+    pub list_version: Option<String>,
     /// Open watches that wait for events: (path, sender).
     hanging: Vec<(String, BodySender)>,
 }
@@ -143,6 +148,14 @@ async fn handle(
         .requests
         .push(format!("{path}?{query}"));
     let watching = query.split('&').any(|kv| kv == "watch=true");
+    let watch_version = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("resourceVersion="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(u64::MAX);
+    if watching && watch_version < fake.lock().unwrap().expired_below {
+        return Ok(gone());
+    }
     if req.method() == hyper::Method::POST {
         let bytes = req
             .into_body()
@@ -184,8 +197,13 @@ async fn handle(
     let body = match (path.as_str(), watching) {
         ("/apis/networking.k8s.io/v1/servicecidrs", false) => {
             let cidrs = fake.lock().unwrap().service_cidrs.clone();
+            let rv = fake.lock().unwrap().list_version.clone();
             match cidrs {
-                Some(items) => body_of(&list("ServiceCIDRList", "3", items)),
+                Some(items) => body_of(&list(
+                    "ServiceCIDRList",
+                    rv.as_deref().unwrap_or("3"),
+                    items,
+                )),
                 None => {
                     let mut resp = Response::new(body_of(
                         &json!({"kind": "Status", "code": 404, "message": "the server could not find the requested resource"}),
@@ -212,23 +230,27 @@ async fn handle(
                 .pop_front()
                 .unwrap_or(WatchReply::Hang);
             if matches!(reply, WatchReply::HttpGone) {
-                let mut resp = Response::new(body_of(
-                    &json!({"kind": "Status", "apiVersion": "v1",
-                    "metadata": {}, "status": "Failure", "message": "too old resource version: 10 (15)",
-                    "reason": "Expired", "code": 410}),
-                ));
-                *resp.status_mut() = hyper::StatusCode::GONE;
-                return Ok(resp);
+                return Ok(gone());
             }
             streaming(&fake, &path, reply)
         }
         ("/apis/discovery.k8s.io/v1/endpointslices", false) => {
-            let items = fake.lock().unwrap().slices.clone();
-            body_of(&list("EndpointSliceList", "5", items))
+            let (items, rv) = {
+                let f = fake.lock().unwrap();
+                (f.slices.clone(), f.list_version.clone())
+            };
+            body_of(&list(
+                "EndpointSliceList",
+                rv.as_deref().unwrap_or("5"),
+                items,
+            ))
         }
         ("/api/v1/nodes", false) => {
-            let items = fake.lock().unwrap().nodes.clone();
-            body_of(&list("NodeList", "7", items))
+            let (items, rv) = {
+                let f = fake.lock().unwrap();
+                (f.nodes.clone(), f.list_version.clone())
+            };
+            body_of(&list("NodeList", rv.as_deref().unwrap_or("7"), items))
         }
         (_, true) => streaming(&fake, &path, WatchReply::Hang),
         _ => {
@@ -241,6 +263,67 @@ async fn handle(
     resp.headers_mut()
         .insert("content-type", "application/json".parse().unwrap());
     Ok(resp)
+}
+
+/// `410 Expired` for a watch from a version the server no longer has.
+fn gone() -> Response<Body> {
+    let mut resp = Response::new(body_of(&json!({"kind": "Status", "apiVersion": "v1",
+        "metadata": {}, "status": "Failure", "message": "too old resource version: 10 (15)",
+        "reason": "Expired", "code": 410})));
+    *resp.status_mut() = hyper::StatusCode::GONE;
+    resp
+}
+
+/// A server that can be stopped as an API server goes down: the listening socket closes
+/// (new connections are refused) and every open connection, watches included, is cut.
+pub struct Server {
+    pub url: String,
+    accept: tokio::task::JoinHandle<()>,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Server {
+    pub fn stop(&self) {
+        self.accept.abort();
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Serves on an already bound listener until the returned server is stopped.
+pub fn serve_stoppable(fake: Arc<Mutex<Fake>>, listener: std::net::TcpListener) -> Server {
+    listener.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
+    let tracked = connections.clone();
+    let accept = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let fake = fake.clone();
+            let task = tokio::spawn(async move {
+                let service = service_fn(move |req| handle(fake.clone(), req));
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+            tracked.lock().unwrap().push(task.abort_handle());
+        }
+    });
+    Server {
+        url: format!("http://{addr}"),
+        accept,
+        connections,
+    }
 }
 
 /// Serves on 127.0.0.1 (an ephemeral port); returns the URL.
