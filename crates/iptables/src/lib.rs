@@ -9,6 +9,7 @@
 //! restore inputs (`restore`), and the dataplane with its bookkeeping (`proxier`), proven
 //! against an in-memory iptables (`fake`). The binary runs it for `--proxy-mode iptables`.
 
+pub mod explain;
 pub mod fake;
 pub mod names;
 pub mod probability;

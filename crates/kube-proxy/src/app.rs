@@ -20,6 +20,9 @@ use crate::sync::scheduler::SchedulerConfig;
 use crate::sync::sync_status::SharedSyncStatus;
 
 pub fn main(args: Vec<OsString>) -> ExitCode {
+    if args.get(1).is_some_and(|a| a == "explain") {
+        return crate::explain::main(&args[2..]);
+    }
     let flags = match Flags::try_parse_from(args) {
         Ok(flags) => flags,
         Err(e) => {
@@ -192,7 +195,7 @@ fn remove_nft_tables() -> bool {
 }
 
 /// Reads `--config` (if any) and builds the validated configuration.
-fn load_config(flags: &Flags) -> Result<EffectiveConfig, String> {
+pub(crate) fn load_config(flags: &Flags) -> Result<EffectiveConfig, String> {
     let text = match &flags.config {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -400,13 +403,7 @@ fn build_dataplane(
     }
     match settings.mode {
         ProxyMode::Nftables => {
-            let config = kube_proxy_nftables::NftConfig {
-                masquerade_bit: settings.masquerade_bit,
-                masquerade_all: settings.masquerade_all,
-                detect_local: settings.detect_local.clone(),
-                node_port_addresses: settings.node_port_addresses.clone(),
-                staged_build_above: staged_build_above(),
-            };
+            let config = nftables_config(settings);
             let clock: kube_proxy_nftables::Clock = Box::new(std::time::Instant::now);
             if flags.dry_run == Some(true) {
                 info!("--dry-run: printing nft transactions instead of applying them");
@@ -431,19 +428,7 @@ fn build_dataplane(
             )))
         }
         ProxyMode::Iptables => {
-            let policy = kube_proxy_model::context::ProxyPolicy {
-                masquerade_bit: settings.masquerade_bit,
-                masquerade_all: settings.masquerade_all,
-                detect_local: settings.detect_local.clone(),
-                node_port_addresses: settings.node_port_addresses.clone(),
-                localhost_node_ports: settings.localhost_node_ports,
-                // As upstream: read once, after the sysctls were set at start.
-                drop_invalid: crate::kernel::node_setup::read_value(
-                    "net/netfilter/nf_conntrack_tcp_be_liberal",
-                )
-                .unwrap_or(0)
-                    == 0,
-            };
+            let policy = iptables_policy(settings);
             if flags.dry_run == Some(true) {
                 info!("--dry-run: printing iptables-restore inputs instead of applying them");
                 return Ok(Box::new(
@@ -483,6 +468,38 @@ fn build_dataplane(
                 Box::new(std::io::stdout()),
             )))
         }
+    }
+}
+
+/// The nftables dataplane's settings from the configuration.
+pub(crate) fn nftables_config(
+    settings: &kube_proxy_config::ProxyConfig,
+) -> kube_proxy_nftables::NftConfig {
+    kube_proxy_nftables::NftConfig {
+        masquerade_bit: settings.masquerade_bit,
+        masquerade_all: settings.masquerade_all,
+        detect_local: settings.detect_local.clone(),
+        node_port_addresses: settings.node_port_addresses.clone(),
+        staged_build_above: staged_build_above(),
+    }
+}
+
+/// The iptables dataplane's policy from the configuration and the node's conntrack setting.
+pub(crate) fn iptables_policy(
+    settings: &kube_proxy_config::ProxyConfig,
+) -> kube_proxy_model::context::ProxyPolicy {
+    kube_proxy_model::context::ProxyPolicy {
+        masquerade_bit: settings.masquerade_bit,
+        masquerade_all: settings.masquerade_all,
+        detect_local: settings.detect_local.clone(),
+        node_port_addresses: settings.node_port_addresses.clone(),
+        localhost_node_ports: settings.localhost_node_ports,
+        // As upstream: read once, after the sysctls were set at start.
+        drop_invalid: crate::kernel::node_setup::read_value(
+            "net/netfilter/nf_conntrack_tcp_be_liberal",
+        )
+        .unwrap_or(0)
+            == 0,
     }
 }
 

@@ -9,6 +9,7 @@ pub mod conntrack;
 pub mod context;
 pub mod dataplane;
 pub mod endpoints;
+pub mod explain;
 pub mod frontends;
 pub mod names;
 pub mod node;

@@ -8,6 +8,7 @@
 pub mod context;
 pub mod contribution;
 pub mod elements;
+pub mod explain;
 pub mod fake;
 pub mod kernel;
 pub mod names;

@@ -13,6 +13,8 @@
 
 #![allow(dead_code)]
 
+mod explained;
+
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -141,6 +143,10 @@ pub struct TestBed {
     pub mode: Mode,
     /// Run the proxy from this container image (`with_image`).
     pub image: Option<String>,
+    /// The flags of the proxy last started (explain is asked with the same).
+    proxy_args: Vec<String>,
+    /// explain's answers for the connections made, and how many agreed.
+    explained: std::cell::RefCell<explained::ExplainLog>,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -229,6 +235,8 @@ impl TestBed {
             proxy_env: Vec::new(),
             mode: Mode::Nftables,
             image: IMAGE.with(|i| i.borrow().clone()),
+            proxy_args: Vec::new(),
+            explained: Default::default(),
         };
         bed.build();
         bed
@@ -422,6 +430,7 @@ impl TestBed {
     /// Starts kube-proxy in node-a with exactly `args` and waits for its first sync.
     pub fn start_proxy_with(&mut self, args: &[String]) {
         self.stop_proxy();
+        self.proxy_args = args.to_vec();
         let log = File::create(&self.log).unwrap();
         let backend = self
             .mode
@@ -561,12 +570,20 @@ impl TestBed {
     /// One TCP connection from namespace `from` (a role such as "client", "node" or a pod).
     pub fn tcp(&self, from: &str, to: SocketAddr, source: Option<IpAddr>) -> Outcome {
         let ns = self.ns(from);
-        in_netns(&ns, move || tcp_request(to, source))
+        let outcome = in_netns(&ns, move || tcp_request(to, source));
+        self.agree_with_explain(from, to, source, "tcp", &outcome, || {
+            in_netns(&ns, move || tcp_request(to, source))
+        });
+        outcome
     }
 
     pub fn udp(&self, from: &str, to: SocketAddr, source: Option<IpAddr>) -> Outcome {
         let ns = self.ns(from);
-        in_netns(&ns, move || udp_request(to, source))
+        let outcome = in_netns(&ns, move || udp_request(to, source));
+        self.agree_with_explain(from, to, source, "udp", &outcome, || {
+            in_netns(&ns, move || udp_request(to, source))
+        });
+        outcome
     }
 
     /// One UDP request from a fixed source port, so that every request belongs to the same
@@ -614,6 +631,14 @@ fn spread(outcomes: Vec<Outcome>) -> (Vec<String>, Vec<IpAddr>) {
 
 impl Drop for TestBed {
     fn drop(&mut self) {
+        let explained = self.explained.borrow();
+        if explained.agreed + explained.skipped_catching_up > 0 {
+            println!(
+                "{}: explain agreed with {} connections ({} looked at while the kernel was catching up)",
+                self.prefix, explained.agreed, explained.skipped_catching_up
+            );
+        }
+        drop(explained);
         // KP_KEEP_NETNS=1 leaves the namespaces and the proxy for inspection by hand.
         if std::env::var("KP_KEEP_NETNS").as_deref() == Ok("1") {
             eprintln!(

@@ -1,0 +1,99 @@
+//! A dataplane that programs nothing: at its first sync of the packet's family it reads the
+//! plan it is handed (the same plan, node view and ServiceCIDRs the kernel dataplanes get)
+//! back for one packet, and lists the kernel objects the active mode renders for it.
+
+use std::sync::{Arc, Mutex};
+
+use kube_proxy_model::context::{FamilyContext, ProxyPolicy};
+use kube_proxy_model::dataplane::{Dataplane, SyncError, SyncInput, SyncReport};
+use kube_proxy_model::explain::{explain, Explanation, Packet, SourceHints, UnmatchedRules};
+
+/// The kernel objects of the packet's path, per mode.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(tag = "mode", content = "objects", rename_all = "kebab-case")]
+pub enum Objects {
+    Nftables(Vec<kube_proxy_nftables::explain::Object>),
+    Iptables(Vec<kube_proxy_iptables::explain::Rule>),
+}
+
+/// What explain found, before the kernel is checked.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Found {
+    pub explanation: Explanation,
+    pub kernel_objects: Objects,
+}
+
+/// Which mode's rules to read the plan back with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Nftables,
+    Iptables,
+}
+
+pub struct Explainer {
+    pub mode: Mode,
+    pub policy: ProxyPolicy,
+    pub packet: Packet,
+    pub hints: SourceHints,
+    pub found: Arc<Mutex<Option<Found>>>,
+}
+
+impl Dataplane for Explainer {
+    fn name(&self) -> &'static str {
+        "explain"
+    }
+
+    fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, SyncError> {
+        let report = SyncReport {
+            service_ports: input.plan.services.len(),
+            transactions: 0,
+            ..Default::default()
+        };
+        if input.family != self.packet.family() {
+            return Ok(report);
+        }
+        let ctx = FamilyContext::resolve(&self.policy, input.family, input.node)
+            .with_service_cidrs(input.service_cidrs);
+        let unmatched = match self.mode {
+            Mode::Nftables => UnmatchedRules {
+                reject_unknown_cluster_ip_ports: true,
+                drop_unallocated_service_ips: true,
+            },
+            Mode::Iptables => UnmatchedRules::default(),
+        };
+        let explanation = explain(
+            input.plan,
+            &ctx,
+            &input.node.local_addresses,
+            &self.packet,
+            &self.hints,
+            unmatched,
+        );
+        let port_plan = explanation.service_port.as_ref().and_then(|name| {
+            input
+                .plan
+                .services
+                .values()
+                .find(|p| &p.port.name.to_string() == name)
+        });
+        let kernel_objects = match (self.mode, port_plan, explanation.frontend) {
+            (Mode::Nftables, Some(plan), Some(frontend)) => {
+                Objects::Nftables(kube_proxy_nftables::explain::objects(
+                    plan,
+                    &kube_proxy_nftables::context::Context(ctx),
+                    &frontend,
+                ))
+            }
+            (Mode::Iptables, Some(plan), Some(frontend)) => {
+                Objects::Iptables(kube_proxy_iptables::explain::rules(plan, &ctx, &frontend))
+            }
+            (Mode::Nftables, ..) => Objects::Nftables(Vec::new()),
+            (Mode::Iptables, ..) => Objects::Iptables(Vec::new()),
+        };
+        *self.found.lock().unwrap() = Some(Found {
+            explanation,
+            kernel_objects,
+        });
+        Ok(report)
+    }
+}
