@@ -7,7 +7,8 @@ use kube_proxy_model::context::FamilyContext;
 use kube_proxy_model::plan::ServicePortPlan;
 use kube_proxy_model::Frontend;
 
-use crate::service::render;
+use crate::restore::JUMPS;
+use crate::service::{render, KUBE_SERVICES};
 
 /// One rule: `-A <chain> <rule>` in `table`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -52,5 +53,16 @@ pub fn rules(plan: &ServicePortPlan, ctx: &FamilyContext, frontend: &Frontend) -
             chain: chain.clone(),
             rule: rule.clone(),
         });
-    filter.chain(nat).collect()
+    // How packets reach KUBE-SERVICES at all: the jumps from the built-in nat chains.
+    let entry = JUMPS
+        .iter()
+        .filter(|(table, _, rule)| {
+            *table == "nat" && rule.ends_with(&format!("-j {KUBE_SERVICES}"))
+        })
+        .map(|(table, chain, rule)| Rule {
+            table,
+            chain: chain.to_string(),
+            rule: rule.to_string(),
+        });
+    entry.chain(filter).chain(nat).collect()
 }

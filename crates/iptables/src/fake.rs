@@ -122,17 +122,18 @@ impl Restorer for FakeIptables {
         Ok(out)
     }
 
-    fn chain_exists(
+    fn chain_rules(
         &mut self,
         family: IpFamily,
         table: &str,
         chain: &str,
-    ) -> Result<bool, RestoreError> {
+    ) -> Result<Option<usize>, RestoreError> {
         Ok(self
             .families
             .get(&family)
             .and_then(|tables| tables.get(table))
-            .is_some_and(|chains| chains.contains_key(chain)))
+            .and_then(|chains| chains.get(chain))
+            .map(|rules| rules.len()))
     }
 }
 

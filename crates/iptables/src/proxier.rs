@@ -41,13 +41,17 @@ pub trait Restorer: Send {
     fn restore(&mut self, family: IpFamily, input: &str) -> Result<(), RestoreError>;
     /// What `iptables-save` prints for the filter and nat tables.
     fn save(&mut self, family: IpFamily) -> Result<String, RestoreError>;
-    /// Whether `chain` exists in `table`.
-    fn chain_exists(
+    /// Whether it reads the kernel (a printer does not: nothing to check).
+    fn reads_kernel(&self) -> bool {
+        true
+    }
+    /// How many rules `chain` of `table` holds; `None` when the chain does not exist.
+    fn chain_rules(
         &mut self,
         family: IpFamily,
         table: &str,
         chain: &str,
-    ) -> Result<bool, RestoreError>;
+    ) -> Result<Option<usize>, RestoreError>;
 }
 
 /// The chains of `table` in an `iptables-save` text.
@@ -142,23 +146,50 @@ impl<R: Restorer> IptablesProxier<R> {
         &mut self.runner
     }
 
-    /// Whether every canary chain of `family` is still there; `Ok(true)` when not checked
-    /// because the last sighting is recent.
-    fn canaries_intact(&mut self, family: IpFamily) -> Result<bool, RestoreError> {
+    /// Whether our chains of `family` are as we wrote them, checked at most every canary
+    /// interval (`Ok(None)` when not due or intact): every canary chain exists and the static
+    /// chains only we write hold the rules we put there. Else what is wrong.
+    fn check_canaries(&mut self, family: IpFamily) -> Result<Option<String>, RestoreError> {
         let state = self.families.entry(family).or_default();
-        if state
-            .canary_seen
-            .is_some_and(|seen| seen.elapsed() < self.canary_interval)
+        if !self.runner.reads_kernel()
+            || state
+                .canary_seen
+                .is_some_and(|seen| seen.elapsed() < self.canary_interval)
         {
-            return Ok(true);
+            return Ok(None);
         }
         for table in CANARY_TABLES {
-            if !self.runner.chain_exists(family, table, KUBE_PROXY_CANARY)? {
-                return Ok(false);
+            if self
+                .runner
+                .chain_rules(family, table, KUBE_PROXY_CANARY)?
+                .is_none()
+            {
+                return Ok(Some(format!(
+                    "{KUBE_PROXY_CANARY} of {family} is gone from {table}: someone deleted kube-proxy's chains"
+                )));
+            }
+        }
+        let expected: Vec<((&'static str, &'static str), usize)> = self
+            .families
+            .entry(family)
+            .or_default()
+            .ports
+            .static_counts
+            .iter()
+            .filter(|(key, _)| restore::is_exclusive_static_chain(key))
+            .map(|(key, count)| (*key, *count))
+            .collect();
+        for ((table, chain), count) in expected {
+            let found = self.runner.chain_rules(family, table, chain)?;
+            if found != Some(count) {
+                return Ok(Some(format!(
+                    "{chain} in the {family} {table} table holds {} rules instead of {count}: someone else changed it",
+                    found.map_or("no chain and no".to_string(), |n| n.to_string())
+                )));
             }
         }
         self.families.entry(family).or_default().canary_seen = Some(Instant::now());
-        Ok(true)
+        Ok(None)
     }
 }
 
@@ -197,11 +228,12 @@ impl<R: Restorer> Dataplane for IptablesProxier<R> {
             message: format!("iptables-restore failed: {error}"),
             partial,
         };
-        if !full && !self.canaries_intact(family).map_err(|e| failed(e, true))? {
-            self.warnings.push(format!(
-                "{KUBE_PROXY_CANARY} of {family} is gone: someone deleted kube-proxy's chains; rewriting all of them"
-            ));
-            full = true;
+        if !full {
+            if let Some(problem) = self.check_canaries(family).map_err(|e| failed(e, true))? {
+                self.warnings
+                    .push(format!("{problem}; rewriting all of kube-proxy's chains"));
+                full = true;
+            }
         }
         let mut saved = None;
         let (rewrite, candidates) = if full {

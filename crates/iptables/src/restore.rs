@@ -99,6 +99,25 @@ pub struct PortCache {
     pub filter_rules: usize,
     /// Our rules in the nat table: the static chains' and every port's own.
     pub nat_rules: usize,
+    /// Rules of each static chain, as written.
+    pub static_counts: BTreeMap<(&'static str, &'static str), usize>,
+}
+
+/// Whether only this proxy writes rules into static chain `(table, chain)` (kubelet shares
+/// `KUBE-FIREWALL`, and once created `KUBE-MARK-MASQ` and `KUBE-POSTROUTING`): such a
+/// chain's rule count is compared with ours to find foreign edits.
+pub fn is_exclusive_static_chain(key: &(&str, &str)) -> bool {
+    matches!(
+        key,
+        (
+            "filter",
+            KUBE_NODEPORTS
+                | KUBE_SERVICES
+                | KUBE_EXTERNAL_SERVICES
+                | KUBE_FORWARD
+                | KUBE_PROXY_FIREWALL
+        ) | ("nat", KUBE_NODEPORTS | KUBE_SERVICES)
+    )
 }
 
 /// Rules that leave and join one static chain in a partial sync.
@@ -298,6 +317,8 @@ pub fn render(
                         if gone.is_empty() && new.is_empty() {
                             continue;
                         }
+                        let count = cache.static_counts.entry(key).or_default();
+                        *count = (*count + new.len()).saturating_sub(gone.len());
                         let change = changes.entry(key).or_default();
                         change.removed.extend(gone.into_iter().cloned());
                         change.added.extend(new.into_iter().cloned());
@@ -350,6 +371,10 @@ pub fn render(
         };
         cache.filter_rules += count("filter") - ports_filter;
         cache.nat_rules += count("nat") - ports_nat;
+        cache.static_counts = statics
+            .iter()
+            .map(|(key, rules)| (*key, rules.len()))
+            .collect();
     } else {
         statics.clear();
     }

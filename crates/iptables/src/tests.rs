@@ -70,7 +70,10 @@ fn partial_syncs_equal_one_full_sync_in_the_fake_iptables() {
     let mut changes = kube_proxy_model::testing::RandomChanges::new(0x2545f4914f6cdd1d);
     let mut state = ClusterState::new("node-a");
     let mut plan = FamilyPlan::default();
-    let mut proxier = IptablesProxier::new(policy(), FakeIptables::default());
+    // The canary and static-chain check runs before every partial sync: its expected counts
+    // must follow the kernel, or it would force needless full syncs.
+    let mut proxier = IptablesProxier::new(policy(), FakeIptables::default())
+        .with_canary_interval(std::time::Duration::ZERO);
     sync(&mut proxier, &mut state, &mut plan, true);
     let mut partial_inputs = 0;
     let mut untouched_services = 0;
@@ -86,6 +89,11 @@ fn partial_syncs_equal_one_full_sync_in_the_fake_iptables() {
             &node(),
         );
         partial_inputs += proxier.runner().restores - before;
+        assert!(
+            !report.full,
+            "after step {step}: {:?}",
+            kube_proxy_model::Dataplane::take_warnings(&mut proxier)
+        );
         // The rule counts of the metrics follow the kernel through partial syncs.
         for table in &report.rules {
             let ours: usize = proxier.runner().families[&IpFamily::V4][table.table]
@@ -249,6 +257,39 @@ fn a_missing_canary_forces_a_full_sync() {
         warnings.iter().any(|w| w.contains("KUBE-PROXY-CANARY")),
         "{warnings:?}"
     );
+
+    // `iptables -t nat -F KUBE-SERVICES`: the canaries stay, the emptied chain is noticed.
+    for (table, chain) in [("nat", "KUBE-SERVICES"), ("filter", "KUBE-FORWARD")] {
+        proxier
+            .runner_mut()
+            .families
+            .get_mut(&IpFamily::V4)
+            .unwrap()
+            .get_mut(table)
+            .unwrap()
+            .get_mut(chain)
+            .unwrap()
+            .clear();
+        let report = kube_proxy_model::testing::sync_ipv4(
+            &mut proxier,
+            &mut state,
+            &mut plan,
+            false,
+            &node(),
+        );
+        assert!(
+            report.full,
+            "the flushed {table} {chain} forced a full sync"
+        );
+        assert_eq!(proxier.runner().families, programmed);
+        let warnings = kube_proxy_model::Dataplane::take_warnings(&mut proxier);
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains(chain) && w.contains("someone else changed it")),
+            "{warnings:?}"
+        );
+    }
 }
 
 /// A rejected input is reported with the line, and the service port it belongs to.

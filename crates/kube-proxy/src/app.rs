@@ -423,9 +423,10 @@ fn build_dataplane(
             } else {
                 crate::kernel::nft_runner::NftCommand::default()
             };
-            Ok(Box::new(kube_proxy_nftables::NftProxier::new(
-                config, runner, clock,
-            )))
+            Ok(Box::new(
+                kube_proxy_nftables::NftProxier::new(config, runner, clock)
+                    .with_verify_interval(settings.sync_period),
+            ))
         }
         ProxyMode::Iptables => {
             let policy = iptables_policy(settings);

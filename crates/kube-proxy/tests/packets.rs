@@ -43,6 +43,7 @@ packet_cases!(nftables: Nftables =>
     health_check_with_an_ipv4_only_node_port_addresses_flag,
     upstream_command_line_against_an_api_server,
     api_server_outage_keeps_traffic_and_recovers,
+    foreign_edits_are_found_repaired_and_logged,
 );
 packet_cases!(iptables_nft: IptablesNft =>
     cluster_ip_from_pods_node_and_outside,
@@ -60,6 +61,7 @@ packet_cases!(iptables_nft: IptablesNft =>
     health_check_with_an_ipv4_only_node_port_addresses_flag,
     upstream_command_line_against_an_api_server,
     api_server_outage_keeps_traffic_and_recovers,
+    foreign_edits_are_found_repaired_and_logged,
     iptables_localhost_node_ports,
     iptables_takeover_canary_mode_switches_and_cleanup,
 );
@@ -79,6 +81,7 @@ packet_cases!(iptables_legacy: IptablesLegacy =>
     health_check_with_an_ipv4_only_node_port_addresses_flag,
     upstream_command_line_against_an_api_server,
     api_server_outage_keeps_traffic_and_recovers,
+    foreign_edits_are_found_repaired_and_logged,
     iptables_localhost_node_ports,
     iptables_takeover_canary_mode_switches_and_cleanup,
 );
@@ -1045,6 +1048,138 @@ fn api_server_outage_keeps_traffic_and_recovers(mode: Mode) {
         "the change made during the outage took {in_kernel:?} after the server answered:\n{log}"
     );
     let _ = std::fs::remove_file(kubeconfig);
+}
+
+/// Someone else edits our rules: first a small edit (one element of a map deleted in
+/// nftables mode; one rule deleted from `KUBE-SERVICES` in iptables mode), then a big one
+/// (`nft flush table ip kube-proxy`; `iptables -t nat -F KUBE-SERVICES`). Each time `explain
+/// --check` reports the drift, the periodic check (`--iptables-sync-period 2s` here, which every mode takes; the nftables
+/// mode lists its table, the iptables mode counts the rules of the chains only it writes)
+/// repairs it and logs why, and the Service answers again; the repair time is printed.
+fn foreign_edits_are_found_repaired_and_logged(mode: Mode) {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("edit");
+    bed.mode = mode;
+    let spec = format!("  clusterIP: 198.19.0.140\n{PORTS}");
+    bed.write_manifest("rep", &service("rep", &spec, &["a1", "b1"]));
+    bed.start_proxy(&["--iptables-sync-period=2s"]);
+    let vip = sock("198.19.0.140", 80);
+    let from = ipaddr(pod_ip("a2", false));
+    assert_eq!(bed.tcp_spread("a2", vip, 20).0, pods(&["a1", "b1"]));
+    let checked = bed.explain(from, vip, "tcp", true);
+    assert_eq!(checked["check"]["drift"], false, "{checked:#}");
+
+    // The small edit.
+    let tool = mode.save_tool("ip").replace("-save", "");
+    match mode {
+        Mode::Nftables => bed
+            .ip_netns_exec_checked(
+                "node",
+                &[
+                    "nft",
+                    "delete element ip kube-proxy backends-0 { 198.19.0.140 . tcp . 80 }",
+                ],
+            )
+            .unwrap(),
+        _ => {
+            let save = bed.ruleset("ip");
+            let rule = save
+                .lines()
+                .find(|l| {
+                    l.starts_with("-A KUBE-SERVICES")
+                        && l.contains("198.19.0.140/32")
+                        && l.contains("-p tcp")
+                })
+                .unwrap_or_else(|| panic!("no KUBE-SERVICES rule for the Service:\n{save}"))
+                .replacen("-A ", "-D ", 1);
+            let mut words = vec![tool.clone(), "-t".into(), "nat".into()];
+            words.extend(split_words(&rule));
+            let words: Vec<&str> = words.iter().map(String::as_str).collect();
+            bed.ip_netns_exec_checked("node", &words).unwrap()
+        }
+    };
+    let big_nft = ["nft", "flush table ip kube-proxy"];
+    let big_iptables = [tool.as_str(), "-t", "nat", "-F", "KUBE-SERVICES"];
+    for (what, edit) in [
+        ("small", None),
+        (
+            "big",
+            Some(if mode == Mode::Nftables {
+                &big_nft[..]
+            } else {
+                &big_iptables[..]
+            }),
+        ),
+    ] {
+        if let Some(edit) = edit {
+            bed.ip_netns_exec_checked("node", edit).unwrap();
+        }
+        let edited = std::time::Instant::now();
+        let checked = bed.explain(from, vip, "tcp", true);
+        let drift = checked["check"]["drift"] == true;
+        let mut repaired = None;
+        while edited.elapsed() < Duration::from_secs(20) {
+            let checked = bed.explain(from, vip, "tcp", true);
+            if checked["check"]["drift"] == false {
+                repaired = Some(edited.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let repaired = repaired
+            .unwrap_or_else(|| panic!("the {what} edit was never repaired\n{}", bed.proxy_log()));
+        assert_eq!(
+            bed.tcp_spread("a2", vip, 20).0,
+            pods(&["a1", "b1"]),
+            "after the {what} edit"
+        );
+        println!("{mode:?}: {what} foreign edit: explain --check saw the drift: {drift}; repaired after {repaired:?}");
+        assert!(
+            drift || repaired < Duration::from_millis(300),
+            "explain --check did not see the {what} edit"
+        );
+    }
+    let log = bed.proxy_log();
+    let expected = match mode {
+        Mode::Nftables => "differed from what this proxy wrote",
+        _ => "someone else changed it",
+    };
+    assert!(
+        log.matches(expected).count() >= 2,
+        "both repairs logged:\n{log}"
+    );
+}
+
+/// Splits a command line on spaces; double-quoted words stay whole.
+fn split_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in line.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            ' ' if !quoted => {
+                if any {
+                    words.push(std::mem::take(&mut current));
+                    any = false;
+                }
+            }
+            c => {
+                current.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        words.push(current);
+    }
+    words
 }
 
 /// How many kernel transactions the first IPv4 sync in `log` took.

@@ -87,6 +87,45 @@ struct FamilyState {
     chains: HashSet<Arc<str>>,
     affinity_sets: HashSet<Arc<str>>,
     stale_chains: Vec<(Arc<str>, Instant)>,
+    /// When the kernel was last compared with the plan (a full sync in place).
+    last_verified: Option<Instant>,
+}
+
+/// How the kernel's table differed from what this proxy last wrote, found by a full sync in
+/// place (the table listed, then only differences written).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Drift {
+    /// Elements the kernel lacked, or held without the plan wanting them.
+    pub elements: usize,
+    /// Sets whose elements could not be read back, rewritten whole.
+    pub rewritten_sets: usize,
+    /// Per-service chains that were missing.
+    pub chains: usize,
+    /// The base chains had lost their rules (e.g. `nft flush table`): no traffic entered.
+    pub unhooked: bool,
+}
+
+impl Drift {
+    pub fn is_empty(&self) -> bool {
+        *self == Drift::default()
+    }
+}
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} elements, {} sets rewritten, {} chains missing{}",
+            self.elements,
+            self.rewritten_sets,
+            self.chains,
+            if self.unhooked {
+                ", base chains without their rules"
+            } else {
+                ""
+            }
+        )
+    }
 }
 
 pub struct NftProxier<R: Runner> {
@@ -98,6 +137,10 @@ pub struct NftProxier<R: Runner> {
     warnings: Vec<String>,
     /// Failed syncs in a row, per family.
     failures: BTreeMap<IpFamily, u32>,
+    /// Compare the kernel with the plan this often when nothing changed (`syncPeriod`).
+    verify_every: Option<Duration>,
+    /// What the last full sync in place found changed in the kernel, per family.
+    drift: BTreeMap<IpFamily, Drift>,
 }
 
 impl<R: Runner> NftProxier<R> {
@@ -109,7 +152,21 @@ impl<R: Runner> NftProxier<R> {
             families: BTreeMap::new(),
             warnings: Vec::new(),
             failures: BTreeMap::new(),
+            verify_every: None,
+            drift: BTreeMap::new(),
         }
+    }
+
+    /// Every `interval` without changes, a sync lists the table and repairs what differs
+    /// from the plan (someone flushed it, deleted an element): the nftables mode's canary.
+    pub fn with_verify_interval(mut self, interval: Duration) -> Self {
+        self.verify_every = Some(interval);
+        self
+    }
+
+    /// What the last full sync in place of `family` found changed in the kernel.
+    pub fn last_drift(&self, family: IpFamily) -> Option<&Drift> {
+        self.drift.get(&family)
     }
 
     pub fn runner(&self) -> &R {
@@ -127,25 +184,40 @@ impl<R: Runner> NftProxier<R> {
         let ctx = Context::resolve(&self.config, input.family, input.node)
             .with_service_cidrs(input.service_cidrs);
         let state = self.families.entry(input.family).or_default();
-        let full = input.full || !state.initialized || state.ctx.as_ref() != Some(&ctx);
+        let verify = !input.full
+            && input.changed.is_empty()
+            && state.initialized
+            && state.ctx.as_ref() == Some(&ctx)
+            && self.verify_every.is_some_and(|every| {
+                state
+                    .last_verified
+                    .is_none_or(|at| now.saturating_duration_since(at) >= every)
+            });
+        let needs_full = input.full || !state.initialized || state.ctx.as_ref() != Some(&ctx);
         let failures = self.failures.get(&input.family).copied().unwrap_or(0);
         let mut warnings = Vec::new();
-        let transactions = if full {
-            // After two failures in a row, stop trusting the kernel's listing: rebuild.
-            let force_rebuild = failures >= 2;
-            let kernel = if force_rebuild {
+        // After two failures in a row, stop trusting the kernel's listing: rebuild.
+        let force_rebuild = failures >= 2;
+        let kernel = if (needs_full || verify) && !force_rebuild {
+            self.runner.snapshot(input.family).unwrap_or_else(|error| {
+                warnings.push(format!(
+                    "cannot read the {} kube-proxy table ({error}); rewriting all of it",
+                    input.family
+                ));
                 Kernel::Unknown
-            } else {
-                self.runner.snapshot(input.family).unwrap_or_else(|error| {
-                    warnings.push(format!(
-                        "cannot read the {} kube-proxy table ({error}); rewriting all of it",
-                        input.family
-                    ));
-                    Kernel::Unknown
-                })
-            };
+            })
+        } else {
+            Kernel::Unknown
+        };
+        // A runner that cannot read the kernel cannot verify it either (it would rewrite
+        // everything each period).
+        let verify = verify && !matches!(kernel, Kernel::Unknown);
+        let full = needs_full || verify;
+        let transactions = if full {
             let state = self.families.entry(input.family).or_default();
-            full_sync(
+            state.last_verified = Some(now);
+            let mut drift = Drift::default();
+            let transactions = full_sync(
                 state,
                 &ctx,
                 input,
@@ -154,7 +226,17 @@ impl<R: Runner> NftProxier<R> {
                 &kernel,
                 force_rebuild,
                 self.config.staged_build_above,
-            )
+                &mut drift,
+            );
+            // Only a sync without changes tells drift from what it writes for the changes.
+            if verify && matches!(kernel, Kernel::Present(_)) && !drift.is_empty() {
+                warnings.push(format!(
+                    "the {} kube-proxy table differed from what this proxy wrote ({drift}); someone else changed it. Repaired",
+                    input.family
+                ));
+            }
+            self.drift.insert(input.family, drift);
+            transactions
         } else {
             vec![partial_sync(state, &ctx, input, now, &mut warnings)]
         };
@@ -387,6 +469,7 @@ fn full_sync(
     kernel: &Kernel,
     force_rebuild: bool,
     staged_above: usize,
+    drift: &mut Drift,
 ) -> Vec<Transaction> {
     let fam = ctx.ip();
     let mode = match kernel {
@@ -549,8 +632,15 @@ fn full_sync(
                     None => Err(wanted),
                 };
                 match diffed {
-                    Ok(d) => (d.deletes, d.adds),
+                    Ok(d) => {
+                        drift.elements += d.deletes.len() + d.adds.len();
+                        (d.deletes, d.adds)
+                    }
                     Err(wanted) => {
+                        // Sets with timeouts or intervals are not read back: not drift.
+                        if listed.is_some() {
+                            drift.rewritten_sets += 1;
+                        }
                         head.line(
                             None,
                             format!("flush {} {fam} {TABLE} {}", set.keyword(), set.name()),
@@ -617,6 +707,14 @@ fn full_sync(
         FullMode::InPlace(Some(table)) => !table.hooked,
         _ => false,
     };
+    if let FullMode::InPlace(Some(_)) = &mode {
+        drift.unhooked = unhooked;
+        drift.chains = state
+            .chains
+            .iter()
+            .filter(|c| !old_chains.contains(*c))
+            .count();
+    }
     if unhooked && count > staged_above {
         // A large table nothing reaches yet: declarations and rules first, elements in
         // transactions of their own, the base chains' rules last. Traffic sees no table or

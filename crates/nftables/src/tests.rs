@@ -784,3 +784,79 @@ fn partial_syncs_equal_one_full_sync(readable: bool) {
     }
     assert!(proxier.runner().transactions > 100);
 }
+
+/// The nftables mode's canary: every verify interval without changes the table is listed
+/// and what someone else changed (a deleted element, flushed base chains) is repaired and
+/// reported; with nothing changed it writes no element and reports nothing.
+#[test]
+fn periodic_verification_repairs_and_reports_foreign_changes() {
+    use crate::fake::FakeNft;
+    let now = Arc::new(Mutex::new(Instant::now()));
+    let clock_now = now.clone();
+    let mut proxier = NftProxier::new(
+        config(),
+        FakeNft {
+            readable: true,
+            ..Default::default()
+        },
+        Box::new(move || *clock_now.lock().unwrap()),
+    )
+    .with_verify_interval(Duration::from_secs(30));
+    let mut state = ClusterState::new(NODE);
+    state.apply_service(&service("a", json!({"clusterIP": "198.19.0.1"})));
+    state.apply_slice(&slice(
+        "a",
+        &[("198.18.1.2", NODE), ("198.18.2.2", "node-b")],
+    ));
+    let mut plan = FamilyPlan::default();
+    let node = NodeView {
+        node_ips: vec!["192.0.2.10".parse().unwrap()],
+        ..Default::default()
+    };
+    let sync =
+        |proxier: &mut NftProxier<FakeNft>, plan: &mut FamilyPlan, state: &mut ClusterState| {
+            kube_proxy_model::testing::sync_ipv4(proxier, state, plan, false, &node);
+        };
+    sync(&mut proxier, &mut plan, &mut state);
+    let built = observable(&proxier.runner().tables);
+    let transactions = proxier.runner().transactions;
+
+    // Within the interval, nothing is listed or written.
+    *now.lock().unwrap() += Duration::from_secs(10);
+    sync(&mut proxier, &mut plan, &mut state);
+    assert_eq!(proxier.runner().transactions, transactions);
+
+    // Someone deletes an element and flushes the base chain traffic enters by.
+    {
+        let tables = &mut proxier.runner_mut().tables;
+        let table = tables.get_mut("ip").unwrap();
+        let backends = &mut table.sets.get_mut("backends-1").unwrap().elements;
+        let first = backends.keys().next().unwrap().clone();
+        backends.remove(&first);
+        table.chains.get_mut("nat-prerouting").unwrap().clear();
+    }
+    *now.lock().unwrap() += Duration::from_secs(30);
+    sync(&mut proxier, &mut plan, &mut state);
+    assert_eq!(observable(&proxier.runner().tables), built, "repaired");
+    let drift = proxier.last_drift(IpFamily::V4).unwrap().clone();
+    assert_eq!(drift.elements, 1, "{drift:?}");
+    assert!(drift.unhooked, "{drift:?}");
+    let warnings = proxier.take_warnings();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("differed from what this proxy wrote")),
+        "{warnings:?}"
+    );
+
+    // The next verification finds nothing: no element written, nothing reported.
+    *now.lock().unwrap() += Duration::from_secs(30);
+    sync(&mut proxier, &mut plan, &mut state);
+    assert!(
+        !proxier.runner().last.contains(" element "),
+        "{}",
+        proxier.runner().last
+    );
+    assert!(proxier.last_drift(IpFamily::V4).unwrap().is_empty());
+    assert!(proxier.take_warnings().is_empty());
+}

@@ -23,7 +23,32 @@ pub struct Checked {
 /// Checks every object of `objects` in the kernel of family `ip` (`ip`/`ip6`).
 pub fn check(objects: &Objects, ip: &str, iptables: &str) -> Vec<Checked> {
     match objects {
-        Objects::Nftables(objects) => objects.iter().map(|o| check_nft(o, ip)).collect(),
+        Objects::Nftables(objects) => {
+            // How packets enter the table at all: the base and dispatch chains have rules.
+            let entry = ["nat-prerouting", "nat-output", "services"].map(|chain| {
+                let (ok, out) = run(
+                    "nft",
+                    &["list", "chain", ip, TABLE, chain].map(String::from),
+                );
+                let rules = rule_lines(&out);
+                Checked {
+                    object: format!("chain {chain} (traffic enters through it)"),
+                    present: ok && rules > 0,
+                    detail: match ok {
+                        true if rules == 0 => {
+                            "the chain has no rules: no traffic enters the table".into()
+                        }
+                        true => String::new(),
+                        false => out,
+                    },
+                }
+            });
+            objects
+                .iter()
+                .map(|o| check_nft(o, ip))
+                .chain(entry)
+                .collect()
+        }
         Objects::Iptables(rules) => {
             let mut checked: Vec<Checked> = rules
                 .iter()
@@ -132,6 +157,22 @@ fn check_nft(object: &Object, ip: &str) -> Checked {
             }
         }
     }
+}
+
+/// The rules in an `nft list chain` output.
+fn rule_lines(listing: &str) -> usize {
+    listing
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty()
+                && !l.starts_with("table ")
+                && !l.starts_with("chain ")
+                && !l.starts_with("type ")
+                && !l.starts_with("comment ")
+                && *l != "}"
+        })
+        .count()
 }
 
 /// Runs a tool; (succeeded, stdout or the error).

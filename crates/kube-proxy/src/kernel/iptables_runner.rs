@@ -105,23 +105,28 @@ impl Restorer for IptablesCommand {
         Ok(text)
     }
 
-    fn chain_exists(
+    fn chain_rules(
         &mut self,
         family: IpFamily,
         table: &str,
         chain: &str,
-    ) -> Result<bool, RestoreError> {
+    ) -> Result<Option<usize>, RestoreError> {
         let program = self.tool(family, "");
         let output = Command::new(&program)
             .args(["--wait", LOCK_WAIT_SECONDS, "-t", table, "-S", chain])
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .output()
             .map_err(|e| unavailable(&program, e))?;
         match output.status.code() {
-            Some(0) => Ok(true),
+            Some(0) => Ok(Some(
+                String::from_utf8_lossy(&output.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with("-A "))
+                    .count(),
+            )),
             // "No chain/target/match by that name" (or the table itself is gone).
-            Some(1) => Ok(false),
+            Some(1) => Ok(None),
             Some(4) => Err(RestoreError::Busy(format!(
                 "{program}: {}",
                 String::from_utf8_lossy(&output.stderr).trim()
@@ -157,8 +162,17 @@ impl Restorer for PrintRestores {
         Ok(String::new())
     }
 
-    fn chain_exists(&mut self, _: IpFamily, _: &str, _: &str) -> Result<bool, RestoreError> {
-        Ok(true)
+    fn reads_kernel(&self) -> bool {
+        false
+    }
+
+    fn chain_rules(
+        &mut self,
+        _: IpFamily,
+        _: &str,
+        _: &str,
+    ) -> Result<Option<usize>, RestoreError> {
+        Ok(None)
     }
 }
 

@@ -6,7 +6,8 @@
 //!
 //! A test may look while the proxy is still catching up with a manifest it just wrote
 //! (`eventually` loops): a disagreement then only counts when `explain --check` finds the
-//! kernel holding every object of the explained path, i.e. the kernel is up to date.
+//! kernel holding every object of the explained path and the packet, sent again for three
+//! seconds, still disagrees.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -120,8 +121,17 @@ impl TestBed {
             self.explained.borrow_mut().skipped_catching_up += 1;
             return;
         }
-        // The kernel holds the path now; the packet may have been sent just before.
-        let again = resend();
+        // The kernel holds the path now (the packet may have been sent just before), or the
+        // check cannot see what is still to be removed (a deleted Service's elements): send
+        // again for a while; a real disagreement persists.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let mut again = resend();
+        while disagreement(&checked["explanation"], client, &again).is_some()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            again = resend();
+        }
         if disagreement(&checked["explanation"], client, &again).is_none() {
             self.explained.borrow_mut().skipped_catching_up += 1;
             return;

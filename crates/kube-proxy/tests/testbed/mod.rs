@@ -506,6 +506,14 @@ impl TestBed {
     }
 
     /// Runs `args` in the namespace of `role`; its standard output ("" when it failed).
+    /// Runs a command in a namespace: its output, or the error.
+    pub fn ip_netns_exec_checked(&self, role: &str, args: &[&str]) -> Result<String, String> {
+        let ns = self.ns(role);
+        let mut all = vec!["ip", "netns", "exec", ns.as_str()];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
     pub fn ip_netns_exec(&self, role: &str, args: &[&str]) -> String {
         let ns = self.ns(role);
         let mut all = vec!["ip", "netns", "exec", ns.as_str()];
