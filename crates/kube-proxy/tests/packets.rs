@@ -44,6 +44,7 @@ packet_cases!(nftables: Nftables =>
     upstream_command_line_against_an_api_server,
     api_server_outage_keeps_traffic_and_recovers,
     foreign_edits_are_found_repaired_and_logged,
+    invalid_objects_among_valid_ones,
 );
 packet_cases!(iptables_nft: IptablesNft =>
     cluster_ip_from_pods_node_and_outside,
@@ -62,6 +63,7 @@ packet_cases!(iptables_nft: IptablesNft =>
     upstream_command_line_against_an_api_server,
     api_server_outage_keeps_traffic_and_recovers,
     foreign_edits_are_found_repaired_and_logged,
+    invalid_objects_among_valid_ones,
     iptables_localhost_node_ports,
     iptables_takeover_canary_mode_switches_and_cleanup,
 );
@@ -82,6 +84,7 @@ packet_cases!(iptables_legacy: IptablesLegacy =>
     upstream_command_line_against_an_api_server,
     api_server_outage_keeps_traffic_and_recovers,
     foreign_edits_are_found_repaired_and_logged,
+    invalid_objects_among_valid_ones,
     iptables_localhost_node_ports,
     iptables_takeover_canary_mode_switches_and_cleanup,
 );
@@ -1150,6 +1153,212 @@ fn foreign_edits_are_found_repaired_and_logged(mode: Mode) {
         log.matches(expected).count() >= 2,
         "both repairs logged:\n{log}"
     );
+}
+
+/// 10k invalid objects mixed with 10k valid ones through the API server: invalid cluster
+/// IPs, ports, protocols, names, two IP families in one address, 1250 Services claiming one
+/// external IP and port, empty slices and slices with invalid or duplicated endpoints. The
+/// proxy does not crash, programs every valid Service (all counted in the kernel, a sample
+/// answers), and warns about each invalid object at most once, rate-limited, with a summary
+/// of the rest: never a log storm.
+fn invalid_objects_among_valid_ones(mode: Mode) {
+    if !testbed::available() {
+        return;
+    }
+    const VALID: usize = 10_000;
+    const INVALID: usize = 10_000;
+    let mut bed = TestBed::new("junk");
+    bed.mode = mode;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _guard = runtime.enter();
+    let fake = std::sync::Arc::new(std::sync::Mutex::new(fakeapi::Fake::default()));
+    let ip = |i: usize| format!("198.19.{}.{}", 100 + i / 250, 1 + i % 250);
+    let svc = |name: &str, spec: serde_json::Value| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "t", "resourceVersion": "3"}, "spec": spec})
+    };
+    let slice = |name: &str, service: &str, endpoints: serde_json::Value| {
+        serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": "t", "resourceVersion": "4",
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4", "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints})
+    };
+    let port =
+        serde_json::json!([{"name": "p", "port": 80, "targetPort": 8080, "protocol": "TCP"}]);
+    let good = serde_json::json!([{"addresses": ["198.18.1.2"], "nodeName": "node-a"},
+                                  {"addresses": ["198.18.2.2"], "nodeName": "node-b"}]);
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for i in 0..VALID {
+        let name = format!("v{i}");
+        services.push(svc(
+            &name,
+            serde_json::json!({"clusterIP": ip(i), "ports": port}),
+        ));
+        slices.push(slice(&format!("{name}-1"), &name, good.clone()));
+    }
+    for i in 0..INVALID {
+        let name = format!("x{i}");
+        let valid = format!("v{}", i % VALID);
+        match i % 8 {
+            0 => services.push(svc(
+                &name,
+                serde_json::json!({"clusterIP": "not-an-ip", "ports": port}),
+            )),
+            1 => services.push(svc(
+                &name,
+                serde_json::json!({"clusterIP": "198.19.99.1",
+                "ports": [{"name": "p", "port": 70000, "protocol": "TCP"}]}),
+            )),
+            2 => services.push(svc(
+                &name,
+                serde_json::json!({"clusterIP": "198.19.99.2",
+                "ports": [{"name": "p", "port": 80, "protocol": "ICMP"}]}),
+            )),
+            3 => services.push(svc(
+                &format!("{}{i}", "x".repeat(300)),
+                serde_json::json!({"clusterIP": "198.19.99.3", "ports": port}),
+            )),
+            4 => services.push(svc(
+                &name,
+                serde_json::json!({"clusterIP": "2001:db8::zz", "ports": port}),
+            )),
+            5 => services.push(svc(
+                &name,
+                serde_json::json!({"clusterIP": format!("198.19.98.{}", i % 250),
+                "externalIPs": ["198.51.100.9"], "ports": port}),
+            )),
+            6 => slices.push(slice(
+                &format!("{valid}-{name}"),
+                &valid,
+                serde_json::json!([]),
+            )),
+            _ => slices.push(slice(
+                &format!("{valid}-{name}"),
+                &valid,
+                serde_json::json!([
+                {"addresses": ["999.1.1.1"]}, {"addresses": ["198.18.1.2"], "nodeName": "node-a"},
+                {"addresses": ["198.18.1.2"], "nodeName": "node-a"}]),
+            )),
+        }
+    }
+    {
+        let mut f = fake.lock().unwrap();
+        f.service_lists.push_back(("3".into(), services));
+        f.slices = slices;
+        f.nodes = vec![serde_json::json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "resourceVersion": "5"},
+            "status": {"addresses": [{"type": "InternalIP", "address": testbed::NODE_A}]}})];
+    }
+    let proxy_mode = if mode == Mode::Nftables {
+        "nftables"
+    } else {
+        "iptables"
+    };
+    let started = std::time::Instant::now();
+    let kubeconfig = start_against_fake_api(
+        &mut bed,
+        &fake,
+        &[
+            "--hostname-override=node-a",
+            "--proxy-mode",
+            proxy_mode,
+            "--cluster-cidr=198.18.0.0/16",
+            "--healthz-bind-address=",
+            "--metrics-bind-address=",
+            "-v=2",
+        ],
+    );
+    let first_sync = started.elapsed();
+    // Every valid Service is in the kernel.
+    let programmed = |bed: &TestBed| -> usize {
+        if mode.is_iptables() {
+            bed.ruleset("ip")
+                .lines()
+                .filter(|l| {
+                    l.starts_with("-A KUBE-SERVICES")
+                        && l.contains("-d 198.19.")
+                        && l.contains("cluster IP")
+                })
+                .filter(|l| !l.contains("198.19.98.") && !l.contains("198.19.99."))
+                .count()
+        } else {
+            bed.ip_netns_exec(
+                "node",
+                &["nft", "list", "set", "ip", "kube-proxy", "cluster-ips"],
+            )
+            .matches("198.19.")
+            .count()
+                - bed
+                    .ip_netns_exec(
+                        "node",
+                        &["nft", "list", "set", "ip", "kube-proxy", "cluster-ips"],
+                    )
+                    .matches("198.19.98.")
+                    .count()
+        }
+    };
+    bed.eventually("every valid Service programmed", || {
+        programmed(&bed) == VALID
+    });
+    for i in [0, 1, 4999, VALID - 1] {
+        assert_eq!(
+            bed.tcp_spread("a2", sock(&ip(i), 80), 12).0,
+            pods(&["a1", "b1"]),
+            "v{i}"
+        );
+    }
+    // The summary of what the rate limit held back comes within 10 s.
+    bed.eventually("the summary of skipped objects", || {
+        bed.proxy_log()
+            .contains("More invalid objects or problems were skipped")
+    });
+    let log = bed.proxy_log();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.starts_with('W')).collect();
+    let skipped: Vec<&str> = warnings
+        .iter()
+        .copied()
+        .filter(|l| l.contains("Skipping invalid object") || l.contains("with parts ignored"))
+        .collect();
+    let mut names: Vec<&str> = skipped
+        .iter()
+        .filter_map(|l| l.split("object=\"").nth(1))
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    let individually = names.len();
+    names.sort();
+    names.dedup();
+    assert_eq!(
+        names.len(),
+        individually,
+        "no object warned about twice:\n{}",
+        skipped.join("\n")
+    );
+    let held: u64 = warnings
+        .iter()
+        .filter(|l| l.contains("More invalid objects or problems were skipped"))
+        .filter_map(|l| l.split("count=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter_map(|n| n.parse::<u64>().ok())
+        .sum();
+    assert!(
+        warnings.len() < 100,
+        "never a log storm: {} warnings\n{}",
+        warnings.len(),
+        warnings.join("\n")
+    );
+    assert!(
+        held > 1000,
+        "the rest is summarised: {held}\n{}",
+        warnings.join("\n")
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    println!(
+        "{mode:?}: {VALID} valid + {INVALID} invalid objects: first sync after {first_sync:?}, all {VALID} valid Services programmed; {} warnings in the log ({individually} objects named, {held} more summarised)",
+        warnings.len()
+    );
+    let _ = std::fs::remove_file(kubeconfig);
 }
 
 /// Splits a command line on spaces; double-quoted words stay whole.

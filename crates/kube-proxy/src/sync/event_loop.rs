@@ -18,6 +18,7 @@ use tracing::{debug, error, info, trace, warn};
 
 use crate::source::{ObjectEvent, SourceEvent};
 use crate::sync::dataplane::{Dataplane, NodeView, SyncInput};
+use crate::sync::object_log::ObjectLog;
 use crate::sync::scheduler::{Scheduler, SchedulerConfig, SyncKind};
 use crate::sync::sync_status::SharedSyncStatus;
 use crate::telemetry::metrics::{family_labels, unix_seconds, Metrics, NoLocalEndpoints};
@@ -87,6 +88,8 @@ pub struct EventLoop {
     health_checks: Option<crate::servers::service_health::HealthCheckServers>,
     /// Run once, after the first sync in which every family was programmed.
     after_first_sync: Option<Box<dyn FnOnce() + Send>>,
+    /// Warnings about invalid objects and dataplane problems, each once, rate-limited.
+    object_log: ObjectLog,
     /// Trigger times older than this are from before the proxy started (a relist), not
     /// changes this proxy programs: upstream ignores them too.
     started_at: SystemTime,
@@ -186,6 +189,7 @@ impl EventLoop {
             no_local: BTreeMap::new(),
             health_checks: None,
             after_first_sync: None,
+            object_log: ObjectLog::new(Instant::now()),
         }
     }
 
@@ -317,10 +321,16 @@ impl EventLoop {
                     continue;
                 }
             }
+            self.object_log.summarize(now);
             let deadline = match self.node_wait {
                 // Wake up to give up waiting for the Node (a Node event wakes up sooner).
                 Some((wait, since)) if !ready && self.state.ready_to_sync() => since + wait.timeout,
                 _ => self.scheduler.next_due(now),
+            };
+            // Wake up for the summary of held-back warnings, too.
+            let deadline = match self.object_log.next_summary() {
+                Some(summary) => deadline.min(summary),
+                None => deadline,
             };
             tokio::select! {
                 event = events.recv() => match event {
@@ -356,12 +366,13 @@ impl EventLoop {
         match event {
             SourceEvent::Services(ObjectEvent::Replace(list)) => {
                 let outcomes = self.state.replace_services(list.iter());
-                log_outcomes("Service", outcomes);
+                self.log_outcomes("Service", outcomes);
             }
             SourceEvent::Services(ObjectEvent::ListStart) => self.state.begin_service_list(),
             SourceEvent::Services(ObjectEvent::Listed(obj)) => {
                 let name = object_name(&obj.metadata);
-                log_outcome("Service", &name, self.state.listed_service(&obj));
+                let outcome = self.state.listed_service(&obj);
+                self.log_outcome("Service", &name, outcome);
             }
             SourceEvent::Services(ObjectEvent::ListDone) => self.state.finish_service_list(),
             SourceEvent::EndpointSlices(ObjectEvent::ListStart) => self.state.begin_slice_list(),
@@ -369,7 +380,7 @@ impl EventLoop {
                 let name = object_name(&obj.metadata);
                 let outcome = self.state.listed_slice(&obj);
                 self.note_trigger_time(&obj, &outcome);
-                log_outcome("EndpointSlice", &name, outcome);
+                self.log_outcome("EndpointSlice", &name, outcome);
             }
             SourceEvent::EndpointSlices(ObjectEvent::ListDone) => self.state.finish_slice_list(),
             SourceEvent::Node(ObjectEvent::ListStart) => self.node_listed = false,
@@ -390,9 +401,12 @@ impl EventLoop {
             }
             SourceEvent::Services(ObjectEvent::Apply(obj)) => {
                 let name = object_name(&obj.metadata);
-                log_outcome("Service", &name, self.state.apply_service(&obj));
+                let outcome = self.state.apply_service(&obj);
+                self.log_outcome("Service", &name, outcome);
             }
             SourceEvent::Services(ObjectEvent::Delete(obj)) => {
+                self.object_log
+                    .forget("Service", &object_name(&obj.metadata));
                 if let Some(key) = kube_proxy_model::service::service_key(&obj) {
                     self.state.delete_service(&key);
                     trace!(service = %key, "Service deleted");
@@ -400,15 +414,17 @@ impl EventLoop {
             }
             SourceEvent::EndpointSlices(ObjectEvent::Replace(list)) => {
                 let outcomes = self.state.replace_slices(list.iter());
-                log_outcomes("EndpointSlice", outcomes);
+                self.log_outcomes("EndpointSlice", outcomes);
             }
             SourceEvent::EndpointSlices(ObjectEvent::Apply(obj)) => {
                 let name = object_name(&obj.metadata);
                 let outcome = self.state.apply_slice(&obj);
                 self.note_trigger_time(&obj, &outcome);
-                log_outcome("EndpointSlice", &name, outcome);
+                self.log_outcome("EndpointSlice", &name, outcome);
             }
             SourceEvent::EndpointSlices(ObjectEvent::Delete(obj)) => {
+                self.object_log
+                    .forget("EndpointSlice", &object_name(&obj.metadata));
                 self.state.delete_slice_object(&obj);
             }
             SourceEvent::Node(ObjectEvent::Replace(list)) => {
@@ -438,7 +454,8 @@ impl EventLoop {
             }
             SourceEvent::ServiceCidrs(ObjectEvent::Apply(obj)) => {
                 let name = obj.metadata.name.clone().unwrap_or_default();
-                log_outcome("ServiceCIDR", &name, self.state.apply_service_cidr(&obj));
+                let outcome = self.state.apply_service_cidr(&obj);
+                self.log_outcome("ServiceCIDR", &name, outcome);
             }
             SourceEvent::ServiceCidrs(ObjectEvent::Delete(obj)) => {
                 self.state.delete_service_cidr(&obj);
@@ -491,10 +508,21 @@ impl EventLoop {
         self.report_change_counts();
     }
 
+    fn log_outcome(&mut self, kind: &'static str, name: &str, outcome: Outcome) {
+        self.object_log.outcome(kind, name, outcome, Instant::now());
+    }
+
+    fn log_outcomes(&mut self, kind: &'static str, outcomes: Vec<(String, Outcome)>) {
+        let now = Instant::now();
+        for (name, outcome) in outcomes {
+            self.object_log.outcome(kind, &name, outcome, now);
+        }
+    }
+
     /// Replaces every ServiceCIDR (a relist or a re-read directory) and logs the result.
     fn replace_service_cidrs(&mut self, list: Vec<k8s_openapi::api::networking::v1::ServiceCIDR>) {
         let outcomes = self.state.replace_service_cidrs(list.iter());
-        log_outcomes("ServiceCIDR", outcomes);
+        self.log_outcomes("ServiceCIDR", outcomes);
         debug!(
             ipv4 = ?self.state.service_cidrs(IpFamily::V4),
             ipv6 = ?self.state.service_cidrs(IpFamily::V6),
@@ -663,9 +691,11 @@ impl EventLoop {
         if let Some(servers) = self.health_checks.as_mut() {
             servers.sync(&self.state, &changes.services, full || changes.full, &views);
         }
+        let now = Instant::now();
         for warning in self.dataplane.take_warnings() {
-            warn!("{warning}");
+            self.object_log.dataplane_warning(warning, now);
         }
+        self.object_log.summarize(now);
         self.syncs += 1;
         self.all_ok_once |= all_ok;
         if all_ok {
@@ -717,28 +747,6 @@ fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta
         meta.namespace.as_deref().unwrap_or("default"),
         meta.name.as_deref().unwrap_or("<unnamed>")
     )
-}
-
-fn log_outcome(kind: &str, name: &str, outcome: Outcome) {
-    match outcome {
-        Outcome::Invalid(reason) => {
-            warn!(kind, object = name, reason = %reason, "Skipping invalid object")
-        }
-        Outcome::ChangedWithWarnings(reason) => {
-            warn!(kind, object = name, reason = %reason, "Object applied, with parts ignored")
-        }
-        Outcome::Ignored(reason) => {
-            trace!(kind, object = name, reason = %reason, "Object not handled by kube-proxy")
-        }
-        Outcome::Changed => trace!(kind, object = name, "Object changed"),
-        Outcome::Unchanged => {}
-    }
-}
-
-fn log_outcomes(kind: &str, outcomes: Vec<(String, Outcome)>) {
-    for (name, outcome) in outcomes {
-        log_outcome(kind, &name, outcome);
-    }
 }
 
 #[cfg(test)]

@@ -4,5 +4,6 @@
 
 pub mod dataplane;
 pub mod event_loop;
+pub mod object_log;
 pub mod scheduler;
 pub mod sync_status;
