@@ -37,6 +37,16 @@ pub fn parse_manifest(path: &Path, text: &str) -> Result<FileObjects, String> {
     let mut options = serde_saphyr::Options::default();
     options.strict_booleans = true;
     options.leading_zero_numbers_as_strings = true;
+    // The parser's default budget (1,024 documents, 250k nodes, 1M events) protects against
+    // amplification, but also refuses an honest large cluster's manifests (a `kubectl get -o
+    // yaml` of 10k Services is 20k documents). Without aliases a node or event costs at least
+    // a byte of input, so limits proportional to the file's size bound the work just as well;
+    // the alias and anchor limits, which are what amplifies, stay.
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = budget.max_documents.max(text.len() / 8);
+    budget.max_nodes = budget.max_nodes.max(text.len() * 2);
+    budget.max_events = budget.max_events.max(text.len() * 4);
+    options.budget = Some(budget);
     let documents: Vec<Value> =
         serde_saphyr::from_multiple_with_options(text, options).map_err(|e| {
             match e.location() {
@@ -253,6 +263,24 @@ pub async fn run(dir: PathBuf, node_name: String, interval: Duration, tx: EventS
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A large cluster's manifests (here 5,000 documents) are not refused by the parser's
+    /// default budget, while an alias bomb still is.
+    #[test]
+    fn large_files_parse_and_alias_bombs_do_not() {
+        let one = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: n}\nspec:\n  clusterIP: 198.19.0.1\n  ports: [{name: p, port: 80}]\n";
+        let text = vec![one; 5000].join("---\n");
+        let parsed = parse_manifest(Path::new("big.yaml"), &text).unwrap();
+        assert_eq!(parsed.services.len(), 5000);
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for (i, prev) in ["a", "b", "c", "d", "e", "f", "g", "h", "i"].iter().enumerate() {
+            let name = (b'b' + i as u8) as char;
+            bomb.push_str(&format!(
+                "{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
+            ));
+        }
+        assert!(parse_manifest(Path::new("bomb.yaml"), &bomb).is_err());
+    }
 
     const GOOD: &str = r#"
 apiVersion: v1

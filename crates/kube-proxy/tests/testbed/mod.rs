@@ -429,6 +429,13 @@ impl TestBed {
 
     /// Starts kube-proxy in node-a with exactly `args` and waits for its first sync.
     pub fn start_proxy_with(&mut self, args: &[String]) {
+        self.spawn_proxy(args);
+        // Rules of a previous proxy are still in the kernel: wait for this one's first sync.
+        self.eventually("the proxy's first sync of both families", || self.proxy_synced());
+    }
+
+    /// Starts kube-proxy in node-a with exactly `args`, without waiting for anything.
+    pub fn spawn_proxy(&mut self, args: &[String]) {
         self.stop_proxy();
         self.proxy_args = args.to_vec();
         let log = File::create(&self.log).unwrap();
@@ -483,11 +490,20 @@ impl TestBed {
             .spawn()
             .unwrap();
         self.proxy = Some(child);
-        // Rules of a previous proxy are still in the kernel: wait for this one's first sync.
-        self.eventually("the proxy's first sync of both families", || {
-            let log = self.proxy_log();
-            log.contains("\"Synced\" family=\"IPv4\"") && log.contains("\"Synced\" family=\"IPv6\"")
-        });
+    }
+
+    /// Whether the running proxy's log shows its first sync of both families.
+    pub fn proxy_synced(&self) -> bool {
+        let log = self.proxy_log();
+        log.contains("\"Synced\" family=\"IPv4\"") && log.contains("\"Synced\" family=\"IPv6\"")
+    }
+
+    /// Kills the proxy with SIGKILL, wherever it is (rules stay as far as it got).
+    pub fn kill_proxy(&mut self) {
+        if let Some(mut child) = self.proxy.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Stops the proxy with SIGTERM (rules stay in place).
@@ -505,7 +521,6 @@ impl TestBed {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Runs `args` in the namespace of `role`; its standard output ("" when it failed).
     /// Runs a command in a namespace: its output, or the error.
     pub fn ip_netns_exec_checked(&self, role: &str, args: &[&str]) -> Result<String, String> {
         let ns = self.ns(role);
@@ -514,6 +529,7 @@ impl TestBed {
         run(&all)
     }
 
+    /// Runs `args` in the namespace of `role`; its standard output ("" when it failed).
     pub fn ip_netns_exec(&self, role: &str, args: &[&str]) -> String {
         let ns = self.ns(role);
         let mut all = vec!["ip", "netns", "exec", ns.as_str()];
