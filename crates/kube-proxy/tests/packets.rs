@@ -45,6 +45,7 @@ packet_cases!(nftables: Nftables =>
     api_server_outage_keeps_traffic_and_recovers,
     foreign_edits_are_found_repaired_and_logged,
     invalid_objects_among_valid_ones,
+    kill_9_during_syncs_leaves_nothing_broken,
 );
 packet_cases!(iptables_nft: IptablesNft =>
     cluster_ip_from_pods_node_and_outside,
@@ -64,6 +65,7 @@ packet_cases!(iptables_nft: IptablesNft =>
     api_server_outage_keeps_traffic_and_recovers,
     foreign_edits_are_found_repaired_and_logged,
     invalid_objects_among_valid_ones,
+    kill_9_during_syncs_leaves_nothing_broken,
     iptables_localhost_node_ports,
     iptables_takeover_canary_mode_switches_and_cleanup,
 );
@@ -85,6 +87,7 @@ packet_cases!(iptables_legacy: IptablesLegacy =>
     api_server_outage_keeps_traffic_and_recovers,
     foreign_edits_are_found_repaired_and_logged,
     invalid_objects_among_valid_ones,
+    kill_9_during_syncs_leaves_nothing_broken,
     iptables_localhost_node_ports,
     iptables_takeover_canary_mode_switches_and_cleanup,
 );
@@ -1357,6 +1360,275 @@ fn invalid_objects_among_valid_ones(mode: Mode) {
     println!(
         "{mode:?}: {VALID} valid + {INVALID} invalid objects: first sync after {first_sync:?}, all {VALID} valid Services programmed; {} warnings in the log ({individually} objects named, {held} more summarised)",
         warnings.len()
+    );
+    let _ = std::fs::remove_file(kubeconfig);
+}
+
+/// Our kernel state, normalised for comparison: the nftables tables' objects and elements
+/// (each element tagged with its set, sorted: listing order is the kernel's hash order), or
+/// our iptables chains and rules (sorted, counters dropped).
+fn normalized_state(bed: &TestBed, mode: Mode) -> Vec<String> {
+    let mut items = Vec::new();
+    for family in ["ip", "ip6"] {
+        if mode == Mode::Nftables {
+            let text = bed.ip_netns_exec("node", &["nft", "list", "table", family, "kube-proxy"]);
+            let mut container = String::new();
+            for line in text.lines().map(str::trim) {
+                if ["set ", "map ", "chain "]
+                    .iter()
+                    .any(|p| line.starts_with(p))
+                {
+                    container = format!("{family} {line}");
+                    items.push(container.clone());
+                    continue;
+                }
+                let line = line
+                    .trim_start_matches("elements = {")
+                    .trim_end_matches('}')
+                    .trim();
+                for piece in line.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    items.push(format!("{container} | {piece}"));
+                }
+            }
+        } else {
+            let save = mode.save_tool(family);
+            for table in ["nat", "filter"] {
+                let text = bed.ip_netns_exec("node", &[&save, "-t", table]);
+                items.extend(
+                    text.lines()
+                        .filter(|l| l.contains("KUBE-") && !l.starts_with('#'))
+                        .map(|l| match l.strip_prefix(':') {
+                            Some(decl) => format!(
+                                "{family} {table} :{}",
+                                decl.split_whitespace().next().unwrap_or("")
+                            ),
+                            None => format!("{family} {table} {l}"),
+                        }),
+                );
+            }
+        }
+    }
+    items.sort();
+    items
+}
+
+/// `kill -9` at random points of a cold sync of `KP_KILL_SERVICES` Services × 2 endpoints
+/// (default 10k)
+/// with the table removed first, and of partial syncs (2,000 endpoint changes and 500 new
+/// Services pushed through the watch), `KP_KILL_RUNS` times (default 20, half each): after
+/// each restart the kernel state equals a clean run's of the same cluster state after the
+/// first sync, and a connection established through a Service before the first kill answers
+/// after every restart.
+fn kill_9_during_syncs_leaves_nothing_broken(mode: Mode) {
+    if !testbed::available() {
+        return;
+    }
+    let runs: usize = std::env::var("KP_KILL_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let n: usize = std::env::var("KP_KILL_SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let mut bed = TestBed::new("kill");
+    bed.mode = mode;
+    // 10k Services take a debug build a few seconds (nftables) to tens of seconds (iptables
+    // on a busy machine) to program.
+    bed.first_sync_bound = Duration::from_secs(180);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _guard = runtime.enter();
+    let fake = std::sync::Arc::new(std::sync::Mutex::new(fakeapi::Fake::default()));
+    let ip = |i: usize| format!("198.19.{}.{}", 100 + i / 250, 1 + i % 250);
+    // State A: n Services with endpoints a1 and b1; state B: the first 2,000 with b1 only
+    // and 500 more Services. Both have "web", the Service of the established connection.
+    let objects = |b: bool| {
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+        let (web, web_slice) = api_service("web", "198.19.0.150", 0, &["a1"], 2);
+        services.push(web);
+        slices.push(web_slice);
+        for i in 0..n + if b { 500 } else { 0 } {
+            let pods: &[&str] = if b && i < 2000 {
+                &["b1"]
+            } else {
+                &["a1", "b1"]
+            };
+            // One port each: 10k Services × 2 endpoints, the benchmarks' cluster.
+            let (mut svc, mut slice) = api_service(&format!("s{i}"), &ip(i), 0, pods, 3);
+            svc["spec"]["ports"].as_array_mut().unwrap().truncate(1);
+            slice["ports"].as_array_mut().unwrap().truncate(1);
+            services.push(svc);
+            slices.push(slice);
+        }
+        (services, slices)
+    };
+    let body = |kind: &str, items: &[serde_json::Value]| {
+        bytes::Bytes::from(fakeapi::list(kind, "10", items.to_vec()).to_string())
+    };
+    let states = [objects(false), objects(true)];
+    let set_state = |which: usize| {
+        let mut f = fake.lock().unwrap();
+        f.prepared.insert(
+            "/api/v1/services".into(),
+            body("ServiceList", &states[which].0),
+        );
+        f.prepared.insert(
+            "/apis/discovery.k8s.io/v1/endpointslices".into(),
+            body("EndpointSliceList", &states[which].1),
+        );
+    };
+    {
+        let mut f = fake.lock().unwrap();
+        f.nodes = vec![serde_json::json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "resourceVersion": "5"},
+            "status": {"addresses": [{"type": "InternalIP", "address": testbed::NODE_A}]}})];
+    }
+    set_state(0);
+    let listener = bind_in_node(&bed, 0);
+    let url = fakeapi::serve_on(fake.clone(), listener);
+    let proxy_mode = if mode == Mode::Nftables {
+        "nftables"
+    } else {
+        "iptables"
+    };
+    let kubeconfig = start_with_kubeconfig(
+        &mut bed,
+        &url,
+        &[
+            "--hostname-override=node-a",
+            "--proxy-mode",
+            proxy_mode,
+            "--cluster-cidr=198.18.0.0/16",
+            "--healthz-bind-address=",
+            "--metrics-bind-address=",
+            "-v=2",
+        ],
+    );
+    let args = bed.proxy_args.clone();
+    let cleanup = |bed: &TestBed| {
+        bed.ip_netns_exec_checked("node", &[env!("CARGO_BIN_EXE_kube-proxy"), "--cleanup"])
+            .unwrap();
+    };
+    // Clean runs: the expected kernel state of A and B, and how long a cold sync takes.
+    let mut clean = Vec::new();
+    let mut cold = Duration::ZERO;
+    for which in [0, 1] {
+        bed.stop_proxy();
+        cleanup(&bed);
+        set_state(which);
+        let started = std::time::Instant::now();
+        bed.start_proxy_with(&args);
+        cold = cold.max(started.elapsed());
+        clean.push(normalized_state(&bed, mode));
+    }
+    assert!(clean[0].len() > n && clean[0] != clean[1]);
+    // The established connection, through A's rules (web is the same in both).
+    let web = sock("198.19.0.150", 81);
+    let mut established = bed.connect("a2", web);
+    assert_eq!(established.exchange("hello").unwrap(), "a1 hello");
+
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut random_below = |limit: u128| -> u128 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        u128::from(seed) % limit.max(1)
+    };
+    let mut current = 1; // the last clean run left B
+    let mut outcomes = Vec::new();
+    for run in 0..runs {
+        let cold_run = run % 2 == 0;
+        let target = if cold_run { current } else { 1 - current };
+        let delay;
+        let syncs_before = bed.proxy_log().matches("\"Synced\"").count();
+        if cold_run {
+            bed.stop_proxy();
+            cleanup(&bed);
+            set_state(target);
+            delay = Duration::from_millis(random_below(cold.as_millis() * 6 / 5) as u64);
+            bed.spawn_proxy(&args);
+        } else {
+            // The running proxy (synced on `current`) meets the changes through its watches:
+            // 2,000 slices modified, 500 Services and their slices added (A→B) or deleted.
+            set_state(target);
+            let mut f = fake.lock().unwrap();
+            let (services, slices) = &states[target];
+            for slice in &slices[1..2001] {
+                f.push_event(
+                    "/apis/discovery.k8s.io/v1/endpointslices",
+                    &serde_json::json!({"type": "MODIFIED", "object": slice}),
+                );
+            }
+            let (event, extra) = if target == 1 {
+                ("ADDED", (&services[n + 1..], &slices[n + 1..]))
+            } else {
+                ("DELETED", (&states[1].0[n + 1..], &states[1].1[n + 1..]))
+            };
+            for (svc, slice) in extra.0.iter().zip(extra.1) {
+                f.push_event(
+                    "/api/v1/services",
+                    &serde_json::json!({"type": event, "object": svc}),
+                );
+                f.push_event(
+                    "/apis/discovery.k8s.io/v1/endpointslices",
+                    &serde_json::json!({"type": event, "object": slice}),
+                );
+            }
+            drop(f);
+            delay = Duration::from_millis(random_below(1500) as u64);
+        }
+        std::thread::sleep(delay);
+        let log = bed.proxy_log();
+        let syncs = log.matches("\"Synced\"").count();
+        let phase = if !cold_run {
+            match syncs - syncs_before {
+                0 => "before the changes were synced",
+                1 => "between the families' syncs of the changes",
+                _ => "after the changes were synced",
+            }
+        } else if log.contains("\"Synced\" family=\"IPv6\"") {
+            "after its first sync"
+        } else if log.contains("\"Synced\" family=\"IPv4\"") {
+            "between the families' syncs"
+        } else if log.contains("listed; starting to sync") {
+            "during the first sync"
+        } else {
+            "before the lists were in"
+        };
+        bed.kill_proxy();
+        let killed_at = format!(
+            "{} run {run}: killed {delay:?} in, {phase}",
+            if cold_run { "cold" } else { "partial" }
+        );
+        bed.start_proxy_with(&args);
+        let state = normalized_state(&bed, mode);
+        if state != clean[target] {
+            let missing: Vec<&String> = clean[target]
+                .iter()
+                .filter(|i| !state.contains(i))
+                .take(10)
+                .collect();
+            let extra: Vec<&String> = state
+                .iter()
+                .filter(|i| !clean[target].contains(i))
+                .take(10)
+                .collect();
+            panic!("{killed_at}: after the restart's first sync the kernel differs from a clean run's\nmissing: {missing:#?}\nextra: {extra:#?}\n{}", bed.proxy_log());
+        }
+        assert_eq!(
+            established
+                .exchange(&format!("run{run}"))
+                .unwrap_or_else(|e| panic!("{killed_at}: the established connection broke: {e}")),
+            format!("a1 run{run}"),
+            "{killed_at}"
+        );
+        outcomes.push(killed_at);
+        current = target;
+    }
+    println!(
+        "{mode:?}: kill -9 {runs} times at {n} Services (cold sync {cold:?}): the kernel equalled a clean run's after each restart's first sync, the established connection answered every time\n  {}",
+        outcomes.join("\n  ")
     );
     let _ = std::fs::remove_file(kubeconfig);
 }

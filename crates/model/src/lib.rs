@@ -1,7 +1,8 @@
 //! kube-proxy's service model: from Services, EndpointSlices and the Node to, per IP family,
 //! every service port's frontends, its endpoints and the decision for each kind of traffic.
 //!
-//! Pure by construction: this crate depends on `k8s-openapi` for types only, never on `kube`,
+//! Pure by construction: this crate depends on `k8s-openapi` for types only (and a YAML parser
+//! for manifest text), never on `kube`,
 //! `tokio` or anything that does I/O, reads a clock or a global. Invalid objects are returned
 //! as values for the caller to log; nothing here panics on bad input.
 
@@ -11,6 +12,7 @@ pub mod dataplane;
 pub mod endpoints;
 pub mod explain;
 pub mod frontends;
+pub mod manifest;
 pub mod names;
 pub mod node;
 pub mod plan;

@@ -3,7 +3,11 @@
 //!
 //! From `iptables-save` output, [`cleanup_script`] computes one `iptables-restore --noflush`
 //! script per backend and family: delete the jumps from other chains into kube-proxy's
-//! chains, flush those chains, delete them. Applied in one restore, so it is atomic. Chains
+//! chains, flush those chains, delete them. Applied in one restore, so it is atomic. On the
+//! nf_tables backend a large cluster's chains go in stages instead ([`cleanup_scripts`]):
+//! `iptables-nft-restore` is superlinear in the chains of one input (30k chains: 18.7 s in
+//! one input, 1.7 s in six). The first input removes the jumps, so no traffic reaches our
+//! chains after it; the rest only frees them (every flush before any delete). Chains
 //! shared with kubelet (`KUBE-MARK-MASQ`, `KUBE-MARK-DROP`, filter `KUBE-FIREWALL`, the
 //! kubelet canary) are left alone, as upstream leaves them.
 
@@ -99,6 +103,77 @@ pub fn cleanup_script(saved: &str) -> Option<String> {
     found.then_some(script)
 }
 
+/// [`cleanup_script`] in inputs of at most `batch` chain operations each: the jumps and the
+/// first flushes, the other flushes, then the deletions (a chain is deleted only once no
+/// chain refers to it). One input when everything fits.
+pub fn cleanup_scripts(saved: &str, batch: usize) -> Vec<String> {
+    let Some(whole) = cleanup_script(saved) else {
+        return Vec::new();
+    };
+    let operations = whole.lines().filter(|l| l.starts_with("-F ")).count();
+    if operations <= batch {
+        return vec![whole];
+    }
+    /// One table's lines of the one-input script, by operation.
+    #[derive(Default)]
+    struct Table {
+        name: String,
+        jumps: Vec<String>,
+        flushes: Vec<String>,
+        deletes: Vec<String>,
+    }
+    let mut tables: Vec<Table> = Vec::new();
+    for line in whole.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            tables.push(Table {
+                name: name.to_string(),
+                ..Default::default()
+            });
+        } else if let Some(table) = tables.last_mut() {
+            match line.get(..3) {
+                Some("-D ") => table.jumps.push(line.to_string()),
+                Some("-F ") => table.flushes.push(line.to_string()),
+                Some("-X ") => table.deletes.push(line.to_string()),
+                _ => {}
+            }
+        }
+    }
+    let input = |table: &str, lines: &[String]| {
+        let mut text = format!("*{table}\n");
+        for line in lines {
+            text.push_str(line);
+            text.push('\n');
+        }
+        text.push_str("COMMIT\n");
+        text
+    };
+    let mut inputs = Vec::new();
+    // First: every jump into our chains goes, with the first flushes.
+    let mut first = String::new();
+    for table in &tables {
+        let mut lines = table.jumps.clone();
+        lines.extend(table.flushes.iter().take(batch).cloned());
+        if !lines.is_empty() {
+            first.push_str(&input(&table.name, &lines));
+        }
+    }
+    inputs.push(first);
+    for table in &tables {
+        for chunk in table.flushes.get(batch..).unwrap_or_default().chunks(batch) {
+            inputs.push(input(&table.name, chunk));
+        }
+    }
+    for table in &tables {
+        for chunk in table.deletes.chunks(batch) {
+            inputs.push(input(&table.name, chunk));
+        }
+    }
+    inputs
+}
+
+/// Chain operations per input on the nf_tables backend (see [`cleanup_scripts`]).
+const NFT_BACKEND_BATCH: usize = 5000;
+
 /// The iptables backends with state in this network namespace: (save, restore) commands.
 fn backends() -> Vec<(&'static str, &'static str)> {
     let mut found = Vec::new();
@@ -152,33 +227,47 @@ pub fn remove_leftovers() -> bool {
             }
             Err(_) => continue,
         };
-        let Some(script) = cleanup_script(&saved) else {
-            continue;
+        let batch = match restore.contains("-nft-") {
+            true => NFT_BACKEND_BATCH,
+            false => usize::MAX,
         };
-        let applied = Command::new(restore)
-            .arg("--noflush")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                if let Some(mut stdin) = child.stdin.take() {
-                    stdin.write_all(script.as_bytes())?;
+        let scripts = cleanup_scripts(&saved, batch);
+        if scripts.is_empty() {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let mut failed = false;
+        for script in &scripts {
+            let applied = Command::new(restore)
+                .arg("--noflush")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .and_then(|mut child| {
+                    if let Some(mut stdin) = child.stdin.take() {
+                        stdin.write_all(script.as_bytes())?;
+                    }
+                    child.wait_with_output()
+                });
+            match applied {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => {
+                    failed = true;
+                    warn!(command = restore, error = %String::from_utf8_lossy(&out.stderr).trim(), "Cannot remove kube-proxy's iptables chains");
+                    break;
                 }
-                child.wait_with_output()
-            });
-        match applied {
-            Ok(out) if out.status.success() => {
-                info!(command = restore, "Removed kube-proxy's iptables chains")
+                Err(e) => {
+                    failed = true;
+                    warn!(command = restore, error = %e, "Cannot run iptables-restore");
+                    break;
+                }
             }
-            Ok(out) => {
-                ok = false;
-                warn!(command = restore, error = %String::from_utf8_lossy(&out.stderr).trim(), "Cannot remove kube-proxy's iptables chains");
-            }
-            Err(e) => {
-                ok = false;
-                warn!(command = restore, error = %e, "Cannot run iptables-restore");
-            }
+        }
+        if failed {
+            ok = false;
+        } else {
+            info!(command = restore, inputs = scripts.len(), elapsed = ?started.elapsed(), "Removed kube-proxy's iptables chains");
         }
     }
     ok
@@ -240,6 +329,44 @@ COMMIT
 -A KUBE-SEP-DEF -p tcp -m tcp -j DNAT --to-destination 198.18.1.2:8080
 COMMIT
 "#;
+
+    /// In stages: the jumps first, every flush before any delete, no input over the batch.
+    #[test]
+    fn large_cleanups_are_staged_with_the_jumps_first() {
+        let mut saved = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n");
+        for i in 0..10 {
+            saved.push_str(&format!(":KUBE-SEP-{i} - [0:0]\n"));
+        }
+        saved.push_str("-A PREROUTING -j KUBE-SERVICES\n-A KUBE-SERVICES -j KUBE-SEP-9\nCOMMIT\n");
+        assert_eq!(
+            cleanup_scripts(&saved, 100),
+            vec![cleanup_script(&saved).unwrap()]
+        );
+        let staged = cleanup_scripts(&saved, 4);
+        assert!(
+            staged[0].starts_with("*nat\n-D PREROUTING -j KUBE-SERVICES\n-F KUBE-SERVICES\n"),
+            "{staged:?}"
+        );
+        let all: Vec<&str> = staged
+            .iter()
+            .flat_map(|s| s.lines())
+            .filter(|l| l.starts_with('-'))
+            .collect();
+        let first_delete = all.iter().position(|l| l.starts_with("-X")).unwrap();
+        assert!(all[first_delete..].iter().all(|l| l.starts_with("-X")));
+        assert_eq!(all.iter().filter(|l| l.starts_with("-F")).count(), 11);
+        assert_eq!(all.iter().filter(|l| l.starts_with("-X")).count(), 11);
+        for input in &staged {
+            assert!(
+                input
+                    .lines()
+                    .filter(|l| l.starts_with("-F") || l.starts_with("-X"))
+                    .count()
+                    <= 4,
+                "{input}"
+            );
+        }
+    }
 
     #[test]
     fn removes_kube_proxy_chains_and_their_jumps_only() {

@@ -36,7 +36,7 @@ use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use kube::{Client, Config, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::list_splitter::ListSplitter;
 use super::{EventSender, ObjectEvent, SourceEvent, PROXY_LABEL_SELECTOR};
@@ -274,9 +274,9 @@ impl Reachability {
                     return;
                 }
                 Ok(Err(error)) => {
-                    debug!(error = %error, probes, "The API server is still unreachable")
+                    trace!(error = %error, probes, "The API server is still unreachable")
                 }
-                Err(_) => debug!(probes, "A probe of the API server timed out"),
+                Err(_) => trace!(probes, "A probe of the API server timed out"),
             }
             if self.answered.receiver_count() == 0 {
                 // Nobody waits any more (each wait's backoff ran out first).

@@ -40,8 +40,16 @@ fn filter_for(verbosity: u32) -> Targets {
         8..=9 => Level::DEBUG,
         _ => Level::TRACE,
     };
+    // kube's client logs every failed request as an error; our own warning says the same
+    // with context (which kind, the backoff), so during an API outage it would only double
+    // the log lines. Shown with the client's debug output.
+    let client_errors = match verbosity {
+        0..=7 => tracing_subscriber::filter::LevelFilter::OFF,
+        _ => tracing_subscriber::filter::LevelFilter::from_level(libraries),
+    };
     Targets::new()
         .with_default(libraries)
+        .with_target("kube_client::client::builder", client_errors)
         .with_target("kube_proxy", level_for_verbosity(verbosity))
 }
 

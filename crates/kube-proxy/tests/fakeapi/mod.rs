@@ -100,7 +100,8 @@ fn body_of(value: &Value) -> Body {
 }
 
 fn streaming(fake: &Arc<Mutex<Fake>>, path: &str, reply: WatchReply) -> Body {
-    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(16);
+    // Room for a burst of pushed events (tests push thousands at once).
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(100_000);
     let reply_kind = match &reply {
         WatchReply::EventsThenCut(_) => ReplyKind::Cut,
         _ => ReplyKind::End,

@@ -144,7 +144,9 @@ pub struct TestBed {
     /// Run the proxy from this container image (`with_image`).
     pub image: Option<String>,
     /// The flags of the proxy last started (explain is asked with the same).
-    proxy_args: Vec<String>,
+    pub proxy_args: Vec<String>,
+    /// How long a started proxy may take to its first sync (20 s; more for large clusters).
+    pub first_sync_bound: Duration,
     /// explain's answers for the connections made, and how many agreed.
     explained: std::cell::RefCell<explained::ExplainLog>,
 }
@@ -236,6 +238,7 @@ impl TestBed {
             mode: Mode::Nftables,
             image: IMAGE.with(|i| i.borrow().clone()),
             proxy_args: Vec::new(),
+            first_sync_bound: Duration::from_secs(20),
             explained: Default::default(),
         };
         bed.build();
@@ -431,7 +434,9 @@ impl TestBed {
     pub fn start_proxy_with(&mut self, args: &[String]) {
         self.spawn_proxy(args);
         // Rules of a previous proxy are still in the kernel: wait for this one's first sync.
-        self.eventually("the proxy's first sync of both families", || self.proxy_synced());
+        self.eventually("the proxy's first sync of both families", || {
+            self.proxy_synced()
+        });
     }
 
     /// Starts kube-proxy in node-a with exactly `args`, without waiting for anything.
@@ -549,8 +554,13 @@ impl TestBed {
     }
 
     /// Waits until `check` holds (the proxy follows manifests asynchronously).
-    pub fn eventually(&self, what: &str, mut check: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    pub fn eventually(&self, what: &str, check: impl FnMut() -> bool) {
+        self.eventually_within(Duration::from_secs(20), what, check)
+    }
+
+    /// [`TestBed::eventually`] with another bound.
+    pub fn eventually_within(&self, bound: Duration, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + bound;
         while Instant::now() < deadline {
             if check() {
                 return;
