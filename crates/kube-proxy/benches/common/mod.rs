@@ -1,6 +1,11 @@
 //! What the benchmarks share: one child process per scale, so each measures its own peak RSS
 //! in its own network namespace.
 
+#![allow(dead_code)]
+
+pub mod cluster;
+pub mod proxy;
+
 use std::process::Command;
 
 /// Runs `run_scale(n, m)` for each `NxM` of `KP_BENCH_SCALES` (default `10000x2,50000x5`)

@@ -19,6 +19,13 @@ const BASE_CHAIN_PROBE: &str = "nat-prerouting";
 /// Receive buffer for the kernel's answers (see `ElementSocket::receive`).
 const RECEIVE_BUFFER: usize = 64 * 1024;
 
+/// Socket receive buffer asked for: the kernel acks every message of a batch before we read
+/// any, and each ack costs about 1 KiB of the socket's buffer (default 208 KiB, ~200 acks);
+/// a larger batch lost acks (`ENOBUFS`) and the sync failed.
+const NETLINK_RECEIVE_BUFFER: usize = 8 << 20;
+/// What one queued ack costs of the receive buffer, conservatively (its skb's true size).
+const ACK_COST: usize = 1024;
+
 /// How long to wait for the kernel's answer to a batch.
 const NETLINK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -80,7 +87,9 @@ impl Runner for NftCommand {
         if let Some(commands) = tx.element_commands().filter(|c| !c.is_empty()) {
             if let Some(socket) = self.element_socket() {
                 let batch = socket.encode(family, commands);
-                if batch.bytes.len() <= socket.batch_limit {
+                // Else it goes through nft, equally atomic.
+                if batch.bytes.len() <= socket.batch_limit && batch.lines.len() <= socket.ack_limit
+                {
                     socket.apply(&batch)?;
                     self.netlink_batches += 1;
                     return Ok(());
@@ -157,6 +166,8 @@ struct ElementSocket {
     seq: u32,
     /// Largest batch sent in one message (half the send buffer the kernel granted).
     batch_limit: usize,
+    /// Most messages in one batch whose acks fit the receive buffer the kernel granted.
+    ack_limit: usize,
 }
 
 impl ElementSocket {
@@ -177,10 +188,13 @@ impl ElementSocket {
         use nix::sys::socket::{getsockopt, setsockopt, sockopt};
         let _ = setsockopt(&socket, sockopt::SndBufForce, &NETLINK_SEND_BUFFER);
         let granted = getsockopt(&socket, sockopt::SndBuf).unwrap_or(212_992);
+        let _ = setsockopt(&socket, sockopt::RcvBufForce, &NETLINK_RECEIVE_BUFFER);
+        let receive = getsockopt(&socket, sockopt::RcvBuf).unwrap_or(212_992);
         Ok(ElementSocket {
             socket,
             seq: 1,
             batch_limit: granted / 2,
+            ack_limit: receive / ACK_COST / 2,
         })
     }
 
