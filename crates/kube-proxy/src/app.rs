@@ -229,32 +229,10 @@ async fn run(
     info!(node = %node_name, "Using node name");
     let (tx, rx) = mpsc::channel(4096);
 
-    match &flags.manifests {
-        Some(dir) => {
-            info!(path = %dir.display(), "Standalone mode: reading Services, EndpointSlices and Nodes from manifests");
-            tokio::spawn(source::manifests::run(
-                dir.clone(),
-                node_name.clone(),
-                Duration::from_millis(500),
-                tx,
-            ));
-        }
-        None => {
-            let client = source::api::client(&source::api::ClientSettings {
-                kubeconfig: settings.kubeconfig.clone(),
-                master: settings.master.clone(),
-                qps: settings.qps,
-                burst: settings.burst,
-                content_type: settings.content_type.clone(),
-            })
-            .await?;
-            tokio::spawn(source::events::announce_start(
-                client.clone(),
-                node_name.clone(),
-            ));
-            tokio::spawn(source::api::run(client, node_name.clone(), tx));
-        }
+    if let Some(dir) = &flags.manifests {
+        info!(path = %dir.display(), "Standalone mode: reading Services, EndpointSlices and Nodes from manifests");
     }
+    start_source(&flags, settings, &node_name, tx, true).await?;
 
     let dataplane = build_dataplane(&flags, settings, print_format)?;
     if settings.mode == ProxyMode::Ipvs {
@@ -383,6 +361,45 @@ async fn run(
             if let Ok(Err(e)) = done {
                 return Err(e.into());
             }
+        }
+    }
+    Ok(())
+}
+
+/// Starts the source of cluster state: the manifests directory, or the API server (with
+/// upstream's `Starting` event on the Node when `announce`).
+pub(crate) async fn start_source(
+    flags: &Flags,
+    settings: &kube_proxy_config::ProxyConfig,
+    node_name: &str,
+    tx: source::EventSender,
+    announce: bool,
+) -> anyhow::Result<()> {
+    match &flags.manifests {
+        Some(dir) => {
+            tokio::spawn(source::manifests::run(
+                dir.clone(),
+                node_name.to_string(),
+                Duration::from_millis(500),
+                tx,
+            ));
+        }
+        None => {
+            let client = source::api::client(&source::api::ClientSettings {
+                kubeconfig: settings.kubeconfig.clone(),
+                master: settings.master.clone(),
+                qps: settings.qps,
+                burst: settings.burst,
+                content_type: settings.content_type.clone(),
+            })
+            .await?;
+            if announce {
+                tokio::spawn(source::events::announce_start(
+                    client.clone(),
+                    node_name.to_string(),
+                ));
+            }
+            tokio::spawn(source::api::run(client, node_name.to_string(), tx));
         }
     }
     Ok(())

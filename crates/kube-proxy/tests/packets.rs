@@ -1059,8 +1059,9 @@ fn api_server_outage_keeps_traffic_and_recovers(mode: Mode) {
 /// Someone else edits our rules: first a small edit (one element of a map deleted in
 /// nftables mode; one rule deleted from `KUBE-SERVICES` in iptables mode), then a big one
 /// (`nft flush table ip kube-proxy`; `iptables -t nat -F KUBE-SERVICES`). Each time `explain
-/// --check` reports the drift, the periodic check (`--iptables-sync-period 2s` here, which every mode takes; the nftables
-/// mode lists its table, the iptables mode counts the rules of the chains only it writes)
+/// --check` reports the drift, the periodic check (`--iptables-sync-period 2s` here, which
+/// every mode takes; the nftables mode lists its table, the iptables mode counts the rules of
+/// the chains only it writes)
 /// repairs it and logs why, and the Service answers again; the repair time is printed.
 fn foreign_edits_are_found_repaired_and_logged(mode: Mode) {
     if !testbed::available() {
@@ -1101,7 +1102,7 @@ fn foreign_edits_are_found_repaired_and_logged(mode: Mode) {
                 .unwrap_or_else(|| panic!("no KUBE-SERVICES rule for the Service:\n{save}"))
                 .replacen("-A ", "-D ", 1);
             let mut words = vec![tool.clone(), "-t".into(), "nat".into()];
-            words.extend(split_words(&rule));
+            words.extend(kube_proxy::explain::split_args(&rule));
             let words: Vec<&str> = words.iter().map(String::as_str).collect();
             bed.ip_netns_exec_checked("node", &words).unwrap()
         }
@@ -1631,36 +1632,6 @@ fn kill_9_during_syncs_leaves_nothing_broken(mode: Mode) {
         outcomes.join("\n  ")
     );
     let _ = std::fs::remove_file(kubeconfig);
-}
-
-/// Splits a command line on spaces; double-quoted words stay whole.
-fn split_words(line: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut current = String::new();
-    let mut quoted = false;
-    let mut any = false;
-    for c in line.chars() {
-        match c {
-            '"' => {
-                quoted = !quoted;
-                any = true;
-            }
-            ' ' if !quoted => {
-                if any {
-                    words.push(std::mem::take(&mut current));
-                    any = false;
-                }
-            }
-            c => {
-                current.push(c);
-                any = true;
-            }
-        }
-    }
-    if any {
-        words.push(current);
-    }
-    words
 }
 
 /// How many kernel transactions the first IPv4 sync in `log` took.

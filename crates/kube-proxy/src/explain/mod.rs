@@ -6,6 +6,7 @@
 //! It only reads: nothing is programmed, no sysctl is set, no health server is started.
 
 mod check;
+pub use check::split_args;
 mod explainer;
 mod render;
 
@@ -20,7 +21,6 @@ use kube_proxy_model::explain::{Origin, Packet, SourceHints};
 use kube_proxy_model::{IpFamily, PlanContext, SelectionGates};
 use tokio::sync::mpsc;
 
-use crate::source;
 use crate::sync::event_loop::{EventLoop, NodeAddressing, NodeWait};
 use crate::sync::scheduler::SchedulerConfig;
 use explainer::{Explainer, Found, Mode};
@@ -251,27 +251,8 @@ async fn compute(
     let settings = &effective.settings;
     let node_name = crate::app::node_name(effective);
     let (tx, rx) = mpsc::channel(4096);
-    match &flags.manifests {
-        Some(dir) => {
-            tokio::spawn(source::manifests::run(
-                dir.clone(),
-                node_name.clone(),
-                Duration::from_millis(500),
-                tx,
-            ));
-        }
-        None => {
-            let client = source::api::client(&source::api::ClientSettings {
-                kubeconfig: settings.kubeconfig.clone(),
-                master: settings.master.clone(),
-                qps: settings.qps,
-                burst: settings.burst,
-                content_type: settings.content_type.clone(),
-            })
-            .await?;
-            tokio::spawn(source::api::run(client, node_name.clone(), tx));
-        }
-    }
+    // No Starting event: explain is not the proxy starting.
+    crate::app::start_source(flags, settings, &node_name, tx, false).await?;
     let policy = match mode {
         Mode::Iptables => crate::app::iptables_policy(settings),
         Mode::Nftables => crate::app::nftables_config(settings).policy(),
