@@ -2039,8 +2039,14 @@ fn iptables_takeover_canary_mode_switches_and_cleanup(mode: Mode) {
     };
     let restore = format!("iptables-{backend}-restore");
     let save_tool = mode.save_tool("ip");
-    let saved = || in_node(&[&save_tool], "");
+    let save_tool6 = mode.save_tool("ip6");
+    // Both families' rules: others' must stay byte-identical in each.
+    let saved = || in_node(&[&save_tool], "") + &in_node(&[&save_tool6], "");
     in_node(&[&restore, "--noflush"], FOREIGN_IPTABLES);
+    in_node(
+        &[&format!("ip6tables-{backend}-restore"), "--noflush"],
+        &FOREIGN_IPTABLES.replace("203.0.113.250/32", "2001:db8:203::250/128"),
+    );
     // Upstream's Service, sent to a2's long-lived echo server (port 8081).
     in_node(
         &[&restore, "--noflush"],
