@@ -84,16 +84,13 @@ pub fn check(objects: &Objects, ip: &str, iptables: &str) -> Vec<Checked> {
                     &["-w", "-t", table, "-S", chain].map(String::from),
                 );
                 let count = out.lines().filter(|l| l.starts_with("-A ")).count();
-                let present = ok && count == expected;
-                checked.push(Checked {
-                    object: format!("{iptables} -t {table} -S {chain}: {expected} rules"),
-                    present,
-                    detail: match (ok, present) {
-                        (false, _) => out,
-                        (true, false) => format!("the kernel's chain has {count} rules"),
-                        _ => String::new(),
-                    },
-                });
+                checked.push(counted(
+                    format!("{iptables} -t {table} -S {chain}: {expected} rules"),
+                    ok,
+                    out,
+                    count,
+                    expected,
+                ));
             }
             checked
         }
@@ -127,26 +124,13 @@ fn check_nft(object: &Object, ip: &str) -> Checked {
                 "nft",
                 &["list", "chain", ip, TABLE, chain].map(String::from),
             );
-            let count = out
-                .lines()
-                .map(str::trim)
-                .filter(|l| {
-                    !l.is_empty()
-                        && !l.starts_with("table ")
-                        && !l.starts_with("chain ")
-                        && *l != "}"
-                })
-                .count();
-            let present = ok && count == rules.len();
-            Checked {
-                object: format!("chain {chain} ({} rules)", rules.len()),
-                present,
-                detail: match (ok, present) {
-                    (false, _) => out,
-                    (true, false) => format!("the kernel's chain has {count} rules"),
-                    _ => String::new(),
-                },
-            }
+            counted(
+                format!("chain {chain} ({} rules)", rules.len()),
+                ok,
+                out.clone(),
+                rule_lines(&out),
+                rules.len(),
+            )
         }
         Object::AffinitySet { set, .. } => {
             let (ok, out) = run("nft", &["list", "set", ip, TABLE, set].map(String::from));
@@ -156,6 +140,20 @@ fn check_nft(object: &Object, ip: &str) -> Checked {
                 detail: if ok { String::new() } else { out },
             }
         }
+    }
+}
+
+/// A chain that must hold `expected` rules, listed (`ok`, `out`) with `count` of them.
+fn counted(object: String, ok: bool, out: String, count: usize, expected: usize) -> Checked {
+    let present = ok && count == expected;
+    Checked {
+        object,
+        present,
+        detail: match (ok, present) {
+            (false, _) => out,
+            (true, false) => format!("the kernel's chain has {count} rules"),
+            _ => String::new(),
+        },
     }
 }
 
