@@ -238,13 +238,6 @@ async fn run(
     if settings.mode == ProxyMode::Ipvs {
         warn!("IPVS mode is deprecated upstream and not implemented here; consider --proxy-mode nftables");
     }
-    let gates = SelectionGates {
-        prefer_same_traffic_distribution: settings
-            .feature_gates
-            .get("PreferSameTrafficDistribution")
-            .copied()
-            .unwrap_or(true),
-    };
     let status: SharedSyncStatus = Arc::default();
     let metrics = Arc::new(crate::telemetry::metrics::Metrics::new(settings.mode));
     metrics.initialize(&IpFamily::ALL);
@@ -287,7 +280,7 @@ async fn run(
         &node_name,
         &IpFamily::ALL,
         SchedulerConfig::new(settings.min_sync_period, settings.sync_period),
-        PlanContext { gates },
+        plan_context(settings),
         dataplane,
         status,
         crate::sync::event_loop::NodeAddressing {
@@ -364,6 +357,19 @@ async fn run(
         }
     }
     Ok(())
+}
+
+/// What the planner takes from the configuration (feature gates).
+pub(crate) fn plan_context(settings: &kube_proxy_config::ProxyConfig) -> PlanContext {
+    PlanContext {
+        gates: SelectionGates {
+            prefer_same_traffic_distribution: settings
+                .feature_gates
+                .get("PreferSameTrafficDistribution")
+                .copied()
+                .unwrap_or(true),
+        },
+    }
 }
 
 /// Starts the source of cluster state: the manifests directory, or the API server (with

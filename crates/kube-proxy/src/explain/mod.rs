@@ -18,7 +18,7 @@ use std::time::Duration;
 use clap::Parser;
 use kube_proxy_config::{Flags, ProxyMode};
 use kube_proxy_model::explain::{Origin, Packet, SourceHints};
-use kube_proxy_model::{IpFamily, PlanContext, SelectionGates};
+use kube_proxy_model::IpFamily;
 use tokio::sync::mpsc;
 
 use crate::sync::event_loop::{EventLoop, NodeAddressing, NodeWait};
@@ -265,18 +265,11 @@ async fn compute(
         hints,
         found: found.clone(),
     };
-    let gates = SelectionGates {
-        prefer_same_traffic_distribution: settings
-            .feature_gates
-            .get("PreferSameTrafficDistribution")
-            .copied()
-            .unwrap_or(true),
-    };
     let mut event_loop = EventLoop::new(
         &node_name,
         &[packet.family()],
         SchedulerConfig::new(Duration::ZERO, settings.sync_period),
-        PlanContext { gates },
+        crate::app::plan_context(settings),
         Box::new(explainer),
         Arc::default(),
         NodeAddressing {
