@@ -143,9 +143,24 @@ pub struct ProxyConfig {
     pub enable_profiling: bool,
     pub oom_score_adj: i32,
     pub conntrack: ConntrackSettings,
+    pub ipvs: IpvsSettings,
     pub feature_gates: BTreeMap<String, bool>,
     pub verbosity: u32,
     pub logging_format: String,
+}
+
+/// ipvs mode's settings (`ipvs.*`), validated in ipvs mode only, as upstream.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct IpvsSettings {
+    /// `ipvs.scheduler`, `rr` when empty.
+    pub scheduler: String,
+    /// `ipvs.excludeCIDRs`: virtual servers there are never deleted.
+    pub exclude_cidrs: Vec<IpNet>,
+    pub strict_arp: bool,
+    /// IPVS connection timeouts; zero keeps the kernel's.
+    pub tcp_timeout: Duration,
+    pub tcp_fin_timeout: Duration,
+    pub udp_timeout: Duration,
 }
 
 /// The effective configuration: the v1alpha1 document (what `--write-config-to` and
@@ -791,6 +806,23 @@ fn validate(doc: &KubeProxyConfiguration, flags: &Flags) -> Result<ProxyConfig, 
         enable_profiling: doc.enable_profiling,
         oom_score_adj,
         conntrack,
+        ipvs: IpvsSettings {
+            scheduler: match doc.ipvs.scheduler.as_str() {
+                "" => "rr".to_string(),
+                other => other.to_string(),
+            },
+            exclude_cidrs: doc
+                .ipvs
+                .exclude_cidrs
+                .iter()
+                .flatten()
+                .filter_map(|c| c.parse().ok())
+                .collect(),
+            strict_arp: doc.ipvs.strict_arp,
+            tcp_timeout: doc.ipvs.tcp_timeout.max(GoDuration::ZERO).to_std(),
+            tcp_fin_timeout: doc.ipvs.tcp_fin_timeout.max(GoDuration::ZERO).to_std(),
+            udp_timeout: doc.ipvs.udp_timeout.max(GoDuration::ZERO).to_std(),
+        },
         feature_gates: doc.feature_gates.clone(),
         verbosity: doc.logging.verbosity,
         logging_format,

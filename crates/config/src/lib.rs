@@ -12,7 +12,7 @@ mod yaml;
 
 pub use duration::GoDuration;
 pub use effective::{
-    build, ConfigError, ConntrackSettings, DetectLocal, EffectiveConfig, FieldError,
+    build, ConfigError, ConntrackSettings, DetectLocal, EffectiveConfig, FieldError, IpvsSettings,
     NodePortAddresses, ProxyConfig, ProxyMode,
 };
 pub use flags::Flags;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use kube_proxy_config::{EffectiveConfig, Flags, ProxyMode};
-use kube_proxy_model::{IpFamily, PlanContext, SelectionGates};
+use kube_proxy_model::{IpFamily, LocalPolicy, PlanContext, SelectionGates};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -89,7 +89,10 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         },
     };
     if let Err(e) = crate::kernel::iptables_backend::from_env() {
-        if effective.settings.mode == ProxyMode::Iptables {
+        if matches!(
+            effective.settings.mode,
+            ProxyMode::Iptables | ProxyMode::Ipvs
+        ) {
             eprintln!("kube-proxy: {e}");
             return ExitCode::FAILURE;
         }
@@ -105,9 +108,21 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         "Starting kube-proxy-rs"
     );
     if flags.cleanup == Some(true) {
-        return cleanup();
+        return cleanup(&effective.settings);
     }
-    if programs_kernel(&flags, &effective.settings, print_format) || flags.init_only == Some(true) {
+    let touches_kernel =
+        programs_kernel(&flags, &effective.settings, print_format) || flags.init_only == Some(true);
+    if effective.settings.mode == ProxyMode::Ipvs && touches_kernel {
+        // As upstream, before anything is changed: no IP_VS, no ipvs mode (and no fallback).
+        match crate::kernel::ipvs_runner::check_ipvs(&effective.settings.ipvs.scheduler) {
+            Ok(versions) => info!(tools = %versions, "The kernel has IP_VS"),
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if touches_kernel {
         privileged_setup(&effective);
     }
     if flags.init_only == Some(true) {
@@ -147,8 +162,10 @@ fn programs_kernel(
     settings: &kube_proxy_config::ProxyConfig,
     print_format: Option<PrintFormat>,
 ) -> bool {
-    matches!(settings.mode, ProxyMode::Nftables | ProxyMode::Iptables)
-        && flags.dry_run != Some(true)
+    matches!(
+        settings.mode,
+        ProxyMode::Nftables | ProxyMode::Iptables | ProxyMode::Ipvs
+    ) && flags.dry_run != Some(true)
         && print_format.is_none()
 }
 
@@ -157,15 +174,25 @@ fn programs_kernel(
 fn privileged_setup(effective: &EffectiveConfig) {
     crate::kernel::node_setup::apply_conntrack(&effective.settings.conntrack);
     crate::kernel::node_setup::apply_oom_score_adj(effective.settings.oom_score_adj);
+    if effective.settings.mode == ProxyMode::Ipvs {
+        let ipvs = &effective.settings.ipvs;
+        crate::kernel::node_setup::apply_ipvs(ipvs.strict_arp);
+        crate::kernel::ipvs_runner::set_timeouts(
+            ipvs.tcp_timeout.as_secs(),
+            ipvs.tcp_fin_timeout.as_secs(),
+            ipvs.udp_timeout.as_secs(),
+        );
+    }
 }
 
 /// `--cleanup`: removes everything the nftables mode programs (upstream's and ours: the
-/// `kube-proxy` tables of both families), upstream's iptables and ipvs mode chains and the
-/// ipvs interface, and exits; non-zero if something could not be removed. What does not
-/// exist is not an error.
-fn cleanup() -> ExitCode {
+/// `kube-proxy` tables of both families), iptables and ipvs mode's chains, the ipvs
+/// interface, IPVS virtual servers (but those in `ipvs.excludeCIDRs`) and ipsets, and exits;
+/// non-zero if something could not be removed. What does not exist is not an error.
+fn cleanup(settings: &kube_proxy_config::ProxyConfig) -> ExitCode {
     let mut failed = !remove_nft_tables();
     failed |= !crate::kernel::iptables_cleanup::remove_leftovers();
+    failed |= !crate::kernel::ipvs_runner::remove_leftovers(&settings.ipvs.exclude_cidrs);
     if failed {
         ExitCode::FAILURE
     } else {
@@ -236,7 +263,7 @@ async fn run(
 
     let dataplane = build_dataplane(&flags, settings, print_format)?;
     if settings.mode == ProxyMode::Ipvs {
-        warn!("IPVS mode is deprecated upstream and not implemented here; consider --proxy-mode nftables");
+        warn!("The ipvs proxy mode is deprecated upstream (Kubernetes 1.35, KEP-5495) and may be removed; consider --proxy-mode nftables");
     }
     let status: SharedSyncStatus = Arc::default();
     let metrics = Arc::new(crate::telemetry::metrics::Metrics::new(settings.mode));
@@ -301,14 +328,16 @@ async fn run(
     }
     if programs_kernel(&flags, settings, print_format) {
         // Taking over from another mode: its rules go once ours are in place (not before, so
-        // traffic keeps flowing during the switch). In iptables mode the other mode is
-        // nftables (iptables' chains are our own then).
-        let iptables_mode = settings.mode == ProxyMode::Iptables;
+        // traffic keeps flowing during the switch). In iptables and ipvs mode the other mode
+        // is nftables (the iptables chains are partly our own then), as upstream.
+        let nftables_mode = settings.mode == ProxyMode::Nftables;
+        let exclude = settings.ipvs.exclude_cidrs.clone();
         event_loop = event_loop.after_first_sync(Box::new(move || {
-            if iptables_mode {
-                remove_nft_tables();
-            } else {
+            if nftables_mode {
                 crate::kernel::iptables_cleanup::remove_leftovers();
+                crate::kernel::ipvs_runner::remove_leftovers(&exclude);
+            } else {
+                remove_nft_tables();
             }
         }));
         // Health-check node ports belong to a proxy that programs the node's traffic.
@@ -362,6 +391,13 @@ async fn run(
 /// What the planner takes from the configuration (feature gates).
 pub(crate) fn plan_context(settings: &kube_proxy_config::ProxyConfig) -> PlanContext {
     PlanContext {
+        // Upstream's ipvs mode sends Local-policy traffic to cluster endpoints when this
+        // node has none (one virtual server serves every client).
+        local_policy: if settings.mode == ProxyMode::Ipvs {
+            LocalPolicy::FallBackToCluster
+        } else {
+            LocalPolicy::Strict
+        },
         gates: SelectionGates {
             prefer_same_traffic_distribution: settings
                 .feature_gates
@@ -482,16 +518,42 @@ fn build_dataplane(
                 .with_nfacct_counters(crate::kernel::nfacct::ensure_counters()),
             ))
         }
-        mode => {
-            warn!(
-                mode = mode.as_str(),
-                "No kernel dataplane is implemented for this mode yet; printing the computed state instead (use --proxy-mode=nftables or iptables)"
-            );
-            Ok(Box::new(StatePrinter::new(
-                PrintFormat::Text,
-                Box::new(std::io::stdout()),
+        ProxyMode::Ipvs => {
+            if flags.dry_run == Some(true) {
+                info!("--dry-run in ipvs mode: printing the computed state instead of applying it");
+                return Ok(Box::new(StatePrinter::new(
+                    PrintFormat::Text,
+                    Box::new(std::io::stdout()),
+                )));
+            }
+            let requested = crate::kernel::iptables_backend::from_env().unwrap_or(None);
+            let (backend, why) = crate::kernel::iptables_backend::select(requested);
+            let version = crate::kernel::iptables_runner::check_iptables(backend)
+                .map_err(anyhow::Error::msg)?;
+            info!(iptables = %version, backend = backend.as_str(), reason = why, scheduler = %settings.ipvs.scheduler, "Using the ipvs dataplane");
+            Ok(Box::new(kube_proxy_ipvs::proxier::IpvsProxier::new(
+                ipvs_config(settings),
+                crate::kernel::ipvs_runner::IpvsCommand,
+                crate::kernel::iptables_runner::IptablesCommand::new(backend),
+                Box::new(std::time::Instant::now),
             )))
         }
+    }
+}
+
+/// The ipvs dataplane's settings from the configuration.
+pub(crate) fn ipvs_config(
+    settings: &kube_proxy_config::ProxyConfig,
+) -> kube_proxy_ipvs::proxier::IpvsConfig {
+    kube_proxy_ipvs::proxier::IpvsConfig {
+        policy: kube_proxy_model::context::ProxyPolicy {
+            localhost_node_ports: false,
+            drop_invalid: false,
+            ..iptables_policy(settings)
+        },
+        scheduling: kube_proxy_ipvs::desired::Scheduling::new(&settings.ipvs.scheduler),
+        exclude_cidrs: settings.ipvs.exclude_cidrs.clone(),
+        ..Default::default()
     }
 }
 

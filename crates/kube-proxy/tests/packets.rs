@@ -92,6 +92,32 @@ packet_cases!(iptables_legacy: IptablesLegacy =>
     iptables_takeover_canary_mode_switches_and_cleanup,
 );
 
+/// The cases in ipvs mode: `#[ignore]`d here (this machine's kernel has no IP_VS), run by
+/// `ipvs_cases_in_a_vm` inside a VM whose kernel has it (testbed/vm.rs, scripts/vm).
+macro_rules! vm_packet_cases {
+    ($modname:ident: $mode:ident => $($case:ident),* $(,)?) => {
+        mod $modname {
+            $(
+                #[test]
+                #[ignore = "needs IP_VS: runs inside the VM (ipvs_cases_in_a_vm)"]
+                fn $case() {
+                    super::$case(super::Mode::$mode);
+                }
+            )*
+        }
+    };
+}
+
+vm_packet_cases!(ipvs: Ipvs =>
+    cluster_ip_from_pods_node_and_outside,
+);
+
+/// Boots the VM and runs the `ipvs::` cases there.
+#[test]
+fn ipvs_cases_in_a_vm() {
+    testbed::vm::run_ignored("ipvs::", 2);
+}
+
 /// Cases run with the proxy from the container image (`Dockerfile`, built by
 /// scripts/image.sh; `KP_IMAGE` names it), as a DaemonSet runs it: privileged, in the node's
 /// network namespace.
@@ -194,9 +220,10 @@ fn cluster_ip_from_pods_node_and_outside(mode: Mode) {
         &service("web", &format!("  clusterIP: 198.19.0.10\n  clusterIPs: [198.19.0.10, \"2001:db8:19::10\"]\n  ipFamilyPolicy: PreferDualStack\n{PORTS}"), &["a1", "a2", "b1"]),
     );
     bed.start_proxy(&[]);
-    match mode.is_iptables() {
-        true => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.2.2:8080"),
-        false => bed.wait_for_rules("ip", "198.19.0.10 . udp . 80 : 198.18.2.2 . 8080"),
+    match mode {
+        Mode::Nftables => bed.wait_for_rules("ip", "198.19.0.10 . udp . 80 : 198.18.2.2 . 8080"),
+        Mode::Ipvs => bed.wait_for_rules("ip", "-a -u 198.19.0.10:80 -r 198.18.2.2:8080"),
+        _ => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.2.2:8080"),
     }
     let vip = sock("198.19.0.10", 80);
 
@@ -235,9 +262,9 @@ fn cluster_ip_from_pods_node_and_outside(mode: Mode) {
     assert_eq!(answered, expected_pods);
     assert!(sources.contains(&ipaddr("2001:db8:18:1::3")), "{sources:?}");
 
-    // A port the Service does not have is rejected, not dropped (nftables mode; upstream's
-    // iptables mode has no such rule).
-    if mode == Mode::Nftables {
+    // A port the Service does not have is rejected, not dropped (nftables mode, and ipvs
+    // mode's KUBE-IPVS-FILTER; upstream's iptables mode has no such rule).
+    if matches!(mode, Mode::Nftables | Mode::Ipvs) {
         assert_eq!(
             bed.tcp("a1", sock("198.19.0.10", 81), None),
             Outcome::Refused
@@ -799,6 +826,7 @@ fn upstream_command_line_against_an_api_server(mode: Mode) {
         Mode::Nftables => &["--proxy-mode", "nftables"],
         Mode::IptablesNft => &[],
         Mode::IptablesLegacy => &["--proxy-mode", "iptables"],
+        Mode::Ipvs => &["--proxy-mode", "ipvs"],
     };
     let mut flags = vec!["--hostname-override", "node-a"];
     flags.extend_from_slice(mode_flags);

@@ -27,7 +27,9 @@ pub use endpoints::Endpoint;
 pub use frontends::Frontend;
 pub use names::{IpFamily, NamespacedName, Protocol, ServicePortName};
 pub use node::NodeInfo;
-pub use plan::{EndpointSet, ExternalPlan, FamilyPlan, PlanContext, ServicePortPlan, Target};
+pub use plan::{
+    EndpointSet, ExternalPlan, FamilyPlan, LocalPolicy, PlanContext, ServicePortPlan, Target,
+};
 pub use service::ServicePort;
 pub use state::{Changes, ClusterState, Outcome, Synced};
 pub use topology::SelectionGates;

@@ -81,7 +81,21 @@ impl ServicePortPlan {
         node: NodeTopology<'_>,
         gates: SelectionGates,
     ) -> ServicePortPlan {
+        Self::decide_with(port, endpoints, node, gates, LocalPolicy::Strict)
+    }
+
+    /// [`decide`](Self::decide) under a mode's reading of the Local traffic policies.
+    pub fn decide_with(
+        port: Arc<ServicePort>,
+        endpoints: &[Arc<Endpoint>],
+        node: NodeTopology<'_>,
+        gates: SelectionGates,
+        local_policy: LocalPolicy,
+    ) -> ServicePortPlan {
         let categorized = categorize_endpoints(endpoints, &port, node, gates);
+        if local_policy == LocalPolicy::FallBackToCluster {
+            return Self::decide_falling_back(port, categorized);
+        }
         let has_endpoints = categorized.has_any;
         let set_or = |set: EndpointSet, list: &[Arc<Endpoint>], otherwise: Target| {
             if list.is_empty() {
@@ -122,6 +136,46 @@ impl ServicePortPlan {
             local_endpoints: categorized.local,
             reachable_endpoints: categorized.all_reachable,
             has_endpoints,
+            topology: categorized.topology,
+            internal,
+            external,
+            refused: Vec::new(),
+            port,
+        }
+    }
+
+    /// Upstream's ipvs mode: one virtual server per frontend serves every client, so a Local
+    /// policy sends everyone (outside clients, pods, the node) to the local endpoints, and
+    /// to the cluster endpoints when there is none here (kubernetes#97081: pods keep working;
+    /// outside clients' replies then leave from the pod unmasqueraded and are lost). Nothing
+    /// is dropped; a port without a reachable endpoint is refused.
+    fn decide_falling_back(
+        port: Arc<ServicePort>,
+        categorized: crate::topology::Categorized,
+    ) -> ServicePortPlan {
+        let pick = |local: bool| {
+            if local && !categorized.local.is_empty() {
+                Target::Endpoints(EndpointSet::Local)
+            } else if !categorized.cluster.is_empty() {
+                Target::Endpoints(EndpointSet::Cluster)
+            } else {
+                Target::Reject
+            }
+        };
+        let internal = pick(port.internal_policy_local);
+        let external = port.externally_accessible().then(|| {
+            let target = pick(port.external_traffic_local());
+            ExternalPlan {
+                policy_local: port.external_traffic_local(),
+                from_outside: target,
+                from_pods_and_node: target,
+            }
+        });
+        ServicePortPlan {
+            cluster_endpoints: categorized.cluster,
+            local_endpoints: categorized.local,
+            reachable_endpoints: categorized.all_reachable,
+            has_endpoints: categorized.has_any,
             topology: categorized.topology,
             internal,
             external,
@@ -172,6 +226,17 @@ pub struct FamilyPlan {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PlanContext {
     pub gates: SelectionGates,
+    pub local_policy: LocalPolicy,
+}
+
+/// How a mode reads the Local traffic policies when this node has no local endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LocalPolicy {
+    /// Drop (iptables and nftables modes; §2.4 of the reference).
+    #[default]
+    Strict,
+    /// Use the cluster endpoints for every client (upstream's ipvs mode).
+    FallBackToCluster,
 }
 
 impl FamilyPlan {
@@ -307,7 +372,8 @@ impl FamilyPlan {
         let mut all = Vec::new();
         for port in ports {
             let eps = endpoints.get(&port.name).map(Vec::as_slice).unwrap_or(&[]);
-            let plan = ServicePortPlan::decide(port.clone(), eps, node, ctx.gates);
+            let plan =
+                ServicePortPlan::decide_with(port.clone(), eps, node, ctx.gates, ctx.local_policy);
             let frontends = frontends_of(port);
             self.claims.add(&port.name, &frontends);
             all.extend(frontends);

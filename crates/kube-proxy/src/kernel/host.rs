@@ -4,7 +4,8 @@ use std::net::IpAddr;
 
 use kube_proxy_model::IpFamily;
 
-/// Every address configured on this host's interfaces in `family` (loopback included; the
+/// Every address configured on this host's interfaces in `family` but ipvs mode's
+/// `kube-ipvs0` (loopback included; the
 /// dataplane decides what to exclude). Errors yield an empty list, logged once by the caller
 /// through the empty NodePort set.
 pub fn local_addresses(family: IpFamily) -> Vec<IpAddr> {
@@ -12,6 +13,8 @@ pub fn local_addresses(family: IpFamily) -> Vec<IpAddr> {
         return Vec::new();
     };
     let mut out: Vec<IpAddr> = addrs
+        // ipvs mode's service addresses are not the node's (upstream excludes the device).
+        .filter(|ifa| ifa.interface_name != "kube-ipvs0")
         .filter_map(|ifa| ifa.address)
         .filter_map(|addr| {
             if let Some(v4) = addr.as_sockaddr_in() {

@@ -7,6 +7,7 @@ pub mod host;
 pub mod iptables_backend;
 pub mod iptables_cleanup;
 pub mod iptables_runner;
+pub mod ipvs_runner;
 pub mod nfacct;
 pub mod nft_runner;
 pub mod node_setup;

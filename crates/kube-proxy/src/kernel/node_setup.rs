@@ -231,3 +231,86 @@ mod tests {
         );
     }
 }
+
+/// The sysctl writes ipvs mode needs (upstream's NewProxier): connection tracking of IPVS
+/// traffic (masquerading needs it), expiring connections to removed real servers and their
+/// persistence templates, forwarding, `conn_reuse_mode=0` only on kernels from 4.1 to before
+/// 5.9 (later ones fixed the reuse bug, so upstream leaves it), and with `strictARP`
+/// `arp_ignore=1`/`arp_announce=2` so the node does not answer ARP for kube-ipvs0's addresses.
+pub fn plan_ipvs(strict_arp: bool, kernel: (u32, u32)) -> Vec<SysctlWrite> {
+    let mut writes = vec![
+        ("net/ipv4/vs/conntrack", 1),
+        ("net/ipv4/vs/expire_nodest_conn", 1),
+        ("net/ipv4/vs/expire_quiescent_template", 1),
+        ("net/ipv4/ip_forward", 1),
+    ];
+    if ((4, 1)..(5, 9)).contains(&kernel) {
+        writes.insert(1, ("net/ipv4/vs/conn_reuse_mode", 0));
+    }
+    if strict_arp {
+        writes.push(("net/ipv4/conf/all/arp_ignore", 1));
+        writes.push(("net/ipv4/conf/all/arp_announce", 2));
+    }
+    writes
+        .into_iter()
+        .map(|(key, value)| SysctlWrite {
+            key: key.to_string(),
+            value,
+        })
+        .collect()
+}
+
+/// `major.minor` of a kernel release string (`6.1.0-57-amd64` -> (6, 1)).
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(['.', '-']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Applies [`plan_ipvs`], skipping values already set; failures are logged, as upstream.
+pub fn apply_ipvs(strict_arp: bool) -> usize {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let kernel = kernel_version(&release).unwrap_or((0, 0));
+    let mut failures = 0;
+    for write in plan_ipvs(strict_arp, kernel) {
+        if read_value(&write.key) == Some(write.value) {
+            continue;
+        }
+        match std::fs::write(path_of(&write.key), write.value.to_string()) {
+            Ok(()) => info!(key = %write.key, value = write.value, "Set sysctl"),
+            Err(e) => {
+                failures += 1;
+                warn!(key = %write.key, value = write.value, error = %e, "Cannot set sysctl; continuing");
+            }
+        }
+    }
+    failures
+}
+
+#[cfg(test)]
+mod ipvs_tests {
+    use super::*;
+
+    #[test]
+    fn ipvs_sysctls_as_upstream_sets_them() {
+        let keys = |w: Vec<SysctlWrite>| -> Vec<String> {
+            w.into_iter()
+                .map(|w| format!("{}={}", w.key, w.value))
+                .collect()
+        };
+        assert_eq!(
+            keys(plan_ipvs(false, (6, 1))),
+            [
+                "net/ipv4/vs/conntrack=1",
+                "net/ipv4/vs/expire_nodest_conn=1",
+                "net/ipv4/vs/expire_quiescent_template=1",
+                "net/ipv4/ip_forward=1"
+            ]
+        );
+        let old = keys(plan_ipvs(true, (5, 4)));
+        assert!(old.contains(&"net/ipv4/vs/conn_reuse_mode=0".to_string()));
+        assert!(old.contains(&"net/ipv4/conf/all/arp_ignore=1".to_string()));
+        assert!(old.contains(&"net/ipv4/conf/all/arp_announce=2".to_string()));
+        assert_eq!(kernel_version("6.1.0-57-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("5.10.0"), Some((5, 10)));
+    }
+}

@@ -14,6 +14,7 @@
 #![allow(dead_code)]
 
 mod explained;
+pub mod vm;
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
@@ -61,12 +62,14 @@ impl Outcome {
     }
 }
 
-/// A dataplane the packet cases run against: nftables mode, or iptables mode on one backend.
+/// A dataplane the packet cases run against: nftables mode, iptables mode on one backend,
+/// or ipvs mode (inside the VM only: see `vm`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Nftables,
     IptablesNft,
     IptablesLegacy,
+    Ipvs,
 }
 
 impl Mode {
@@ -74,19 +77,20 @@ impl Mode {
     pub fn proxy_mode(self) -> &'static str {
         match self {
             Mode::Nftables => "nftables",
+            Mode::Ipvs => "ipvs",
             _ => "iptables",
         }
     }
 
     pub fn is_iptables(self) -> bool {
-        self != Mode::Nftables
+        matches!(self, Mode::IptablesNft | Mode::IptablesLegacy)
     }
 
     /// The iptables backend (`KUBE_PROXY_IPTABLES_BACKEND`), for iptables mode.
     pub fn backend(self) -> Option<&'static str> {
         match self {
             Mode::Nftables => None,
-            Mode::IptablesNft => Some("nft"),
+            Mode::IptablesNft | Mode::Ipvs => Some("nft"),
             Mode::IptablesLegacy => Some("legacy"),
         }
     }
@@ -548,6 +552,17 @@ impl TestBed {
         let save = self.mode.save_tool(family);
         let args: Vec<&str> = match self.mode {
             Mode::Nftables => vec!["nft", "list", "table", family, "kube-proxy"],
+            // The family's virtual servers, then the iptables rules.
+            Mode::Ipvs => {
+                let v6 = family == "ip6";
+                let servers: String = self
+                    .ip_netns_exec("node", &["ipvsadm", "--save", "-n"])
+                    .lines()
+                    .filter(|l| l.contains('[') == v6)
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                return servers + &self.ip_netns_exec("node", &[&save]);
+            }
             _ => vec![&save],
         };
         self.ip_netns_exec("node", &args)

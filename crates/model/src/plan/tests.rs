@@ -45,19 +45,17 @@ fn slice(svc: &str, eps: &[(&str, &str, &str)]) -> EndpointSlice {
 }
 
 fn plan_of(svc: Service, eps: &[(&str, &str, &str)]) -> Arc<ServicePortPlan> {
+    plan_in(svc, eps, PlanContext::default())
+}
+
+fn plan_in(svc: Service, eps: &[(&str, &str, &str)], ctx: PlanContext) -> Arc<ServicePortPlan> {
     let mut state = ClusterState::new(NODE);
     let name = svc.metadata.name.clone().unwrap();
     state.apply_service(&svc);
     state.apply_slice(&slice(&name, eps));
     let mut plan = FamilyPlan::default();
     let changes = state.take_changes();
-    plan.update(
-        &state,
-        IpFamily::V4,
-        &changes.services,
-        false,
-        PlanContext::default(),
-    );
+    plan.update(&state, IpFamily::V4, &changes.services, false, ctx);
     assert_eq!(plan.services.len(), 1);
     plan.services.into_values().next().unwrap()
 }
@@ -129,6 +127,61 @@ fn external_cluster_policy_uses_cluster_set_for_everyone() {
     assert!(!ext.policy_local);
     assert_eq!(ext.from_outside, Endpoints(Cluster));
     assert_eq!(ext.from_pods_and_node, Endpoints(Cluster));
+}
+
+/// Upstream's ipvs mode: a Local policy without local endpoints falls back to the cluster's
+/// (no DROP), and pods and the node share the outside clients' set (one virtual server).
+#[test]
+fn local_policies_fall_back_to_cluster_endpoints_in_ipvs_mode() {
+    let ipvs = PlanContext {
+        local_policy: crate::plan::LocalPolicy::FallBackToCluster,
+        ..Default::default()
+    };
+    let etp = json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 30000,
+                     "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}});
+    let both = [("198.18.1.1", NODE, "R"), ("198.18.2.1", "node-b", "R")];
+    let ext = plan_in(service("s", etp.clone()), &both, ipvs)
+        .external
+        .clone()
+        .unwrap();
+    assert_eq!(ext.from_outside, Endpoints(Local));
+    assert_eq!(ext.from_pods_and_node, Endpoints(Local), "no short-circuit");
+    let p = plan_in(
+        service("s", etp.clone()),
+        &[("198.18.2.1", "node-b", "R")],
+        ipvs,
+    );
+    let ext = p.external.clone().unwrap();
+    assert_eq!(
+        ext.from_outside,
+        Endpoints(Cluster),
+        "falls back, not dropped"
+    );
+    assert_eq!(ext.from_pods_and_node, Endpoints(Cluster));
+    assert!(ext.policy_local, "still not masqueraded");
+    assert!(
+        p.external_without_local_endpoints(),
+        "the metric still counts it"
+    );
+    assert_eq!(
+        plan_in(service("s", etp), &[], ipvs)
+            .external
+            .clone()
+            .unwrap()
+            .from_outside,
+        Reject
+    );
+    // iTP Local on a ClusterIP-only Service: the cluster set is not computed, as upstream,
+    // so without a local endpoint the virtual server has none: refused.
+    let itp = json!({"internalTrafficPolicy": "Local"});
+    let p = plan_in(
+        service("s", itp.clone()),
+        &[("198.18.2.1", "node-b", "R")],
+        ipvs,
+    );
+    assert_eq!(p.internal, Reject);
+    let p = plan_in(service("s", itp), &both, ipvs);
+    assert_eq!(p.internal, Endpoints(Local));
 }
 
 #[test]
