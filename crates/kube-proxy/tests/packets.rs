@@ -110,12 +110,26 @@ macro_rules! vm_packet_cases {
 
 vm_packet_cases!(ipvs: Ipvs =>
     cluster_ip_from_pods_node_and_outside,
+    no_endpoints_rejects_and_endpoint_changes_are_followed,
+    node_port_and_external_ips_with_cluster_policy,
+    external_traffic_policy_local,
+    internal_traffic_policy_local,
+    client_ip_session_affinity,
+    load_balancer_source_ranges,
+    masquerading_under_each_local_traffic_detector,
+    sctp_services_are_programmed,
+    udp_clients_move_to_a_live_endpoint,
+    health_check_node_ports,
+);
+
+vm_packet_cases!(ipvs_only: Ipvs =>
+    ipvs_draining_schedulers_timeouts_and_cleanup,
 );
 
 /// Boots the VM and runs the `ipvs::` cases there.
 #[test]
 fn ipvs_cases_in_a_vm() {
-    testbed::vm::run_ignored("ipvs::", 2);
+    testbed::vm::run_ignored("ipvs", 2);
 }
 
 /// Cases run with the proxy from the container image (`Dockerfile`, built by
@@ -506,32 +520,54 @@ fn external_traffic_policy_local(mode: Mode) {
     assert_eq!(sources, vec![client]);
     let (answered, _) = bed.udp_spread("client", lb, 20);
     assert_eq!(answered, pods(&["a1"]));
-    // Pods short-circuit to every endpoint, unmasqueraded.
-    let (answered, sources) = bed.tcp_spread("a2", lb, 30);
-    assert_eq!(answered, pods(&["a1", "b1"]));
-    assert_eq!(sources, vec![ipaddr("198.18.1.3")]);
-    // The node itself too, masqueraded.
-    let (answered, sources) = bed.tcp_spread("node", lb, 30);
-    assert_eq!(answered, pods(&["a1", "b1"]));
-    assert!(
-        sources
-            .iter()
-            .all(|s| *s == ipaddr("198.18.1.1") || *s == ipaddr(testbed::NODE_A)),
-        "{sources:?}"
-    );
+    if mode == Mode::Ipvs {
+        // Upstream's ipvs mode has one virtual server for every client: pods and the node
+        // reach the local endpoint only, unmasqueraded (no short-circuit).
+        let (answered, sources) = bed.tcp_spread("a2", lb, 30);
+        assert_eq!(answered, pods(&["a1"]));
+        assert_eq!(sources, vec![ipaddr("198.18.1.3")]);
+        assert_eq!(bed.tcp_spread("node", lb, 20).0, pods(&["a1"]));
+    } else {
+        // Pods short-circuit to every endpoint, unmasqueraded.
+        let (answered, sources) = bed.tcp_spread("a2", lb, 30);
+        assert_eq!(answered, pods(&["a1", "b1"]));
+        assert_eq!(sources, vec![ipaddr("198.18.1.3")]);
+        // The node itself too, masqueraded.
+        let (answered, sources) = bed.tcp_spread("node", lb, 30);
+        assert_eq!(answered, pods(&["a1", "b1"]));
+        assert!(
+            sources
+                .iter()
+                .all(|s| *s == ipaddr("198.18.1.1") || *s == ipaddr(testbed::NODE_A)),
+            "{sources:?}"
+        );
+    }
 
-    // No local endpoint left: outside clients are dropped, pods still get b1.
+    // No local endpoint left: outside clients are dropped, pods still get b1. (ipvs mode
+    // sends outside clients to b1 too, unmasqueraded: b1's answer leaves from its own
+    // address and never reaches the client as the load balancer's, so they time out all
+    // the same.)
     bed.write_manifest("lb", &service("lb", &spec("198.51.100.40"), &["b1"]));
     // Wait on the kernel state: sampling connections could see only b1 by chance too early.
-    match mode.is_iptables() {
-        true => {
+    match mode {
+        Mode::Ipvs => {
+            bed.wait_for_rules("ip", "-a -t 198.51.100.40:80 -r 198.18.2.2:8080");
+            // a1 drains: weight 0 while its closed connections linger in IPVS's table.
+            bed.eventually("a1 drained or gone", || {
+                let rules = bed.ruleset("ip");
+                !rules.contains("-r 198.18.1.2:8080 -m -w 1")
+            });
+        }
+        Mode::IptablesNft | Mode::IptablesLegacy => {
             // iptables-restore commits filter, then nat: wait for both.
             bed.wait_for_rules("ip", "t/lb:p has no local endpoints");
             bed.eventually("a1's endpoint chain gone", || {
                 !bed.ruleset("ip").contains("198.18.1.2:8080")
             });
         }
-        false => bed.wait_for_element("ip", "no-endpoint-drop", "198.51.100.40 . tcp . 80"),
+        Mode::Nftables => {
+            bed.wait_for_element("ip", "no-endpoint-drop", "198.51.100.40 . tcp . 80")
+        }
     }
     assert_eq!(
         bed.tcp_spread("a2", lb, 20).0,
@@ -576,8 +612,14 @@ fn internal_traffic_policy_local(mode: Mode) {
     assert_eq!(bed.tcp_spread("a2", vip, 20).0, pods(&["a1"]));
     assert_eq!(bed.udp_spread("a2", vip, 20).0, pods(&["a1"]));
     bed.write_manifest("itp", &service("itp", &spec, &["b1"]));
+    // Upstream's ipvs mode falls back to the cluster's endpoints, which a ClusterIP-only
+    // Service with iTP Local does not compute: its virtual server has none and refuses.
+    let without_local = match mode {
+        Mode::Ipvs => Outcome::Refused,
+        _ => Outcome::Timeout,
+    };
     bed.eventually("dropped without a local endpoint", || {
-        bed.tcp("a2", vip, None) == Outcome::Timeout
+        bed.tcp("a2", vip, None) == without_local
     });
     bed.write_manifest("itp", &service("itp", &spec, &[]));
     bed.eventually("rejected without any endpoint", || {
@@ -708,10 +750,17 @@ fn masquerading_under_each_local_traffic_detector(mode: Mode) {
             false,
             true,
         ),
-        // No detector (ClusterCIDR mode without a CIDR): nothing is masqueraded.
+        // No detector (ClusterCIDR mode without a CIDR): nothing is masqueraded (but in
+        // ipvs mode, see below).
         (&["--detect-local-mode=ClusterCIDR"], false, false),
     ];
     for (flags, pod_masq, node_masq) in cases {
+        // Upstream's ipvs mode without a detector masquerades connections whose source is a
+        // service address: the node's own, which pick the ClusterIP on kube-ipvs0 as source.
+        let node_masq = &(*node_masq
+            || (mode == Mode::Ipvs
+                && flags.len() == 1
+                && flags[0] == "--detect-local-mode=ClusterCIDR"));
         bed.start_proxy(flags);
         bed.wait_for_rules("ip", "198.19.0.81");
         let from_pod =
@@ -744,7 +793,11 @@ fn sctp_services_are_programmed(mode: Mode) {
     bed.start_proxy(&[]);
     // This kernel has no SCTP sockets to send traffic with; the kernel accepting the rules is
     // what can be proven here.
-    if mode.is_iptables() {
+    if mode == Mode::Ipvs {
+        bed.wait_for_rules("ip", "--sctp-service 198.19.0.90:9000 -r 198.18.1.2:9000");
+        bed.wait_for_rules("ip", "--sctp-service 192.0.2.10:30900 -r 198.18.1.2:9000");
+        bed.wait_for_rules("ip", "KUBE-NODE-PORT-SCTP-HASH dst,dst -j KUBE-MARK-MASQ");
+    } else if mode.is_iptables() {
         bed.wait_for_rules("ip", "-m sctp --dport 30900 -j KUBE-EXT-");
         bed.wait_for_rules("ip", "-m sctp -j DNAT --to-destination 198.18.1.2:9000");
     } else {
@@ -2252,9 +2305,10 @@ fn udp_flow_across_endpoint_replacement(
     let spec = "  type: NodePort\n  clusterIP: 198.19.0.60\n  ports:\n  - {name: u, port: 53, targetPort: 8080, nodePort: 30060, protocol: UDP}";
     bed.write_manifest("dns", &service("dns", spec, &["a1"]));
     bed.start_proxy(extra);
-    match mode.is_iptables() {
-        true => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.1.2:8080"),
-        false => bed.wait_for_rules("ip", "198.19.0.60 . udp . 53"),
+    match mode {
+        Mode::Nftables => bed.wait_for_rules("ip", "198.19.0.60 . udp . 53"),
+        Mode::Ipvs => bed.wait_for_rules("ip", "-a -u 198.19.0.60:53 -r 198.18.1.2:8080"),
+        _ => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.1.2:8080"),
     }
     let vip = sock("198.19.0.60", 53);
     let node_port = sock(testbed::NODE_A, 30060);
@@ -2265,9 +2319,10 @@ fn udp_flow_across_endpoint_replacement(
     assert_eq!(answer(bed.udp_from_port("a2", vip, 40053)), "a1");
     assert_eq!(answer(bed.udp_from_port("client", node_port, 40054)), "a1");
     bed.write_manifest("dns", &service("dns", spec, &["b1"]));
-    match mode.is_iptables() {
-        true => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.2.2:8080"),
-        false => bed.wait_for_rules("ip", "198.18.2.2 . 8080"),
+    match mode {
+        Mode::Nftables => bed.wait_for_rules("ip", "198.18.2.2 . 8080"),
+        Mode::Ipvs => bed.wait_for_rules("ip", "-a -u 198.19.0.60:53 -r 198.18.2.2:8080"),
+        _ => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.2.2:8080"),
     }
     // Give a cleanup (if any) time to run after the sync that programmed b1.
     bed.eventually("the sync to finish", || {
@@ -2295,6 +2350,11 @@ fn udp_clients_move_to_a_live_endpoint(mode: Mode) {
     }
     let (seen, log) = udp_flow_across_endpoint_replacement(mode, "ctclean", &[]);
     assert_eq!(seen, pods(&["b1"]), "{log}");
+    if mode == Mode::Ipvs {
+        // IPVS moves the flows itself: a UDP real server is deleted at once and
+        // `expire_nodest_conn` expires its connections (no conntrack entry to clean).
+        return;
+    }
     // Exactly the two stale entries (ClusterIP and NodePort) were deleted.
     assert!(
         log.lines()
@@ -2612,4 +2672,150 @@ fn the_node_arriving_last_delays_the_first_sync() {
         "no error, no failed sync:\n{log}"
     );
     let _ = std::fs::remove_file(kubeconfig);
+}
+
+/// What only ipvs mode has (in the VM): a removed endpoint drains (weight 0; its established
+/// connection keeps working, new ones go elsewhere), a restart keeps connections, every
+/// scheduler upstream accepts is programmed and serves, the IPVS timeouts and strictARP
+/// sysctls are set, foreign virtual servers inside `ipvs.excludeCIDRs` survive the syncs and
+/// `--cleanup`, and `--cleanup` removes everything else (virtual servers, kube-ipvs0, ipsets,
+/// chains).
+fn ipvs_draining_schedulers_timeouts_and_cleanup(mode: Mode) {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("ivs");
+    bed.mode = mode;
+    // Port 80 answers once (the pods' servers on 8080); port 81 is the pods' line-echo
+    // server (8081), for long-lived connections.
+    let d = |pods: &[&str]| {
+        let endpoints: String = pods
+            .iter()
+            .map(|p| {
+                format!(
+                    "- {{addresses: [{}], nodeName: {}}}\n",
+                    pod_ip(p, false),
+                    node_of(p)
+                )
+            })
+            .collect();
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: d, namespace: t}}\nspec:\n  clusterIP: 198.19.0.130\n  ports: [{{name: p, port: 80, targetPort: 8080}}, {{name: e, port: 81, targetPort: 8081}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: d-1, namespace: t, labels: {{kubernetes.io/service-name: d}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080}}, {{name: e, port: 8081}}]\nendpoints:\n{endpoints}")
+    };
+    bed.write_manifest("d", &d(&["a1", "b1"]));
+    for foreign in ["203.0.113.99:80", "198.51.100.99:80"] {
+        bed.ip_netns_exec_checked("node", &["ipvsadm", "-A", "-t", foreign, "-s", "wrr"])
+            .unwrap();
+    }
+    let base = [
+        "--ipvs-exclude-cidrs=203.0.113.0/24",
+        "--ipvs-strict-arp",
+        "--ipvs-tcp-timeout=901s",
+        "--ipvs-tcpfin-timeout=31s",
+        "--ipvs-udp-timeout=301s",
+    ];
+    bed.start_proxy(&base);
+    bed.wait_for_rules("ip", "-a -t 198.19.0.130:80 -r 198.18.2.2:8080");
+    let saved = bed.ip_netns_exec("node", &["ipvsadm", "--save", "-n"]);
+    assert!(
+        saved.contains("-A -t 203.0.113.99:80 -s wrr"),
+        "excluded: kept\n{saved}"
+    );
+    assert!(
+        !saved.contains("198.51.100.99"),
+        "not excluded: deleted\n{saved}"
+    );
+    let timeouts = bed.ip_netns_exec("node", &["ipvsadm", "-L", "--timeout"]);
+    assert!(timeouts.contains("901 31 301"), "{timeouts}");
+    for (key, value) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+        let path = format!("/proc/sys/net/ipv4/conf/all/{key}");
+        assert_eq!(
+            bed.ip_netns_exec("node", &["cat", &path]).trim(),
+            value,
+            "{key}"
+        );
+    }
+    let addresses = bed.ip_netns_exec("node", &["ip", "-o", "addr", "show", "dev", "kube-ipvs0"]);
+    assert!(addresses.contains("198.19.0.130/32"), "{addresses}");
+
+    // An established connection to a1, kept across a restart and while a1 drains.
+    let vip = sock("198.19.0.130", 80);
+    let mut answers = Vec::new();
+    let mut conn = (0..20)
+        .map(|_| bed.connect("a2", sock("198.19.0.130", 81)))
+        .find_map(|mut c| {
+            let answer = c.exchange("hi");
+            answers.push(format!("{answer:?}"));
+            answer.ok()?.starts_with("a1 ").then_some(c)
+        })
+        .unwrap_or_else(|| panic!("no connection to a1: {answers:?}"));
+    bed.stop_proxy();
+    bed.start_proxy(&base);
+    let answer = conn.exchange("after restart");
+    assert!(
+        answer.as_ref().is_ok_and(|a| a.starts_with("a1 ")),
+        "{answer:?}\n{}",
+        bed.proxy_log()
+    );
+    bed.write_manifest("d", &d(&["b1"]));
+    bed.wait_for_rules("ip", "-a -t 198.19.0.130:81 -r 198.18.1.2:8081 -m -w 0");
+    assert!(conn.exchange("draining").unwrap().starts_with("a1 "));
+    assert_eq!(
+        bed.tcp_spread("a2", vip, 10).0,
+        pods(&["b1"]),
+        "new connections"
+    );
+    drop(conn);
+
+    // Every scheduler upstream accepts.
+    bed.write_manifest("d", &d(&["a1", "b1"]));
+    for scheduler in [
+        "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh",
+    ] {
+        let flag = format!("--ipvs-scheduler={scheduler}");
+        let mut args = base.to_vec();
+        args.push(&flag);
+        bed.start_proxy(&args);
+        let expected = match scheduler {
+            "mh" => "-A -t 198.19.0.130:80 -s mh -b mh-port".to_string(),
+            other => format!("-A -t 198.19.0.130:80 -s {other}"),
+        };
+        bed.wait_for_rules("ip", &expected);
+        assert!(
+            bed.tcp("a2", vip, None).pod().is_some(),
+            "{scheduler} serves"
+        );
+    }
+
+    // --cleanup: everything but the excluded foreign server goes.
+    bed.stop_proxy();
+    let node = bed.ns("node");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &node, env!("CARGO_BIN_EXE_kube-proxy")])
+        .args([
+            "--cleanup",
+            "--proxy-mode=ipvs",
+            "--ipvs-exclude-cidrs=203.0.113.0/24",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saved = bed.ip_netns_exec("node", &["ipvsadm", "--save", "-n"]);
+    assert_eq!(saved.trim(), "-A -t 203.0.113.99:80 -s wrr");
+    assert!(bed
+        .ip_netns_exec_checked("node", &["ip", "link", "show", "kube-ipvs0"])
+        .is_err());
+    let sets = bed.ip_netns_exec("node", &["ipset", "list", "-n"]);
+    assert!(!sets.contains("KUBE-"), "{sets}");
+    // KUBE-MARK-MASQ stays, as in iptables mode's cleanup (kubelet shares it).
+    let rules = bed.ip_netns_exec("node", &["iptables-nft-save"]);
+    assert!(
+        rules
+            .lines()
+            .all(|l| !l.contains("KUBE-") || l.contains("KUBE-MARK-MASQ")),
+        "{rules}"
+    );
 }

@@ -44,6 +44,7 @@ pub fn is_kube_proxy_chain(table: &str, chain: &str) -> bool {
                 | "KUBE-EXTERNAL-SERVICES"
                 | "KUBE-FORWARD"
                 | "KUBE-NODEPORTS"
+                | "KUBE-NODE-PORT"
                 | "KUBE-PROXY-FIREWALL"
                 | "KUBE-PROXY-CANARY"
                 | "KUBE-SOURCE-RANGES-FIREWALL"
