@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the Debian package (kube-proxy-rs_<version>_amd64.deb) with cargo-deb: the binary at
 # /usr/bin/kube-proxy, deploy/systemd/kube-proxy.service, a default
-# /var/lib/kube-proxy/config.conf; depends on nftables, iptables, conntrack, iproute2.
+# /var/lib/kube-proxy/config.conf; depends on nftables, iptables, conntrack, iproute2 and
+# recommends ipset and ipvsadm (ipvs mode).
 #   scripts/deb.sh [OUTPUT] [PROFILE]   (default: target/debian/, release; CI packages the
 #                                        dev build its tests use, to compile once)
 set -euo pipefail

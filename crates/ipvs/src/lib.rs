@@ -12,6 +12,7 @@
 //! ip; tests use [`fake`]).
 
 pub mod desired;
+pub mod explain;
 pub mod fake;
 pub mod ipset;
 pub mod ipvsadm;

@@ -78,8 +78,10 @@ fn run_scale(n: usize, m: usize) {
     );
     let written = match mode {
         Mode::Iptables(backend) => Some(saved_rules(backend)),
-        Mode::Nftables => None,
+        _ => None,
     };
+    // ipvs mode's floor: `ipvsadm --restore` of the same virtual servers alone.
+    let ipvs_floor = (mode == Mode::Ipvs).then(ipvs_restore_floor);
 
     // A restart over that table (a DaemonSet rollout), then changes through the API.
     let mut second = Proxy::start(&url, mode);
@@ -119,6 +121,7 @@ fn run_scale(n: usize, m: usize) {
     let unit = match mode {
         Mode::Nftables => "nft commands",
         Mode::Iptables(_) => "restore lines",
+        Mode::Ipvs => "ipvsadm/ipset/address changes",
     };
     println!(
         "  process start to kernel  {}  (lists {}, sync {}; IPv4: {statements} {unit} in {transactions} transactions)",
@@ -143,7 +146,16 @@ fn run_scale(n: usize, m: usize) {
     let tool = match mode {
         Mode::Nftables => "nft",
         Mode::Iptables(_) => "iptables-restore",
+        Mode::Ipvs => "ipvsadm/ipset",
     };
+    if let Some((floor, servers, reals)) = ipvs_floor {
+        let sync = total.saturating_sub(lists_done);
+        println!(
+            "  floor: ipvsadm --restore of the same {servers} virtual servers and {reals} real servers alone {} (the proxy's sync: {:.1}x that)",
+            secs(floor),
+            sync.as_secs_f64() / floor.as_secs_f64()
+        );
+    }
     match nft_peak {
         Some(nft) => println!(
             "  peak RSS: proxy {:.0} MiB, largest {tool} run {:.0} MiB, sum {:.0} MiB",
@@ -195,7 +207,49 @@ fn run_scale(n: usize, m: usize) {
     }
 }
 
+/// `ipvsadm --save -n` of what the proxy wrote, cleared and restored alone, timed: (time,
+/// virtual servers, real servers). The kernel holds the same servers afterwards.
+fn ipvs_restore_floor() -> (Duration, usize, usize) {
+    let saved = Command::new("ipvsadm")
+        .args(["--save", "-n"])
+        .output()
+        .unwrap();
+    let saved = String::from_utf8_lossy(&saved.stdout).into_owned();
+    let servers = saved.lines().filter(|l| l.starts_with("-A ")).count();
+    let reals = saved.lines().filter(|l| l.starts_with("-a ")).count();
+    assert!(Command::new("ipvsadm")
+        .arg("-C")
+        .status()
+        .unwrap()
+        .success());
+    let started = Instant::now();
+    let mut child = Command::new("ipvsadm")
+        .arg("--restore")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(saved.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    (started.elapsed(), servers, reals)
+}
+
 fn cluster_ips_in_kernel(mode: Mode) -> usize {
+    if mode == Mode::Ipvs {
+        let saved = Command::new("ipvsadm")
+            .args(["--save", "-n"])
+            .output()
+            .unwrap();
+        return String::from_utf8_lossy(&saved.stdout)
+            .lines()
+            .filter(|l| l.starts_with("-A -t 198.19."))
+            .count();
+    }
     if let Mode::Iptables(backend) = mode {
         return saved_rules(backend)
             .lines()
@@ -280,6 +334,18 @@ fn change_latencies(
                 samples.push(at - written);
                 break;
             }
+        }
+        if mode == Mode::Ipvs {
+            let saved = Command::new("ipvsadm")
+                .args(["--save", "-n"])
+                .output()
+                .unwrap();
+            let real = format!("-r {new_ip}:8080 -m -w 1");
+            assert!(
+                String::from_utf8_lossy(&saved.stdout).contains(&real),
+                "{real} not in the kernel"
+            );
+            continue;
         }
         if let Mode::Iptables(backend) = mode {
             // The new endpoint's own chain (listing only it: the whole table is 1M+ rules at

@@ -351,6 +351,10 @@ fn the_debian_package_installs_the_binary_unit_and_config() {
     for needed in ["nftables", "iptables", "conntrack", "iproute2"] {
         assert!(depends.contains(needed), "{depends}");
     }
+    let recommends = field("Recommends");
+    for tool in ["ipset", "ipvsadm"] {
+        assert!(recommends.contains(tool), "ipvs mode's tools: {recommends}");
+    }
     let root = temp_dir("deb");
     let unpacked = Command::new("dpkg")
         .arg("-x")

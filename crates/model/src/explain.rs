@@ -119,14 +119,21 @@ pub enum Verdict {
     NotHandled,
 }
 
-/// Mode-specific handling of packets that hit no frontend (upstream's per-mode matrix).
+/// Where a mode's rules differ (upstream's per-mode matrix, §2.4 of the reference): the
+/// handling of packets that hit no frontend, and ipvs mode's masquerading.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct UnmatchedRules {
-    /// A known ClusterIP on a port no Service has is rejected (nftables mode).
+pub struct ModeRules {
+    /// A known ClusterIP on a port no Service has is rejected (nftables mode; ipvs mode's
+    /// `KUBE-IPVS-FILTER`).
     pub reject_unknown_cluster_ip_ports: bool,
     /// An address of a ServiceCIDR that no Service holds is dropped (nftables mode, once the
     /// ServiceCIDRs are known).
     pub drop_unallocated_service_ips: bool,
+    /// ipvs mode: one virtual server serves every client of a frontend (the plan has no
+    /// short-circuit), masquerading follows upstream's ipset rules (external frontends by
+    /// their traffic policy alone; without a detector the node's own ClusterIP connections,
+    /// which leave from the ClusterIP on kube-ipvs0).
+    pub ipvs: bool,
 }
 
 /// One endpoint the packet may be sent to.
@@ -181,6 +188,11 @@ pub struct Explanation {
     /// Another service port claims the same frontend but does not own it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub also_claimed_by: Vec<String>,
+    /// The packet is DNATed but the answer cannot come back to the client: ipvs mode's
+    /// fallback sends an outside client of an `externalTrafficPolicy: Local` frontend to a
+    /// remote endpoint without masquerading, so the reply leaves from the pod's address.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reply_lost: bool,
 }
 
 /// A frontend in JSON as it reads in text: `198.19.0.10:80/TCP`, `NodePort 30080/TCP`.
@@ -339,7 +351,7 @@ pub fn explain(
     local_addresses: &[IpAddr],
     packet: &Packet,
     hints: &SourceHints,
-    unmatched: UnmatchedRules,
+    unmatched: ModeRules,
 ) -> Explanation {
     let origin = classify(ctx, local_addresses, packet.from, hints);
     let to = Frontend::Address(packet.to, packet.protocol, packet.port).to_string();
@@ -358,6 +370,7 @@ pub fn explain(
         affinity_timeout_seconds: None,
         masquerade: None,
         also_claimed_by: Vec::new(),
+        reply_lost: false,
     };
     let Some((port_plan, frontend, kind, others)) =
         find_frontend(plan, ctx, local_addresses, packet)
@@ -397,6 +410,10 @@ pub fn explain(
                 "internalTrafficPolicy: Cluster"
             },
         ),
+        (_, Some(ext)) if ext.policy_local && unmatched.ipvs => (
+            ext.from_outside,
+            "externalTrafficPolicy: Local (ipvs mode: one virtual server for every client, the cluster's endpoints when this node has none)",
+        ),
         (_, Some(ext)) if ext.policy_local && origin != Origin::Outside && port_plan.has_endpoints => (
             ext.from_pods_and_node,
             "externalTrafficPolicy: Local, but traffic from this node and its pods short-circuits to the cluster endpoints",
@@ -431,7 +448,22 @@ pub fn explain(
                 })
                 .collect();
             out.affinity_timeout_seconds = port.session_affinity_timeout;
-            out.masquerade = Some(masquerade(ctx, port_plan, kind, origin, packet));
+            let decided = match unmatched.ipvs {
+                true => ipvs_masquerade(ctx, plan, port_plan, kind, origin, packet),
+                false => masquerade(ctx, port_plan, kind, origin, packet),
+            };
+            out.reply_lost = unmatched.ipvs
+                && kind.is_external()
+                && origin == Origin::Outside
+                && !decided.masquerade
+                && set == EndpointSet::Cluster
+                && endpoints.iter().any(|ep| !ep.is_local);
+            if out.reply_lost {
+                out.reason.push_str(
+                    "; not masqueraded (externalTrafficPolicy: Local), so a remote endpoint's reply leaves from the pod's address and never reaches the client",
+                );
+            }
+            out.masquerade = Some(decided);
         }
         Target::Drop => {
             out.verdict = Verdict::Drop;
@@ -446,6 +478,60 @@ pub fn explain(
         }
     }
     out
+}
+
+/// ipvs mode's masquerade decision (upstream's ipset rules in `KUBE-SERVICES`,
+/// `KUBE-NODE-PORT`, `KUBE-LOAD-BALANCER`; hairpin by `KUBE-LOOP-BACK`).
+fn ipvs_masquerade(
+    ctx: &FamilyContext,
+    all: &FamilyPlan,
+    plan: &ServicePortPlan,
+    kind: FrontendKind,
+    origin: Origin,
+    packet: &Packet,
+) -> Masquerade {
+    let (masquerade, reason) = if kind.is_external() {
+        match plan.external.as_ref() {
+            Some(ext) if ext.policy_local => (
+                false,
+                "externalTrafficPolicy: Local: the frontend is in a *-LOCAL ipset, never masqueraded",
+            ),
+            _ => (
+                true,
+                "externalTrafficPolicy: Cluster: external frontends are masqueraded",
+            ),
+        }
+    } else if ctx.masquerade_all {
+        (
+            true,
+            "masqueradeAll: every ClusterIP connection is masqueraded",
+        )
+    } else {
+        match (&ctx.local, origin) {
+            (Some(_), Origin::LocalPod) => (false, "a local pod's ClusterIP traffic keeps its source"),
+            (Some(_), _) => (true, "ClusterIP traffic from outside the pod network is masqueraded"),
+            // `KUBE-CLUSTER-IP src,dst`: a source that is a ClusterIP with the destination's
+            // port, which is how the node's own connections leave (from the ClusterIP on
+            // kube-ipvs0).
+            (None, _)
+                if all.services.values().any(|p| {
+                    p.port.cluster_ip == packet.from
+                        && p.port.port == packet.port
+                        && p.port.protocol == packet.protocol
+                }) =>
+            {
+                (
+                    true,
+                    "no local-traffic detector: a connection from a ClusterIP (the node's own, leaving from kube-ipvs0) is masqueraded",
+                )
+            }
+            (None, _) => (false, "no local-traffic detector: ClusterIP traffic is not masqueraded"),
+        }
+    };
+    Masquerade {
+        masquerade,
+        reason: reason.to_string(),
+    }
 }
 
 /// The masquerade decision for a DNATed packet.
@@ -523,7 +609,7 @@ fn explain_unmatched(
     plan: &FamilyPlan,
     ctx: &FamilyContext,
     packet: &Packet,
-    rules: UnmatchedRules,
+    rules: ModeRules,
     out: &mut Explanation,
 ) {
     let cluster_ip_of = plan

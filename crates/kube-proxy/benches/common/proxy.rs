@@ -20,6 +20,8 @@ pub fn rss_kib(pid: u32, field: &str) -> u64 {
 pub enum Mode {
     Nftables,
     Iptables(&'static str),
+    /// ipvs mode (in the VM: scripts/vm/bench.sh), iptables on the nf_tables backend.
+    Ipvs,
 }
 
 impl Mode {
@@ -27,6 +29,7 @@ impl Mode {
         match std::env::var("KP_BENCH_MODE").as_deref() {
             Ok("iptables-nft") => Mode::Iptables("nft"),
             Ok("iptables-legacy") => Mode::Iptables("legacy"),
+            Ok("ipvs") => Mode::Ipvs,
             _ => Mode::Nftables,
         }
     }
@@ -35,6 +38,7 @@ impl Mode {
     pub fn tools(self) -> Vec<String> {
         match self {
             Mode::Nftables => vec!["nft".into()],
+            Mode::Ipvs => vec!["ipvsadm".into(), "ipset".into()],
             Mode::Iptables(backend) => ["iptables", "ip6tables"]
                 .iter()
                 .map(|base| format!("{base}-{backend}-restore"))
@@ -45,6 +49,7 @@ impl Mode {
     pub fn name(self) -> String {
         match self {
             Mode::Nftables => "nftables".into(),
+            Mode::Ipvs => "ipvs".into(),
             Mode::Iptables(backend) => format!("iptables ({backend} backend)"),
         }
     }
@@ -75,12 +80,19 @@ impl Proxy {
         if let Some((path, _)) = nft_meter(mode) {
             command.env("PATH", path);
         }
-        if let Mode::Iptables(backend) = mode {
-            command.env("KUBE_PROXY_IPTABLES_BACKEND", backend);
+        match mode {
+            Mode::Iptables(backend) => {
+                command.env("KUBE_PROXY_IPTABLES_BACKEND", backend);
+            }
+            Mode::Ipvs => {
+                command.env("KUBE_PROXY_IPTABLES_BACKEND", "nft");
+            }
+            Mode::Nftables => {}
         }
         let proxy_mode = match mode {
             Mode::Nftables => "--proxy-mode=nftables",
             Mode::Iptables(_) => "--proxy-mode=iptables",
+            Mode::Ipvs => "--proxy-mode=ipvs",
         };
         let mut child = command
             .args([

@@ -49,6 +49,7 @@ pub fn check(objects: &Objects, ip: &str, iptables: &str) -> Vec<Checked> {
                 .chain(entry)
                 .collect()
         }
+        Objects::Ipvs(objects) => check_ipvs(objects),
         Objects::Iptables(rules) => {
             let mut checked: Vec<Checked> = rules
                 .iter()
@@ -95,6 +96,76 @@ pub fn check(objects: &Objects, ip: &str, iptables: &str) -> Vec<Checked> {
             checked
         }
     }
+}
+
+/// ipvs objects, asked of `ipvsadm --save -n`, `ipset test` and kube-ipvs0's addresses. A
+/// virtual server must hold exactly the planned real servers with weight 1 (others may be
+/// draining with weight 0).
+fn check_ipvs(objects: &[kube_proxy_ipvs::explain::Object]) -> Vec<Checked> {
+    use kube_proxy_ipvs::explain::Object as Ipvs;
+    let (saved_ok, saved) = run("ipvsadm", &["--save", "-n"].map(String::from));
+    let lines: Vec<&str> = saved.lines().map(str::trim).collect();
+    objects
+        .iter()
+        .map(|object| match object {
+            Ipvs::VirtualServer { service, reals } => {
+                let prefix = service
+                    .split(" -s ")
+                    .next()
+                    .unwrap_or(service)
+                    .replacen("-A ", "-a ", 1);
+                let weighted: Vec<&str> = lines
+                    .iter()
+                    .filter(|l| l.starts_with(&format!("{prefix} ")) && l.ends_with(" -w 1"))
+                    .copied()
+                    .collect();
+                let present = saved_ok
+                    && lines.contains(&service.as_str())
+                    && reals.iter().all(|r| weighted.contains(&r.as_str()))
+                    && weighted.len() == reals.len();
+                Checked {
+                    object: format!("{service} with {} real servers", reals.len()),
+                    present,
+                    detail: if present {
+                        String::new()
+                    } else if !saved_ok {
+                        saved.clone()
+                    } else {
+                        format!(
+                            "the kernel has: {}",
+                            lines
+                                .iter()
+                                .filter(|l| l.starts_with(&prefix.replacen("-a ", "-A ", 1))
+                                    || l.starts_with(&format!("{prefix} ")))
+                                .copied()
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        )
+                    },
+                }
+            }
+            Ipvs::SetEntry { set, entry } => {
+                let (ok, out) = run("ipset", &["test", set, entry].map(String::from));
+                Checked {
+                    object: format!("ipset {set} {entry}"),
+                    present: ok,
+                    detail: if ok { String::new() } else { out },
+                }
+            }
+            Ipvs::Address { address } => {
+                let (ok, out) = run(
+                    "ip",
+                    &["-o", "addr", "show", "dev", "kube-ipvs0"].map(String::from),
+                );
+                let present = ok && out.contains(&format!(" {address}/"));
+                Checked {
+                    object: format!("address {address} on kube-ipvs0"),
+                    present,
+                    detail: if present { String::new() } else { out },
+                }
+            }
+        })
+        .collect()
 }
 
 fn check_nft(object: &Object, ip: &str) -> Checked {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use kube_proxy_model::context::{FamilyContext, ProxyPolicy};
 use kube_proxy_model::dataplane::{Dataplane, SyncError, SyncInput, SyncReport};
-use kube_proxy_model::explain::{explain, Explanation, Packet, SourceHints, UnmatchedRules};
+use kube_proxy_model::explain::{explain, Explanation, ModeRules, Packet, SourceHints};
 
 /// The kernel objects of the packet's path, per mode.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -14,6 +14,7 @@ use kube_proxy_model::explain::{explain, Explanation, Packet, SourceHints, Unmat
 pub enum Objects {
     Nftables(Vec<kube_proxy_nftables::explain::Object>),
     Iptables(Vec<kube_proxy_iptables::explain::Rule>),
+    Ipvs(Vec<kube_proxy_ipvs::explain::Object>),
 }
 
 /// What explain found, before the kernel is checked.
@@ -28,11 +29,14 @@ pub struct Found {
 pub enum Mode {
     Nftables,
     Iptables,
+    Ipvs,
 }
 
 pub struct Explainer {
     pub mode: Mode,
     pub policy: ProxyPolicy,
+    /// ipvs mode's scheduler (the virtual servers' settings).
+    pub scheduling: kube_proxy_ipvs::desired::Scheduling,
     pub packet: Packet,
     pub hints: SourceHints,
     pub found: Arc<Mutex<Option<Found>>>,
@@ -55,11 +59,17 @@ impl Dataplane for Explainer {
         let ctx = FamilyContext::resolve(&self.policy, input.family, input.node)
             .with_service_cidrs(input.service_cidrs);
         let unmatched = match self.mode {
-            Mode::Nftables => UnmatchedRules {
+            Mode::Nftables => ModeRules {
                 reject_unknown_cluster_ip_ports: true,
                 drop_unallocated_service_ips: true,
+                ipvs: false,
             },
-            Mode::Iptables => UnmatchedRules::default(),
+            Mode::Iptables => ModeRules::default(),
+            Mode::Ipvs => ModeRules {
+                reject_unknown_cluster_ip_ports: true,
+                ipvs: true,
+                ..Default::default()
+            },
         };
         let explanation = explain(
             input.plan,
@@ -87,6 +97,17 @@ impl Dataplane for Explainer {
             (Mode::Iptables, Some(plan), Some(frontend)) => {
                 Objects::Iptables(kube_proxy_iptables::explain::rules(plan, &ctx, &frontend))
             }
+            (Mode::Ipvs, Some(plan), Some(frontend)) => {
+                Objects::Ipvs(kube_proxy_ipvs::explain::objects(
+                    input.plan,
+                    &ctx,
+                    &input.node.local_addresses,
+                    &self.scheduling,
+                    &plan.port.name.to_string(),
+                    &frontend,
+                ))
+            }
+            (Mode::Ipvs, ..) => Objects::Ipvs(Vec::new()),
             (Mode::Nftables, ..) => Objects::Nftables(Vec::new()),
             (Mode::Iptables, ..) => Objects::Iptables(Vec::new()),
         };

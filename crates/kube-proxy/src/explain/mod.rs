@@ -129,13 +129,7 @@ pub fn main(args: &[OsString]) -> ExitCode {
     let mode = match settings.mode {
         ProxyMode::Nftables => Mode::Nftables,
         ProxyMode::Iptables => Mode::Iptables,
-        other => {
-            eprintln!(
-                "kube-proxy explain: --proxy-mode {} has no kernel dataplane to explain; use iptables or nftables",
-                other.as_str()
-            );
-            return ExitCode::FAILURE;
-        }
+        ProxyMode::Ipvs => Mode::Ipvs,
     };
     // Logs go to stderr at the configured verbosity (quiet by default), the answer to stdout.
     crate::telemetry::logging::init(settings.verbosity.min(1));
@@ -173,7 +167,7 @@ pub fn main(args: &[OsString]) -> ExitCode {
         };
         let requested = crate::kernel::iptables_backend::from_env().unwrap_or(None);
         let backend = match (mode, requested) {
-            (Mode::Iptables, None) => crate::kernel::iptables_backend::select(None).0,
+            (Mode::Iptables | Mode::Ipvs, None) => crate::kernel::iptables_backend::select(None).0,
             (_, requested) => requested.unwrap_or_default(),
         };
         let iptables = backend.tool(
@@ -256,11 +250,13 @@ async fn compute(
     let policy = match mode {
         Mode::Iptables => crate::app::iptables_policy(settings),
         Mode::Nftables => crate::app::nftables_config(settings).policy(),
+        Mode::Ipvs => crate::app::ipvs_config(settings).policy,
     };
     let found = Arc::new(Mutex::new(None));
     let explainer = Explainer {
         mode,
         policy,
+        scheduling: kube_proxy_ipvs::desired::Scheduling::new(&settings.ipvs.scheduler),
         packet,
         hints,
         found: found.clone(),

@@ -91,6 +91,7 @@ pub fn text(found: &Found, checked: Option<&[Checked]>) -> String {
     let (mode, count) = match &found.kernel_objects {
         Objects::Nftables(o) => ("nftables, table kube-proxy", o.len()),
         Objects::Iptables(r) => ("iptables", r.len()),
+        Objects::Ipvs(o) => ("ipvs: IPVS, ipsets, kube-ipvs0", o.len()),
     };
     if count > 0 {
         let _ = writeln!(out, "Kernel      ({mode}; shared chains not listed)");
@@ -120,6 +121,7 @@ pub fn text(found: &Found, checked: Option<&[Checked]>) -> String {
                 .iter()
                 .map(|r| format!("-t {} {}", r.table, r.line()))
                 .collect(),
+            Objects::Ipvs(objects) => objects.iter().map(ipvs_line).collect(),
         };
         for (i, line) in lines.iter().enumerate() {
             let mark = match checked.and_then(|c| c.get(i)) {
@@ -151,4 +153,23 @@ pub fn text(found: &Found, checked: Option<&[Checked]>) -> String {
         }
     }
     out
+}
+
+/// One ipvs object as the tools print it.
+pub fn ipvs_line(object: &kube_proxy_ipvs::explain::Object) -> String {
+    use kube_proxy_ipvs::explain::Object;
+    match object {
+        Object::VirtualServer { service, reals } => {
+            let mut s = service.clone();
+            for real in reals {
+                let _ = write!(s, "\n                {real}");
+            }
+            if reals.is_empty() {
+                s.push_str("\n                (no real server: IPVS refuses)");
+            }
+            s
+        }
+        Object::SetEntry { set, entry } => format!("ipset {set} {entry}"),
+        Object::Address { address } => format!("address {address} on kube-ipvs0"),
+    }
 }

@@ -180,6 +180,9 @@ fn disagreement(e: &Value, client: IpAddr, outcome: &Outcome) -> Option<String> 
                 None
             }
         }
+        // ipvs mode's eTP Local fallback: DNATed to a remote endpoint unmasqueraded, whose
+        // answer never reaches the client (explain says so).
+        ("dnat", Outcome::Timeout) if e["reply_lost"].as_bool() == Some(true) => None,
         ("reject", Outcome::Refused) => None,
         ("drop", Outcome::Timeout) => None,
         // Not a Service frontend: kube-proxy leaves the packet alone; whatever the network

@@ -75,9 +75,10 @@ fn run(plan: &FamilyPlan, ctx: &FamilyContext, from: &str, to: &str) -> Explanat
         port,
         protocol,
     };
-    let nft = UnmatchedRules {
+    let nft = ModeRules {
         reject_unknown_cluster_ip_ports: true,
         drop_unallocated_service_ips: true,
+        ipvs: false,
     };
     explain(
         plan,
@@ -296,7 +297,7 @@ fn interface_detectors_classify_by_the_route_back() {
         assume: Some(Origin::LocalPod),
         interface: None,
     };
-    let e = explain(&p, &ctx, &[], &packet, &given, UnmatchedRules::default());
+    let e = explain(&p, &ctx, &[], &packet, &given, ModeRules::default());
     assert!(!e.masquerade.unwrap().masquerade);
     // The route back to the source tells: through the pod bridge, or another interface.
     for (interface, origin) in [("cbr0", Origin::LocalPod), ("eth0", Origin::Outside)] {
@@ -304,7 +305,7 @@ fn interface_detectors_classify_by_the_route_back() {
             assume: None,
             interface: Some(interface.into()),
         };
-        let e = explain(&p, &ctx, &[], &packet, &routed, UnmatchedRules::default());
+        let e = explain(&p, &ctx, &[], &packet, &routed, ModeRules::default());
         assert_eq!(e.origin.origin, origin, "{}", e.origin.reason);
     }
     let prefix = classify(
@@ -317,4 +318,70 @@ fn interface_detectors_classify_by_the_route_back() {
         },
     );
     assert_eq!(prefix.origin, Origin::LocalPod);
+}
+
+/// ipvs mode: an eTP Local frontend without a local endpoint falls back to the cluster's,
+/// unmasqueraded, so an outside client's reply is lost (and explain says so); pods get the
+/// same virtual server; without a detector the node's ClusterIP connections are masqueraded.
+#[test]
+fn ipvs_mode_fallback_loses_replies_and_masquerades_by_ipsets() {
+    let ipvs_ctx = PlanContext {
+        local_policy: crate::plan::LocalPolicy::FallBackToCluster,
+        ..Default::default()
+    };
+    let mut state = ClusterState::new("node-a");
+    state.apply_service(
+        &serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": "s"},
+            "spec": {"clusterIP": "198.19.0.10", "type": "NodePort", "externalTrafficPolicy": "Local",
+                     "ports": [{"name": "p", "port": 80, "nodePort": 30080}]}}))
+        .unwrap(),
+    );
+    state.apply_slice(
+        &serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": "s-1",
+            "labels": {"kubernetes.io/service-name": "s"}},
+            "addressType": "IPv4", "ports": [{"name": "p", "port": 8080}],
+            "endpoints": [{"addresses": ["198.18.2.2"], "nodeName": "node-b"}]}))
+        .unwrap(),
+    );
+    let mut plan = FamilyPlan::default();
+    plan.update(&state, IpFamily::V4, &BTreeSet::new(), true, ipvs_ctx);
+    let ipvs = ModeRules {
+        reject_unknown_cluster_ip_ports: true,
+        ipvs: true,
+        ..Default::default()
+    };
+    let ask = |ctx: &FamilyContext, from: &str, to: &str| {
+        let (ip, port, protocol) = Packet::parse_destination(to).unwrap();
+        let packet = Packet {
+            from: from.parse().unwrap(),
+            to: ip,
+            port,
+            protocol,
+        };
+        explain(
+            &plan,
+            ctx,
+            &[NODE_IP.parse().unwrap()],
+            &packet,
+            &SourceHints::default(),
+            ipvs,
+        )
+    };
+    let ctx = cluster_cidr();
+    let outside = ask(&ctx, "203.0.113.5", "192.0.2.10:30080");
+    assert_eq!(outside.verdict, Verdict::Dnat);
+    assert!(outside.reply_lost, "{outside:?}");
+    assert_eq!(
+        outside.masquerade.as_ref().map(|m| m.masquerade),
+        Some(false)
+    );
+    let pod = ask(&ctx, "198.18.1.3", "192.0.2.10:30080");
+    assert!(!pod.reply_lost, "a pod's reply comes back through the node");
+    assert_eq!(pod.masquerade.as_ref().map(|m| m.masquerade), Some(false));
+    // No detector: the node's own ClusterIP connection is masqueraded, a pod's is not.
+    let none = ctx_of(DetectLocal::ClusterCidr(Vec::new()));
+    let node = ask(&none, "198.19.0.10", "198.19.0.10:80");
+    assert_eq!(node.masquerade.as_ref().map(|m| m.masquerade), Some(true));
+    let pod = ask(&none, "198.18.1.3", "198.19.0.10:80");
+    assert_eq!(pod.masquerade.as_ref().map(|m| m.masquerade), Some(false));
 }
