@@ -2,7 +2,9 @@
 # The main job on the embedded default: kube-proxy-rs in nftables mode on the example
 # manifests (examples/manifests), inside throwaway network namespaces, with requests to a
 # ClusterIP answered by pods; everything is removed afterwards. No cluster is needed.
-# `./scripts/demo.sh iptables` runs it in iptables mode (upstream's default) instead.
+# `./scripts/demo.sh iptables` runs it in iptables mode (upstream's default) instead, and
+# `./scripts/demo.sh ipvs` in ipvs mode, which needs a kernel with IP_VS (this project's
+# machines have none: run it in the test VM, see docs/ipvs.md; KP_DEMO_BIN=path skips the build).
 #
 # As root it installs what it needs (nftables, iproute2) when missing. Without root it
 # cannot create namespaces, so it prints the nftables ruleset the proxy would program
@@ -11,8 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-nftables}
 case "$MODE" in
-  nftables | iptables) ;;
-  *) echo "usage: $0 [nftables|iptables]" >&2; exit 2 ;;
+  nftables | iptables | ipvs) ;;
+  *) echo "usage: $0 [nftables|iptables|ipvs]" >&2; exit 2 ;;
 esac
 
 if [ "$(id -u)" = 0 ] && { ! command -v nft >/dev/null || ! command -v ip >/dev/null || ! command -v iptables-restore >/dev/null; }; then
@@ -21,9 +23,13 @@ if [ "$(id -u)" = 0 ] && { ! command -v nft >/dev/null || ! command -v ip >/dev/
   apt-get update -qq && apt-get install -y -qq --no-install-recommends nftables iptables iproute2 >/dev/null
 fi
 
-echo "==> building kube-proxy (release)"
-cargo build --release --locked -p kube-proxy
-BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/kube-proxy
+if [ -n "${KP_DEMO_BIN:-}" ]; then
+  BIN=$KP_DEMO_BIN
+else
+  echo "==> building kube-proxy (release)"
+  cargo build --release --locked -p kube-proxy
+  BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/kube-proxy
+fi
 PROXY_ARGS=(--proxy-mode=$MODE --manifests=examples/manifests --hostname-override=node-a
             --cluster-cidr=198.18.0.0/16,2001:db8:18::/48)
 
@@ -32,12 +38,12 @@ if [ "$(id -u)" != 0 ] || ! command -v python3 >/dev/null; then
   exec "$BIN" "${PROXY_ARGS[@]}" --dry-run --once
 fi
 
-NODE=kpdemo-node PODA=kpdemo-web-a PODB=kpdemo-web-b
+NODE=kpdemo-node PODA=kpdemo-web-a PODB=kpdemo-web-b CLIENT=kpdemo-client
 PROXY_PID= POD_PIDS=()
 cleanup() {
   [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null && wait "$PROXY_PID" 2>/dev/null || true
   for pid in "${POD_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for ns in $PODA $PODB $NODE; do ip netns del "$ns" 2>/dev/null || true; done
+  for ns in $PODA $PODB $CLIENT $NODE; do ip netns del "$ns" 2>/dev/null || true; done
   echo "==> cleaned up (namespaces deleted)"
 }
 trap cleanup EXIT
@@ -73,11 +79,24 @@ while True:
   POD_PIDS+=($!)
 done
 
+# A client pod (no server) in a third pod subnet, so answers come back through the node.
+ip -n $NODE addr add 198.18.3.1/24 dev br0
+ip netns add $CLIENT
+ip -n $CLIENT link set lo up
+ip -n $CLIENT link add eth0 type veth peer name v9 netns $NODE
+ip -n $NODE link set v9 master br0
+ip -n $NODE link set v9 up
+ip -n $CLIENT link set eth0 up
+ip -n $CLIENT addr add 198.18.3.9/24 dev eth0
+ip -n $CLIENT route add default via 198.18.3.1
+
 echo "==> starting kube-proxy-rs in $NODE: ${PROXY_ARGS[*]}"
 ip netns exec $NODE "$BIN" "${PROXY_ARGS[@]}" --healthz-bind-address= --metrics-bind-address= >/dev/null 2>/tmp/kpdemo-proxy.log &
 PROXY_PID=$!
 programmed() {
-  if [ "$MODE" = iptables ]; then
+  if [ "$MODE" = ipvs ]; then
+    ip netns exec $NODE ipvsadm --save -n 2>/dev/null | grep -q -- "-a -t 198.19.0.10:80 -r 198.18.2.7"
+  elif [ "$MODE" = iptables ]; then
     ip netns exec $NODE iptables-save -t nat 2>/dev/null | grep -q "DNAT --to-destination 198.18.2.7"
   else
     ip netns exec $NODE nft list set ip kube-proxy cluster-ips 2>/dev/null | grep -q 198.19.0.10
@@ -89,7 +108,9 @@ for _ in $(seq 1 100); do
 done
 
 echo "==> the ruleset it programmed (excerpt):"
-if [ "$MODE" = iptables ]; then
+if [ "$MODE" = ipvs ]; then
+  ip netns exec $NODE ipvsadm -Ln -t 198.19.0.10:80 | sed 's/^/    /'
+elif [ "$MODE" = iptables ]; then
   ip netns exec $NODE iptables-save -t nat | grep -E "demo/web" | head -8 | sed 's/^/    /'
 else
   ip netns exec $NODE nft list table ip kube-proxy | grep -E "198.19.0.10|dnat-2|slot-[01] " | head -8 | sed 's/^/    /'
@@ -100,13 +121,19 @@ for _ in 1 2 3 4 5 6; do
 import socket
 s = socket.create_connection(("198.19.0.10", 80), timeout=2); print("    " + s.recv(200).decode().strip())'
 done
-if [ "$MODE" = nftables ]; then
+echo "==> requests from a client pod (198.18.3.9) to the same ClusterIP:"
+for _ in 1 2 3 4; do
+  ip netns exec $CLIENT python3 -c '
+import socket
+s = socket.create_connection(("198.19.0.10", 80), timeout=2); print("    " + s.recv(200).decode().strip())'
+done
+if [ "$MODE" != iptables ]; then
   echo "==> a request to a port demo/web does not have (198.19.0.10:81):"
   ip netns exec $NODE python3 -c '
 import socket
 try:
     socket.create_connection(("198.19.0.10", 81), timeout=2); print("    connected?!")
 except ConnectionRefusedError:
-    print("    refused, as upstream nftables mode rejects unknown ports of a ClusterIP")'
+    print("    refused, as upstream'"'"'s nftables and ipvs modes reject unknown ports of a ClusterIP")'
 fi
 echo "==> proxy log: /tmp/kpdemo-proxy.log"

@@ -439,6 +439,7 @@ pub(crate) async fn start_source(
                 tokio::spawn(source::events::announce_start(
                     client.clone(),
                     node_name.to_string(),
+                    settings.mode == ProxyMode::Ipvs,
                 ));
             }
             tokio::spawn(source::api::run(client, node_name.to_string(), tx));

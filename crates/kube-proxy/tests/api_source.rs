@@ -180,7 +180,7 @@ async fn starting_event_on_the_node() {
     let fake = Arc::new(Mutex::new(Fake::default()));
     let url = serve(fake.clone()).await;
     let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-    kube_proxy::source::events::announce_start(client, "node-a".into()).await;
+    kube_proxy::source::events::announce_start(client, "node-a".into(), false).await;
     let posted = fake.lock().unwrap().posted.clone();
     assert_eq!(posted.len(), 1, "{posted:?}");
     let (path, event) = &posted[0];
@@ -193,6 +193,22 @@ async fn starting_event_on_the_node() {
     assert_eq!(event["regarding"]["kind"], "Node");
     assert_eq!(event["regarding"]["name"], "node-a");
     assert_eq!(event["regarding"]["uid"], "node-a");
+}
+
+/// In ipvs mode upstream also warns on the Node that the mode is deprecated.
+#[tokio::test]
+async fn ipvs_mode_posts_the_deprecation_warning() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    let url = serve(fake.clone()).await;
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    kube_proxy::source::events::announce_start(client, "node-a".into(), true).await;
+    let posted = fake.lock().unwrap().posted.clone();
+    assert_eq!(posted.len(), 2, "{posted:?}");
+    let (_, event) = &posted[1];
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "IPVSDeprecation");
+    assert!(event["note"].as_str().unwrap().contains("nftables"));
+    assert_eq!(event["regarding"]["name"], "node-a");
 }
 
 /// ServiceCIDRs are listed and watched like the other kinds; an API server that does not serve

@@ -681,6 +681,11 @@ fn load_balancer_source_ranges(mode: Mode) {
         Outcome::Timeout,
         "outside: dropped"
     );
+    if mode == Mode::Ipvs {
+        // The node is in no range: its own connections to the load balancer are dropped
+        // (KUBE-IPVS-OUT-FILTER; they leave from the LB IP on kube-ipvs0).
+        assert_eq!(bed.tcp("node", lb, None), Outcome::Timeout);
+    }
     // NodePorts are not subject to source ranges.
     assert_eq!(
         bed.tcp(

@@ -1,5 +1,5 @@
 //! Events kube-proxy posts to the API server (events.k8s.io/v1), as upstream: the `Starting`
-//! "birth cry" on this proxy's Node.
+//! "birth cry" on this proxy's Node, and in ipvs mode the `IPVSDeprecation` warning.
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -16,9 +16,10 @@ pub fn node_reference(node_name: &str) -> ObjectReference {
     }
 }
 
-/// Posts the Normal `Starting` event (action `StartKubeProxy`) on this node. A failure (no
-/// RBAC for events, API server away) is logged and otherwise ignored, as upstream.
-pub async fn announce_start(client: Client, node_name: String) {
+/// Posts the Normal `Starting` event (action `StartKubeProxy`) on this node, and with `ipvs`
+/// upstream's Warning `IPVSDeprecation`. A failure (no RBAC for events, API server away) is
+/// logged and otherwise ignored, as upstream.
+pub async fn announce_start(client: Client, node_name: String, ipvs: bool) {
     let recorder = Recorder::new(
         client,
         Reporter {
@@ -37,6 +38,24 @@ pub async fn announce_start(client: Client, node_name: String) {
         Ok(()) => info!(node = %node_name, "Posted the Starting event on the Node"),
         Err(e) => {
             warn!(node = %node_name, error = %e, "Cannot post the Starting event on the Node (check the RBAC rule for events.k8s.io events)")
+        }
+    }
+    if ipvs {
+        let deprecation = Event {
+            type_: EventType::Warning,
+            reason: "IPVSDeprecation".into(),
+            note: Some(
+                "The ipvs proxier is deprecated and may be removed in a future release; please use 'nftables' instead"
+                    .into(),
+            ),
+            action: "StartKubeProxy".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder
+            .publish(&deprecation, &node_reference(&node_name))
+            .await
+        {
+            warn!(node = %node_name, error = %e, "Cannot post the IPVSDeprecation event on the Node");
         }
     }
 }
