@@ -18,7 +18,7 @@ for line in sys.stdin:
 job=$(mktemp /tmp/kp-vm-bench-XXXX.sh)
 trap 'rm -f "$job"' EXIT
 cat > "$job" <<JOB
-export KP_BENCH_MODES=ipvs KP_BENCH_SCALES=${KP_BENCH_SCALES:-10000x2} PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export KP_BENCH_MODES=ipvs KP_BENCH_SCALES=${KP_BENCH_SCALES:-10000x2} KP_BENCH_VERBOSE=${KP_BENCH_VERBOSE:-} PATH=/usr/sbin:/usr/bin:/sbin:/bin
 exec $bench --bench
 JOB
 KP_VM_TIMEOUT=${KP_VM_TIMEOUT:-3600} KP_VM_MEMORY=${KP_VM_MEMORY:-4096} exec ./scripts/vm/run.sh "$job"

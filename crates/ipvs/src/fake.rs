@@ -129,22 +129,8 @@ impl IpvsKernel for FakeIpvs {
         Ok(())
     }
 
-    fn ipvs_list(&mut self) -> Result<String, KernelError> {
-        let mut text = String::from("Prot LocalAddress:Port Scheduler Flags\n");
-        for (address, service) in &self.table {
-            let _ = writeln!(
-                text,
-                "{}  {} {}",
-                address.protocol.upper(),
-                SocketAddr::new(address.ip, address.port),
-                service.settings.scheduler
-            );
-            for (real, weight) in &service.reals {
-                let n = self.connections.get(&(*address, *real)).unwrap_or(&0);
-                let _ = writeln!(text, "  -> {real}  Masq  {weight}  {n}  0");
-            }
-        }
-        Ok(text)
+    fn connections(&mut self) -> Result<BTreeMap<(VirtualAddress, SocketAddr), u64>, KernelError> {
+        Ok(ipvsadm::parse_connections(&self.listing()))
     }
 
     fn ipset_save(&mut self) -> Result<String, KernelError> {
@@ -204,5 +190,26 @@ impl IpvsKernel for FakeIpvs {
             }
         }
         Ok(())
+    }
+}
+
+impl FakeIpvs {
+    /// What `ipvsadm -Ln` would print.
+    pub fn listing(&self) -> String {
+        let mut text = String::from("Prot LocalAddress:Port Scheduler Flags\n");
+        for (address, service) in &self.table {
+            let _ = writeln!(
+                text,
+                "{}  {} {}",
+                address.protocol.upper(),
+                SocketAddr::new(address.ip, address.port),
+                service.settings.scheduler
+            );
+            for (real, weight) in &service.reals {
+                let n = self.connections.get(&(*address, *real)).unwrap_or(&0);
+                let _ = writeln!(text, "  -> {real}  Masq  {weight}  {n}  0");
+            }
+        }
+        text
     }
 }

@@ -222,6 +222,53 @@ pub fn parse_connections(text: &str) -> BTreeMap<(VirtualAddress, SocketAddr), u
     out
 }
 
+/// Parses `/proc/net/ip_vs` (the kernel's own listing, read without running a tool): the
+/// active plus inactive connections of every real server. Addresses and ports are hex there
+/// (`C613000A:0050`), IPv6 addresses bracketed in full.
+pub fn parse_proc_connections(text: &str) -> BTreeMap<(VirtualAddress, SocketAddr), u64> {
+    fn socket(text: &str) -> Option<SocketAddr> {
+        let (ip, port) = text.rsplit_once(':')?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        let ip: IpAddr = match ip.strip_prefix('[').and_then(|i| i.strip_suffix(']')) {
+            Some(v6) => v6.parse().ok()?,
+            None => std::net::Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?).into(),
+        };
+        Some(SocketAddr::new(ip, port))
+    }
+    let mut out = BTreeMap::new();
+    let mut current: Option<VirtualAddress> = None;
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            [proto, address, ..] if ["TCP", "UDP", "SCTP"].contains(proto) => {
+                let protocol = match *proto {
+                    "TCP" => Protocol::Tcp,
+                    "UDP" => Protocol::Udp,
+                    _ => Protocol::Sctp,
+                };
+                current = socket(address).map(|s| VirtualAddress {
+                    ip: s.ip(),
+                    protocol,
+                    port: s.port(),
+                });
+            }
+            ["->", real, _forward, _weight, active, inactive] => {
+                if let (Some(vs), Some(real), Ok(a), Ok(i)) = (
+                    current,
+                    socket(real),
+                    active.parse::<u64>(),
+                    inactive.parse::<u64>(),
+                ) {
+                    out.insert((vs, real), a + i);
+                }
+            }
+            [first, ..] if *first != "->" && *first != "Prot" => current = None,
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Whether an address is of the family.
 pub fn same_family(ip: &IpAddr, v6: bool) -> bool {
     ip.is_ipv6() == v6

@@ -37,8 +37,8 @@ pub trait IpvsKernel: Send {
     fn ipvs_save(&mut self) -> Result<String, KernelError>;
     /// `ipvsadm --restore`: runs the commands in order, stopping at the first failure.
     fn ipvs_restore(&mut self, commands: &str) -> Result<(), KernelError>;
-    /// `ipvsadm -Ln`: the connection counts of every real server.
-    fn ipvs_list(&mut self) -> Result<String, KernelError>;
+    /// The active plus inactive connections of every real server (`ipvsadm -Ln`'s counts).
+    fn connections(&mut self) -> Result<BTreeMap<(VirtualAddress, SocketAddr), u64>, KernelError>;
     /// `ipset save`.
     fn ipset_save(&mut self) -> Result<String, KernelError>;
     /// `ipset restore`.
@@ -339,8 +339,8 @@ impl<K: IpvsKernel, R: Restorer> IpvsProxier<K, R> {
             .copied()
             .collect();
         if !candidates.is_empty() {
-            let connections = match self.kernel.ipvs_list() {
-                Ok(text) => ipvsadm::parse_connections(&text),
+            let connections = match self.kernel.connections() {
+                Ok(counts) => counts,
                 Err(e) => {
                     self.warnings.push(format!(
                         "cannot read IPVS connection counts ({e}); draining real servers stay until the next sync"

@@ -544,3 +544,26 @@ fn ipvsadm_save_and_list_output_parse() {
         0
     );
 }
+
+#[test]
+fn proc_net_ip_vs_parses() {
+    let proc = "IP Virtual Server version 1.2.1 (size=4096)\n\
+        Prot LocalAddress:Port Scheduler Flags\n\
+          -> RemoteAddress:Port Forward Weight ActiveConn InActConn\n\
+        TCP  C613000A:0050 rr persistent 10800 FFFFFFFF\n\
+          -> C6120102:1F90      Masq    0      1          2         \n\
+        UDP  [2001:0db8:0019:0000:0000:0000:0000:0010]:0035 rr \n\
+          -> [2001:0db8:0018:0001:0000:0000:0000:0002]:0035      Masq    1      0          0         \n";
+    let connections = ipvsadm::parse_proc_connections(proc);
+    assert_eq!(
+        connections[&(va("198.19.0.10", Protocol::Tcp, 80), sa("198.18.1.2:8080"))],
+        3
+    );
+    assert_eq!(
+        connections[&(
+            va("2001:db8:19::10", Protocol::Udp, 53),
+            sa("[2001:db8:18:1::2]:53")
+        )],
+        0
+    );
+}

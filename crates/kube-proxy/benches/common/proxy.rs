@@ -104,7 +104,11 @@ impl Proxy {
                 "--healthz-bind-address=",
                 "--metrics-bind-address=",
                 "--conntrack-max-per-core=0",
-                "-v=2",
+                // KP_BENCH_V=4: the proxy's detail (with KP_BENCH_VERBOSE=all to see it).
+                &format!(
+                    "-v={}",
+                    std::env::var("KP_BENCH_V").unwrap_or_else(|_| "2".into())
+                ),
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -144,10 +148,12 @@ impl Proxy {
         while let Ok((read_at, line)) = self.lines.recv_timeout(Duration::from_secs(900)) {
             let at = read_at - self.started;
             // KP_BENCH_VERBOSE=1: show how each sync went.
-            if std::env::var_os("KP_BENCH_VERBOSE").is_some()
-                && (line.contains("\"Synced\"")
-                    || line.contains("Read the kernel")
-                    || line.contains("nft"))
+            let verbose = std::env::var("KP_BENCH_VERBOSE").unwrap_or_default();
+            if verbose == "all"
+                || !verbose.is_empty()
+                    && (line.contains("\"Synced\"")
+                        || line.contains("Read the kernel")
+                        || line.contains("nft"))
             {
                 eprintln!("  | {line}");
             }

@@ -276,7 +276,8 @@ pub fn remove_leftovers() -> bool {
 
 /// Deletes the dummy interface upstream's ipvs mode binds service IPs to, if present.
 fn remove_ipvs_interface() -> bool {
-    if !std::path::Path::new("/sys/class/net/kube-ipvs0").exists() {
+    // Asked of this network namespace (/sys may show another one's interfaces).
+    if nix::net::if_::if_nametoindex("kube-ipvs0").is_err() {
         return true;
     }
     match Command::new("ip")

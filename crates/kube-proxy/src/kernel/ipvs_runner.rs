@@ -72,8 +72,15 @@ impl IpvsKernel for IpvsCommand {
         run("ipvsadm", &["--restore"], Some(commands)).map(drop)
     }
 
-    fn ipvs_list(&mut self) -> Result<String, KernelError> {
-        run("ipvsadm", &["-Ln"], None)
+    fn connections(
+        &mut self,
+    ) -> Result<std::collections::BTreeMap<(VirtualAddress, std::net::SocketAddr), u64>, KernelError>
+    {
+        // The kernel's own listing, read in-process: no tool run per sync while endpoints
+        // drain.
+        std::fs::read_to_string("/proc/net/ip_vs")
+            .map(|text| ipvsadm::parse_proc_connections(&text))
+            .map_err(|e| KernelError(format!("cannot read /proc/net/ip_vs: {e}")))
     }
 
     fn ipset_save(&mut self) -> Result<String, KernelError> {
@@ -85,7 +92,8 @@ impl IpvsKernel for IpvsCommand {
     }
 
     fn bound_addresses(&mut self, family: IpFamily) -> Result<Vec<IpAddr>, KernelError> {
-        if !Path::new(&format!("/sys/class/net/{DUMMY_INTERFACE}")).exists() {
+        // Asked of this network namespace (/sys may show another one's interfaces).
+        if nix::net::if_::if_nametoindex(DUMMY_INTERFACE).is_err() {
             // Left down, as upstream leaves it: its addresses are local all the same.
             run(
                 "ip",
