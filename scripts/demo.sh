@@ -102,10 +102,15 @@ programmed() {
     ip netns exec $NODE nft list set ip kube-proxy cluster-ips 2>/dev/null | grep -q 198.19.0.10
   fi
 }
-for _ in $(seq 1 100); do
+for _ in $(seq 1 300); do
   programmed && break
   sleep 0.1
 done
+if ! programmed; then
+  echo "==> the proxy did not program demo/web within 30 s; its log:" >&2
+  tail -20 /tmp/kpdemo-proxy.log >&2
+  exit 1
+fi
 
 echo "==> the ruleset it programmed (excerpt):"
 if [ "$MODE" = ipvs ]; then

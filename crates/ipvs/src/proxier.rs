@@ -1,7 +1,8 @@
 //! The ipvs dataplane: per family, the desired state from the plan diffed against what was
 //! applied (or, in a full sync, against what the kernel has), applied as one `ipset restore`,
-//! one `ipvsadm --restore`, one address change on `kube-ipvs0` and, when the rules changed,
-//! one `iptables-restore`. IPVS has no transactions: a failed step leaves the family's state
+//! one `iptables-restore` when the rules changed, one `ipvsadm --restore` and one address
+//! change on `kube-ipvs0`, in that order (what matches a frontend is in place before it
+//! receives traffic). IPVS has no transactions: a failed step leaves the family's state
 //! unknown and the next sync is full (it re-reads the kernel), as upstream recovers.
 //!
 //! Graceful termination (upstream's): a TCP real server that is no longer wanted gets weight
@@ -196,26 +197,8 @@ impl<K: IpvsKernel, R: Restorer> IpvsProxier<K, R> {
             transactions += 1;
         }
 
-        // 2. Virtual and real servers: additions and changes, then removals.
-        let (commands, next) = self.diff_services(&current, &want, now, v6);
-        if !commands.is_empty() {
-            self.kernel
-                .ipvs_restore(&commands.text)
-                .map_err(|e| format!("ipvsadm --restore: {e}"))?;
-            transactions += 1;
-        }
-
-        // 3. Addresses on kube-ipvs0.
-        let add: Vec<IpAddr> = want.bound.difference(&bound).copied().collect();
-        let remove: Vec<IpAddr> = bound.difference(&want.bound).copied().collect();
-        if !add.is_empty() || !remove.is_empty() {
-            self.kernel
-                .change_addresses(&add, &remove)
-                .map_err(|e| format!("changing the addresses of kube-ipvs0: {e}"))?;
-            transactions += 1;
-        }
-
-        // 4. iptables, when the rules changed (or in a full sync).
+        // 2. iptables, when the rules changed (or in a full sync): before the servers, so a
+        //    new frontend's first packets are already masqueraded as planned.
         let new_rules = rules::rules(&want, &ctx);
         let mut rules_written = (0, 0);
         if full || old_rules.as_ref() != Some(&new_rules) {
@@ -231,6 +214,25 @@ impl<K: IpvsKernel, R: Restorer> IpvsProxier<K, R> {
                 .map_err(|e: RestoreError| format!("iptables-restore: {e}"))?;
             transactions += 1;
             rules_written = (new_rules.filter.len(), new_rules.nat.len());
+        }
+
+        // 3. Virtual and real servers: additions and changes, then removals.
+        let (commands, next) = self.diff_services(&current, &want, now, v6);
+        if !commands.is_empty() {
+            self.kernel
+                .ipvs_restore(&commands.text)
+                .map_err(|e| format!("ipvsadm --restore: {e}"))?;
+            transactions += 1;
+        }
+
+        // 4. Addresses on kube-ipvs0 (the kernel accepts the frontend's packets from here on).
+        let add: Vec<IpAddr> = want.bound.difference(&bound).copied().collect();
+        let remove: Vec<IpAddr> = bound.difference(&want.bound).copied().collect();
+        if !add.is_empty() || !remove.is_empty() {
+            self.kernel
+                .change_addresses(&add, &remove)
+                .map_err(|e| format!("changing the addresses of kube-ipvs0: {e}"))?;
+            transactions += 1;
         }
 
         let statements = set_changes + commands.count + add.len() + remove.len();
