@@ -194,6 +194,19 @@ fn add_port(
     let external = plan.external.as_ref();
     let external_target = external.map_or(Target::Reject, |e| e.from_outside);
     let local = port.external_traffic_local();
+    // An external or load-balancer IP: its server, and the address on kube-ipvs0 unless
+    // the node has it on another interface (upstream).
+    let external_server = |out: &mut Desired, ip: IpAddr| {
+        let address = VirtualAddress {
+            ip,
+            protocol: proto,
+            port: port.port,
+        };
+        server(out, address, external_target);
+        if !node_set.contains(&ip) {
+            out.bound.insert(ip);
+        }
+    };
 
     if plan.serves(&Frontend::Address(port.cluster_ip, proto, port.port)) {
         let address = VirtualAddress {
@@ -222,18 +235,7 @@ fn add_port(
             .entry(set)
             .or_default()
             .insert(ip_port(*ip, proto, port.port));
-        server(
-            out,
-            VirtualAddress {
-                ip: *ip,
-                protocol: proto,
-                port: port.port,
-            },
-            external_target,
-        );
-        if !node_set.contains(ip) {
-            out.bound.insert(*ip);
-        }
+        external_server(out, *ip);
     }
     for ip in &port.load_balancer_vips {
         if !plan.serves(&Frontend::Address(*ip, proto, port.port)) {
@@ -271,18 +273,7 @@ fn add_port(
                 });
             }
         }
-        server(
-            out,
-            VirtualAddress {
-                ip: *ip,
-                protocol: proto,
-                port: port.port,
-            },
-            external_target,
-        );
-        if !node_set.contains(ip) {
-            out.bound.insert(*ip);
-        }
+        external_server(out, *ip);
     }
     if let Some(node_port) = port.node_port.map(|p| p.get()) {
         if plan.serves(&Frontend::NodePort(proto, node_port)) && !nodeport_ips.is_empty() {

@@ -24,6 +24,8 @@ pub struct FakeIpvs {
     /// Commands run by `ipvs_restore`, in total.
     pub commands: usize,
     pub restores: usize,
+    /// `ipvsadm --save` runs (full syncs' reads).
+    pub reads: usize,
     /// Fail the next `ipvs_restore` after this many commands.
     pub fail_after: Option<usize>,
 }
@@ -103,6 +105,7 @@ impl FakeIpvs {
 
 impl IpvsKernel for FakeIpvs {
     fn ipvs_save(&mut self) -> Result<String, KernelError> {
+        self.reads += 1;
         let mut text = String::new();
         for (address, service) in &self.table {
             let mut commands = ipvsadm::Commands::default();

@@ -188,38 +188,7 @@ pub fn parse_save(text: &str) -> KernelTable {
 
 /// Parses `ipvsadm -Ln`: the active plus inactive connections of every real server.
 pub fn parse_connections(text: &str) -> BTreeMap<(VirtualAddress, SocketAddr), u64> {
-    let mut out = BTreeMap::new();
-    let mut current: Option<VirtualAddress> = None;
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            [proto, address, ..] if ["TCP", "UDP", "SCTP"].contains(proto) => {
-                let protocol = match *proto {
-                    "TCP" => Protocol::Tcp,
-                    "UDP" => Protocol::Udp,
-                    _ => Protocol::Sctp,
-                };
-                current = parse_socket(address).map(|s| VirtualAddress {
-                    ip: s.ip(),
-                    protocol,
-                    port: s.port(),
-                });
-            }
-            ["->", real, _forward, _weight, active, inactive] => {
-                if let (Some(vs), Some(real), Ok(a), Ok(i)) = (
-                    current,
-                    parse_socket(real),
-                    active.parse::<u64>(),
-                    inactive.parse::<u64>(),
-                ) {
-                    out.insert((vs, real), a + i);
-                }
-            }
-            [first, ..] if !first.starts_with("->") && *first != "Prot" => current = None,
-            _ => {}
-        }
-    }
-    out
+    connections(text, parse_socket)
 }
 
 /// Parses `/proc/net/ip_vs` (the kernel's own listing, read without running a tool): the
@@ -235,6 +204,15 @@ pub fn parse_proc_connections(text: &str) -> BTreeMap<(VirtualAddress, SocketAdd
         };
         Some(SocketAddr::new(ip, port))
     }
+    connections(text, socket)
+}
+
+/// The connection counts of a listing in `ipvsadm -Ln`'s layout (which `/proc/net/ip_vs`
+/// shares), its addresses read by `socket`.
+fn connections(
+    text: &str,
+    socket: fn(&str) -> Option<SocketAddr>,
+) -> BTreeMap<(VirtualAddress, SocketAddr), u64> {
     let mut out = BTreeMap::new();
     let mut current: Option<VirtualAddress> = None;
     for line in text.lines() {
@@ -262,7 +240,7 @@ pub fn parse_proc_connections(text: &str) -> BTreeMap<(VirtualAddress, SocketAdd
                     out.insert((vs, real), a + i);
                 }
             }
-            [first, ..] if *first != "->" && *first != "Prot" => current = None,
+            [first, ..] if !first.starts_with("->") && *first != "Prot" => current = None,
             _ => {}
         }
     }

@@ -84,6 +84,8 @@ struct Applied {
 
 pub type Clock = Box<dyn Fn() -> Instant + Send>;
 
+type Prefetched = (Instant, KernelTable, BTreeMap<Set, BTreeSet<String>>);
+
 pub struct IpvsProxier<K: IpvsKernel, R: Restorer> {
     config: IpvsConfig,
     kernel: K,
@@ -92,6 +94,8 @@ pub struct IpvsProxier<K: IpvsKernel, R: Restorer> {
     applied: BTreeMap<IpFamily, Applied>,
     /// Real servers draining with weight 0, since when.
     draining: BTreeMap<(VirtualAddress, SocketAddr), Instant>,
+    /// What a full sync read of the other family, and when (see `read_kernel`).
+    prefetched: BTreeMap<IpFamily, Prefetched>,
     warnings: Vec<String>,
 }
 
@@ -109,6 +113,7 @@ impl<K: IpvsKernel, R: Restorer> IpvsProxier<K, R> {
             clock,
             applied: BTreeMap::new(),
             draining: BTreeMap::new(),
+            prefetched: BTreeMap::new(),
             warnings: Vec::new(),
         }
     }
@@ -161,28 +166,13 @@ impl<K: IpvsKernel, R: Restorer> IpvsProxier<K, R> {
                 Some(applied.rules),
             ),
             _ => {
-                let table: KernelTable = ipvsadm::parse_save(
-                    &self
-                        .kernel
-                        .ipvs_save()
-                        .map_err(|e| format!("ipvsadm --save: {e}"))?,
-                )
-                .into_iter()
-                .filter(|(address, _)| ipvsadm::same_family(&address.ip, v6))
-                .collect();
+                let (table, sets) = self.read_kernel(family, now)?;
                 let bound: BTreeSet<IpAddr> = self
                     .kernel
                     .bound_addresses(family)
                     .map_err(|e| format!("listing the addresses of kube-ipvs0: {e}"))?
                     .into_iter()
                     .collect();
-                let sets = crate::ipset::parse_save(
-                    &self
-                        .kernel
-                        .ipset_save()
-                        .map_err(|e| format!("ipset save: {e}"))?,
-                    family,
-                );
                 (table, bound, sets, None)
             }
         };
@@ -266,6 +256,46 @@ impl<K: IpvsKernel, R: Restorer> IpvsProxier<K, R> {
             },
         );
         Ok(report)
+    }
+
+    /// The family's virtual servers and set entries as the kernel has them. The tools list
+    /// both families at once, so the other family's part is kept for its full sync that
+    /// follows in the same pass (within a second; nothing of ours writes it meanwhile), which
+    /// halves what a full sync of both families reads.
+    fn read_kernel(
+        &mut self,
+        family: IpFamily,
+        now: Instant,
+    ) -> Result<(KernelTable, BTreeMap<Set, BTreeSet<String>>), String> {
+        if let Some((at, table, sets)) = self.prefetched.remove(&family) {
+            if now.saturating_duration_since(at) < Duration::from_secs(1) {
+                return Ok((table, sets));
+            }
+        }
+        let saved = self
+            .kernel
+            .ipvs_save()
+            .map_err(|e| format!("ipvsadm --save: {e}"))?;
+        let sets_text = self
+            .kernel
+            .ipset_save()
+            .map_err(|e| format!("ipset save: {e}"))?;
+        let (mut mine, mut theirs) = (KernelTable::new(), KernelTable::new());
+        for (address, service) in ipvsadm::parse_save(&saved) {
+            match IpFamily::of(&address.ip) == family {
+                true => mine.insert(address, service),
+                false => theirs.insert(address, service),
+            };
+        }
+        let other = match family {
+            IpFamily::V4 => IpFamily::V6,
+            IpFamily::V6 => IpFamily::V4,
+        };
+        self.prefetched.insert(
+            other,
+            (now, theirs, crate::ipset::parse_save(&sets_text, other)),
+        );
+        Ok((mine, crate::ipset::parse_save(&sets_text, family)))
     }
 
     /// The commands turning `current` into `want`, and the table the kernel then has.

@@ -567,3 +567,32 @@ fn proc_net_ip_vs_parses() {
         0
     );
 }
+
+/// A full sync of both families reads the kernel once: the IPv6 sync that follows the IPv4
+/// one in the same pass uses what the IPv4 sync read; later it reads again.
+#[test]
+fn both_families_full_syncs_read_the_kernel_once() {
+    let (mut proxier, now) = proxier_with_clock(config());
+    let mut state = ClusterState::new("node-a");
+    let mut plan = FamilyPlan::default();
+    apply(&mut state, web(json!({})));
+    sync(&mut proxier, &mut state, &mut plan, true);
+    let v6 = FamilyPlan::default();
+    let full_v6 = |proxier: &mut Proxier| {
+        proxier
+            .sync(SyncInput {
+                family: IpFamily::V6,
+                plan: &v6,
+                changed: &BTreeSet::new(),
+                full: true,
+                node: &node(),
+                service_cidrs: &[],
+            })
+            .unwrap();
+    };
+    full_v6(&mut proxier);
+    assert_eq!(proxier.kernel().reads, 1);
+    *now.lock().unwrap() += Duration::from_secs(5);
+    full_v6(&mut proxier);
+    assert_eq!(proxier.kernel().reads, 2, "a stale read is not reused");
+}

@@ -210,11 +210,7 @@ fn run_scale(n: usize, m: usize) {
 /// `ipvsadm --save -n` of what the proxy wrote, cleared and restored alone, timed: (time,
 /// virtual servers, real servers). The kernel holds the same servers afterwards.
 fn ipvs_restore_floor() -> (Duration, usize, usize) {
-    let saved = Command::new("ipvsadm")
-        .args(["--save", "-n"])
-        .output()
-        .unwrap();
-    let saved = String::from_utf8_lossy(&saved.stdout).into_owned();
+    let saved = ipvsadm_saved();
     let servers = saved.lines().filter(|l| l.starts_with("-A ")).count();
     let reals = saved.lines().filter(|l| l.starts_with("-a ")).count();
     assert!(Command::new("ipvsadm")
@@ -239,13 +235,18 @@ fn ipvs_restore_floor() -> (Duration, usize, usize) {
     (started.elapsed(), servers, reals)
 }
 
+/// `ipvsadm --save -n`.
+fn ipvsadm_saved() -> String {
+    let saved = Command::new("ipvsadm")
+        .args(["--save", "-n"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&saved.stdout).into_owned()
+}
+
 fn cluster_ips_in_kernel(mode: Mode) -> usize {
     if mode == Mode::Ipvs {
-        let saved = Command::new("ipvsadm")
-            .args(["--save", "-n"])
-            .output()
-            .unwrap();
-        return String::from_utf8_lossy(&saved.stdout)
+        return ipvsadm_saved()
             .lines()
             .filter(|l| l.starts_with("-A -t 198.19."))
             .count();
@@ -336,15 +337,8 @@ fn change_latencies(
             }
         }
         if mode == Mode::Ipvs {
-            let saved = Command::new("ipvsadm")
-                .args(["--save", "-n"])
-                .output()
-                .unwrap();
             let real = format!("-r {new_ip}:8080 -m -w 1");
-            assert!(
-                String::from_utf8_lossy(&saved.stdout).contains(&real),
-                "{real} not in the kernel"
-            );
+            assert!(ipvsadm_saved().contains(&real), "{real} not in the kernel");
             continue;
         }
         if let Mode::Iptables(backend) = mode {

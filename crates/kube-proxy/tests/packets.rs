@@ -13,12 +13,17 @@ use testbed::{ipaddr, sock, Mode, Outcome, TestBed, PODS};
 
 /// The packet cases, each a function of the dataplane: every case runs in nftables mode and
 /// in iptables mode on both backends (`nftables::case`, `iptables_nft::case`,
-/// `iptables_legacy::case`), so a case is written once.
+/// `iptables_legacy::case`), and in ipvs mode inside the VM, so a case is written once. An
+/// attribute before the module name goes on every test (`#[ignore]` for the VM's cases).
 macro_rules! packet_cases {
     ($modname:ident: $mode:ident => $($case:ident),* $(,)?) => {
+        packet_cases!(#[cfg(all())] $modname: $mode => $($case),*);
+    };
+    (#[$attr:meta] $modname:ident: $mode:ident => $($case:ident),* $(,)?) => {
         mod $modname {
             $(
                 #[test]
+                #[$attr]
                 fn $case() {
                     super::$case(super::Mode::$mode);
                 }
@@ -92,23 +97,9 @@ packet_cases!(iptables_legacy: IptablesLegacy =>
     iptables_takeover_canary_mode_switches_and_cleanup,
 );
 
-/// The cases in ipvs mode: `#[ignore]`d here (this machine's kernel has no IP_VS), run by
-/// `ipvs_cases_in_a_vm` inside a VM whose kernel has it (testbed/vm.rs, scripts/vm).
-macro_rules! vm_packet_cases {
-    ($modname:ident: $mode:ident => $($case:ident),* $(,)?) => {
-        mod $modname {
-            $(
-                #[test]
-                #[ignore = "needs IP_VS: runs inside the VM (ipvs_cases_in_a_vm)"]
-                fn $case() {
-                    super::$case(super::Mode::$mode);
-                }
-            )*
-        }
-    };
-}
-
-vm_packet_cases!(ipvs: Ipvs =>
+// The cases in ipvs mode: `#[ignore]`d here (this machine's kernel has no IP_VS), run by
+// `ipvs_cases_in_a_vm` inside a VM whose kernel has it (testbed/vm.rs, scripts/vm).
+packet_cases!(#[ignore = "needs IP_VS: runs inside the VM (ipvs_cases_in_a_vm)"] ipvs: Ipvs =>
     cluster_ip_from_pods_node_and_outside,
     no_endpoints_rejects_and_endpoint_changes_are_followed,
     node_port_and_external_ips_with_cluster_policy,
@@ -122,7 +113,7 @@ vm_packet_cases!(ipvs: Ipvs =>
     health_check_node_ports,
 );
 
-vm_packet_cases!(ipvs_only: Ipvs =>
+packet_cases!(#[ignore = "needs IP_VS: runs inside the VM (ipvs_cases_in_a_vm)"] ipvs_only: Ipvs =>
     ipvs_draining_schedulers_timeouts_and_cleanup,
 );
 

@@ -5,16 +5,24 @@ use std::net::IpAddr;
 use kube_proxy_model::IpFamily;
 
 /// Every address configured on this host's interfaces in `family` but ipvs mode's
-/// `kube-ipvs0` (loopback included; the
-/// dataplane decides what to exclude). Errors yield an empty list, logged once by the caller
-/// through the empty NodePort set.
+/// `kube-ipvs0` (loopback included; the dataplane decides what to exclude). Errors yield an
+/// empty list, logged once by the caller through the empty NodePort set.
 pub fn local_addresses(family: IpFamily) -> Vec<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    let mut out: Vec<IpAddr> = addrs
-        // ipvs mode's service addresses are not the node's (upstream excludes the device).
-        .filter(|ifa| ifa.interface_name != "kube-ipvs0")
+    // ipvs mode's service addresses are not the node's (upstream excludes the device).
+    let mut out = interface_addresses(family, |name| name != "kube-ipvs0").unwrap_or_default();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The addresses of `family` on the interfaces whose name `wanted` accepts, in this process's
+/// network namespace.
+pub fn interface_addresses(
+    family: IpFamily,
+    wanted: impl Fn(&str) -> bool,
+) -> nix::Result<Vec<IpAddr>> {
+    Ok(nix::ifaddrs::getifaddrs()?
+        .filter(|ifa| wanted(&ifa.interface_name))
         .filter_map(|ifa| ifa.address)
         .filter_map(|addr| {
             if let Some(v4) = addr.as_sockaddr_in() {
@@ -24,8 +32,5 @@ pub fn local_addresses(family: IpFamily) -> Vec<IpAddr> {
             }
         })
         .filter(|ip| IpFamily::of(ip) == family)
-        .collect();
-    out.sort();
-    out.dedup();
-    out
+        .collect())
 }

@@ -105,20 +105,8 @@ impl IpvsKernel for IpvsCommand {
                 "Created the ipvs dummy interface"
             );
         }
-        let addrs = nix::ifaddrs::getifaddrs()
-            .map_err(|e| KernelError(format!("cannot list interface addresses: {e}")))?;
-        Ok(addrs
-            .filter(|ifa| ifa.interface_name == DUMMY_INTERFACE)
-            .filter_map(|ifa| ifa.address)
-            .filter_map(|addr| {
-                if let Some(v4) = addr.as_sockaddr_in() {
-                    Some(IpAddr::V4(v4.ip()))
-                } else {
-                    addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-                }
-            })
-            .filter(|ip| IpFamily::of(ip) == family)
-            .collect())
+        super::host::interface_addresses(family, |name| name == DUMMY_INTERFACE)
+            .map_err(|e| KernelError(format!("cannot list interface addresses: {e}")))
     }
 
     fn change_addresses(&mut self, add: &[IpAddr], remove: &[IpAddr]) -> Result<(), KernelError> {
