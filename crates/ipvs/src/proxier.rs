@@ -250,8 +250,8 @@ impl<K: IpvsKernel, R: Restorer> IpvsProxier<K, R> {
             Applied {
                 ctx,
                 services: next,
-                bound: want.bound.clone(),
-                sets: want.sets.clone(),
+                bound: want.bound,
+                sets: want.sets,
                 rules: new_rules,
             },
         );
