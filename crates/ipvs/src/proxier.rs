@@ -225,6 +225,17 @@ impl<K: IpvsKernel, R: Restorer> IpvsProxier<K, R> {
             transactions += 1;
         }
 
+        // The other family's part of this sync's read stays valid however long this sync
+        // took (it writes nothing of that family): its second counts from now.
+        let other = match family {
+            IpFamily::V4 => IpFamily::V6,
+            IpFamily::V6 => IpFamily::V4,
+        };
+        if let Some(entry) = self.prefetched.get_mut(&other) {
+            if entry.0 == now {
+                entry.0 = (self.clock)();
+            }
+        }
         let statements = set_changes + commands.count + add.len() + remove.len();
         let report = SyncReport {
             service_ports: input.plan.services.len(),
@@ -260,8 +271,8 @@ impl<K: IpvsKernel, R: Restorer> IpvsProxier<K, R> {
 
     /// The family's virtual servers and set entries as the kernel has them. The tools list
     /// both families at once, so the other family's part is kept for its full sync that
-    /// follows in the same pass (within a second; nothing of ours writes it meanwhile), which
-    /// halves what a full sync of both families reads.
+    /// follows in the same pass (within a second of this sync's end; nothing of ours writes
+    /// it meanwhile), which halves what a full sync of both families reads.
     fn read_kernel(
         &mut self,
         family: IpFamily,
