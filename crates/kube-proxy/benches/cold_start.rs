@@ -219,9 +219,18 @@ fn ipvs_restore_floor() -> (Duration, usize, usize) {
         .unwrap()
         .success());
     let started = Instant::now();
-    let mut child = Command::new("ipvsadm")
-        .arg("--restore")
+    let mut restore = Command::new("ipvsadm");
+    restore.arg("--restore");
+    feed(restore, &saved);
+    (started.elapsed(), servers, reals)
+}
+
+/// Runs `command` with `input` on its standard input; panics with its error output unless it
+/// succeeds.
+fn feed(mut command: Command, input: &str) {
+    let mut child = command
         .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     use std::io::Write;
@@ -229,10 +238,14 @@ fn ipvs_restore_floor() -> (Duration, usize, usize) {
         .stdin
         .take()
         .unwrap()
-        .write_all(saved.as_bytes())
+        .write_all(input.as_bytes())
         .unwrap();
-    assert!(child.wait().unwrap().success());
-    (started.elapsed(), servers, reals)
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `ipvsadm --save -n`.
@@ -414,25 +427,9 @@ fn restore_floor(
         // The ruleset counts in upstream's nfacct objects, which must exist first.
         kube_proxy::kernel::nfacct::ensure_counters();
         let started = Instant::now();
-        let mut child = Command::new(format!("iptables-{backend}-restore"))
-            .arg("--noflush")
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut restore = Command::new(format!("iptables-{backend}-restore"));
+        restore.arg("--noflush");
+        feed(restore, input);
         started.elapsed()
     };
     // One input is superlinear in its chains on the nf_tables backend (30k: 23-31 s).
