@@ -24,6 +24,8 @@ pub enum ProxyMode {
     Iptables,
     Ipvs,
     Nftables,
+    /// The proxy relays each connection itself (upstream's v1.25 userspace proxier).
+    Userspace,
 }
 
 impl ProxyMode {
@@ -32,6 +34,7 @@ impl ProxyMode {
             ProxyMode::Iptables => "iptables",
             ProxyMode::Ipvs => "ipvs",
             ProxyMode::Nftables => "nftables",
+            ProxyMode::Userspace => "userspace",
         }
     }
 }
@@ -144,6 +147,7 @@ pub struct ProxyConfig {
     pub oom_score_adj: i32,
     pub conntrack: ConntrackSettings,
     pub ipvs: IpvsSettings,
+    pub userspace: UserspaceSettings,
     pub feature_gates: BTreeMap<String, bool>,
     pub verbosity: u32,
     pub logging_format: String,
@@ -161,6 +165,58 @@ pub struct IpvsSettings {
     pub tcp_timeout: Duration,
     pub tcp_fin_timeout: Duration,
     pub udp_timeout: Duration,
+}
+
+/// userspace mode's settings (`portRange`, `udpIdleTimeout`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserspaceSettings {
+    /// `portRange`: the ports the proxy's listeners take (inclusive); `None`: any free port.
+    pub port_range: Option<(u16, u16)>,
+    /// `udpIdleTimeout`: a UDP client's relay closes after this long without a packet.
+    pub udp_idle_timeout: Duration,
+}
+
+impl Default for UserspaceSettings {
+    fn default() -> Self {
+        UserspaceSettings {
+            port_range: None,
+            udp_idle_timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+/// A `portRange` that does not parse.
+#[derive(Debug, PartialEq, Eq)]
+pub struct InvalidPortRange;
+
+/// Upstream's `utilnet.ParsePortRange`: `""` (any port), `base-end`, `base+size` or one port;
+/// ports 1-65535 and `base <= end`.
+pub fn parse_port_range(text: &str) -> Result<Option<(u16, u16)>, InvalidPortRange> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let port = |s: &str| {
+        s.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or(InvalidPortRange)
+    };
+    let (base, end) = if let Some((a, b)) = text.split_once('-') {
+        (port(a)?, port(b)?)
+    } else if let Some((a, b)) = text.split_once('+') {
+        let base = port(a)?;
+        let size: u16 = b.trim().parse().map_err(|_| InvalidPortRange)?;
+        (base, base.checked_add(size).ok_or(InvalidPortRange)?)
+    } else {
+        let p = port(text)?;
+        (p, p)
+    };
+    if base > end {
+        return Err(InvalidPortRange);
+    }
+    Ok(Some((base, end)))
 }
 
 /// The effective configuration: the v1alpha1 document (what `--write-config-to` and
@@ -250,10 +306,12 @@ pub fn build(flags: &Flags, file_text: Option<&str>) -> Result<EffectiveConfig, 
     }
     normalize_mode_sections(&mut doc);
 
-    if let Some(range) = &flags.proxy_port_range {
-        warnings.push(format!(
-            "--proxy-port-range={range} is deprecated and has no effect"
-        ));
+    if doc.mode != "userspace" {
+        if let Some(range) = &flags.proxy_port_range {
+            warnings.push(format!(
+                "--proxy-port-range={range} has no effect outside --proxy-mode userspace"
+            ));
+        }
     }
     if doc.mode == "iptables" && doc.node_port_addresses.is_none() {
         warnings.push(
@@ -306,6 +364,10 @@ fn flag_document(flags: &Flags, warnings: &mut Vec<String>) -> KubeProxyConfigur
     set!(pod_interface_name_prefix => detect_local.interface_name_prefix);
     set!(conntrack_tcp_be_liberal => conntrack.tcp_be_liberal);
     set!(conntrack_udp_timeout => conntrack.udp_timeout);
+    set!(proxy_port_range => port_range);
+    if let Some(timeout) = flags.udp_timeout {
+        doc.udp_idle_timeout = Some(timeout);
+    }
     set!(conntrack_udp_timeout_stream => conntrack.udp_stream_timeout);
     set!(windows_service => windows_run_as_service);
     if let Some(v) = flags.iptables_masquerade_bit {
@@ -507,11 +569,12 @@ fn validate(doc: &KubeProxyConfiguration, flags: &Flags) -> Result<ProxyConfig, 
         "iptables" => ProxyMode::Iptables,
         "ipvs" => ProxyMode::Ipvs,
         "nftables" => ProxyMode::Nftables,
+        "userspace" => ProxyMode::Userspace,
         other => {
             fail(
                 "mode",
                 &other,
-                "must be one of \"iptables\", \"ipvs\", \"nftables\" (Linux)",
+                "must be one of \"iptables\", \"ipvs\", \"nftables\", \"userspace\" (Linux)",
             );
             ProxyMode::Iptables
         }
@@ -651,6 +714,31 @@ fn validate(doc: &KubeProxyConfiguration, flags: &Flags) -> Result<ProxyConfig, 
         tcp_be_liberal: conntrack.tcp_be_liberal,
         udp_timeout: timeout("conntrack.udpTimeout", conntrack.udp_timeout),
         udp_stream_timeout: timeout("conntrack.udpStreamTimeout", conntrack.udp_stream_timeout),
+    };
+
+    // userspace mode's listeners (upstream v1.25's validation of portRange and udpIdleTimeout).
+    let port_range = match parse_port_range(&doc.port_range) {
+        Ok(range) => range,
+        Err(InvalidPortRange) => {
+            fail(
+                "portRange",
+                &doc.port_range,
+                "must be empty (any free port), a port, \"begin-end\" or \"begin+size\" within 1-65535",
+            );
+            None
+        }
+    };
+    let udp_idle_timeout = doc.udp_idle_timeout.unwrap_or(GoDuration::from_millis(250));
+    if udp_idle_timeout.as_nanos() <= 0 {
+        fail(
+            "udpIdleTimeout",
+            &udp_idle_timeout,
+            "must be greater than 0",
+        );
+    }
+    let userspace = UserspaceSettings {
+        port_range,
+        udp_idle_timeout: udp_idle_timeout.to_std(),
     };
 
     // IPVS settings are validated only in ipvs mode, as upstream.
@@ -806,6 +894,7 @@ fn validate(doc: &KubeProxyConfiguration, flags: &Flags) -> Result<ProxyConfig, 
         enable_profiling: doc.enable_profiling,
         oom_score_adj,
         conntrack,
+        userspace,
         ipvs: IpvsSettings {
             scheduler: match doc.ipvs.scheduler.as_str() {
                 "" => "rr".to_string(),

@@ -162,9 +162,14 @@ pub struct Flags {
     /// The oom-score-adj value for kube-proxy process, in [-1000, 1000]. [default: -999]
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub oom_score_adj: Option<i32>,
-    /// Deprecated and ignored (the userspace proxy was removed).
-    #[arg(long, value_name = "RANGE", hide = true)]
+    /// Range of host ports (beginPort-endPort, single port or beginPort+offset, inclusive) that
+    /// userspace mode's listeners take. Empty: any free port.
+    #[arg(long, value_name = "RANGE")]
     pub proxy_port_range: Option<String>,
+    /// How long an idle UDP connection is kept open in userspace mode (e.g. '250ms', '2s').
+    /// Must be greater than 0. [default: 250ms]
+    #[arg(long, value_name = "DURATION")]
+    pub udp_timeout: Option<GoDuration>,
 
     // ---- conntrack ----
     /// Maximum number of NAT connections to track per CPU core (0 to leave the limit as-is and

@@ -46,6 +46,9 @@ pub struct KubeProxyConfiguration {
     pub conntrack: Conntrack,
     pub config_sync_period: GoDuration,
     pub port_range: String,
+    /// userspace mode's UDP idle timeout (upstream v1.25's field; default 250ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_idle_timeout: Option<GoDuration>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub windows_run_as_service: bool,
     pub mode: String,

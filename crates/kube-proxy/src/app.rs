@@ -91,7 +91,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     if let Err(e) = crate::kernel::iptables_backend::from_env() {
         if matches!(
             effective.settings.mode,
-            ProxyMode::Iptables | ProxyMode::Ipvs
+            ProxyMode::Iptables | ProxyMode::Ipvs | ProxyMode::Userspace
         ) {
             eprintln!("kube-proxy: {e}");
             return ExitCode::FAILURE;
@@ -164,7 +164,7 @@ fn programs_kernel(
 ) -> bool {
     matches!(
         settings.mode,
-        ProxyMode::Nftables | ProxyMode::Iptables | ProxyMode::Ipvs
+        ProxyMode::Nftables | ProxyMode::Iptables | ProxyMode::Ipvs | ProxyMode::Userspace
     ) && flags.dry_run != Some(true)
         && print_format.is_none()
 }
@@ -191,7 +191,9 @@ fn privileged_setup(effective: &EffectiveConfig) {
 /// non-zero if something could not be removed. What does not exist is not an error.
 fn cleanup(settings: &kube_proxy_config::ProxyConfig) -> ExitCode {
     let mut failed = !remove_nft_tables();
-    failed |= !crate::kernel::iptables_cleanup::remove_leftovers();
+    failed |= !crate::kernel::iptables_cleanup::remove_leftovers(
+        crate::kernel::iptables_cleanup::Leftovers::All,
+    );
     failed |= !crate::kernel::ipvs_runner::remove_leftovers(&settings.ipvs.exclude_cidrs);
     if failed {
         ExitCode::FAILURE
@@ -261,7 +263,7 @@ async fn run(
     }
     start_source(&flags, settings, &node_name, tx, true).await?;
 
-    let dataplane = build_dataplane(&flags, settings, print_format)?;
+    let (dataplane, relay_stats) = build_dataplane(&flags, settings, print_format)?;
     if settings.mode == ProxyMode::Ipvs {
         warn!("The ipvs proxy mode is deprecated upstream (Kubernetes 1.35, KEP-5495) and may be removed; consider --proxy-mode nftables");
     }
@@ -290,6 +292,11 @@ async fn run(
         if settings.mode == ProxyMode::Iptables {
             registry
                 .register_collector(Box::new(crate::telemetry::nfacct_metrics::NfacctCollector));
+        }
+        if let Some(stats) = relay_stats {
+            registry.register_collector(Box::new(
+                crate::telemetry::userspace_metrics::UserspaceCollector(stats),
+            ));
         }
         let server = crate::servers::metrics_server::MetricsServer {
             registry,
@@ -328,16 +335,25 @@ async fn run(
     }
     if programs_kernel(&flags, settings, print_format) {
         // Taking over from another mode: its rules go once ours are in place (not before, so
-        // traffic keeps flowing during the switch). In iptables and ipvs mode the other mode
-        // is nftables (the iptables chains are partly our own then), as upstream.
-        let nftables_mode = settings.mode == ProxyMode::Nftables;
+        // traffic keeps flowing during the switch). In iptables and ipvs mode the other modes
+        // are nftables and userspace (the other iptables chains are partly our own then);
+        // userspace mode removes every other mode's, as upstream's did.
+        use crate::kernel::iptables_cleanup::{remove_leftovers, Leftovers};
+        let mode = settings.mode;
         let exclude = settings.ipvs.exclude_cidrs.clone();
-        event_loop = event_loop.after_first_sync(Box::new(move || {
-            if nftables_mode {
-                crate::kernel::iptables_cleanup::remove_leftovers();
+        event_loop = event_loop.after_first_sync(Box::new(move || match mode {
+            ProxyMode::Nftables => {
+                remove_leftovers(Leftovers::All);
                 crate::kernel::ipvs_runner::remove_leftovers(&exclude);
-            } else {
+            }
+            ProxyMode::Userspace => {
                 remove_nft_tables();
+                remove_leftovers(Leftovers::IptablesAndIpvs);
+                crate::kernel::ipvs_runner::remove_leftovers(&exclude);
+            }
+            ProxyMode::Iptables | ProxyMode::Ipvs => {
+                remove_nft_tables();
+                remove_leftovers(Leftovers::Userspace);
             }
         }));
         // Health-check node ports belong to a proxy that programs the node's traffic.
@@ -448,19 +464,93 @@ pub(crate) async fn start_source(
     Ok(())
 }
 
-/// The dataplane for the configured mode: nftables programs the kernel (or prints its
-/// transactions with --dry-run); modes without a dataplane yet print the computed state.
+/// A dataplane, and userspace mode's relay counters (for the metrics).
+type Built = (
+    Box<dyn Dataplane>,
+    Option<Arc<kube_proxy_userspace::relay::Stats>>,
+);
+
+/// The dataplane for the configured mode, and userspace mode's relay counters.
 fn build_dataplane(
     flags: &Flags,
     settings: &kube_proxy_config::ProxyConfig,
     print_format: Option<PrintFormat>,
-) -> anyhow::Result<Box<dyn Dataplane>> {
+) -> anyhow::Result<Built> {
     if let Some(format) = print_format {
-        return Ok(Box::new(StatePrinter::new(
-            format,
-            Box::new(std::io::stdout()),
-        )));
+        return Ok((
+            Box::new(StatePrinter::new(format, Box::new(std::io::stdout()))),
+            None,
+        ));
     }
+    match settings.mode {
+        ProxyMode::Userspace => userspace_dataplane(flags, settings),
+        _ => kernel_dataplane(flags, settings).map(|dataplane| (dataplane, None)),
+    }
+}
+
+/// userspace mode: the relays (their own threads) and the redirect rules through iptables.
+fn userspace_dataplane(
+    flags: &Flags,
+    settings: &kube_proxy_config::ProxyConfig,
+) -> anyhow::Result<Built> {
+    if flags.dry_run == Some(true) {
+        info!("--dry-run in userspace mode: printing the computed state instead of listening");
+        return Ok((
+            Box::new(StatePrinter::new(
+                PrintFormat::Text,
+                Box::new(std::io::stdout()),
+            )),
+            None,
+        ));
+    }
+    let requested = crate::kernel::iptables_backend::from_env().unwrap_or(None);
+    let (backend, why) = crate::kernel::iptables_backend::select(requested);
+    let version =
+        crate::kernel::iptables_runner::check_iptables(backend).map_err(anyhow::Error::msg)?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8);
+    let relay = kube_proxy_userspace::relay::Relay::new(kube_proxy_userspace::relay::RelayConfig {
+        threads,
+        listen_ip: settings.bind_address,
+        udp_timeout: settings.userspace.udp_idle_timeout,
+    })
+    .map_err(|e| anyhow::anyhow!("cannot start the relay threads: {e}"))?;
+    let stats = relay.stats();
+    let range = match settings.userspace.port_range {
+        Some((first, last)) => format!("{first}-{last}"),
+        None => "any free port".into(),
+    };
+    info!(
+        iptables = %version,
+        backend = backend.as_str(),
+        reason = why,
+        relay_threads = threads,
+        listen = %settings.bind_address.map_or("every address".to_string(), |ip| ip.to_string()),
+        ports = %range,
+        udp_timeout = ?settings.userspace.udp_idle_timeout,
+        "Using the userspace dataplane: the proxy relays every connection; frontends are redirected to its listeners by iptables"
+    );
+    warn!("The userspace proxy mode was removed upstream in Kubernetes 1.26; it serves every connection through this process (see docs/userspace.md)");
+    Ok((
+        Box::new(kube_proxy_userspace::proxier::UserspaceProxier::new(
+            kube_proxy_userspace::proxier::UserspaceConfig {
+                listen_ip: settings.bind_address,
+                port_range: settings.userspace.port_range,
+            },
+            relay,
+            crate::kernel::iptables_runner::IptablesCommand::new(backend),
+        )),
+        Some(stats),
+    ))
+}
+
+/// The kernel modes' dataplanes (or, with --dry-run, their printers).
+fn kernel_dataplane(
+    flags: &Flags,
+    settings: &kube_proxy_config::ProxyConfig,
+) -> anyhow::Result<Box<dyn Dataplane>> {
     match settings.mode {
         ProxyMode::Nftables => {
             let config = nftables_config(settings);
@@ -538,6 +628,9 @@ fn build_dataplane(
                 crate::kernel::iptables_runner::IptablesCommand::new(backend),
                 Box::new(std::time::Instant::now),
             )))
+        }
+        ProxyMode::Userspace => {
+            anyhow::bail!("userspace mode relays in the process: see userspace_dataplane")
         }
     }
 }

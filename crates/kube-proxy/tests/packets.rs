@@ -113,6 +113,21 @@ packet_cases!(#[ignore = "needs IP_VS: runs inside the VM (ipvs_cases_in_a_vm)"]
     health_check_node_ports,
 );
 
+// userspace mode: the cases whose behaviour upstream's userspace proxier shares (what it
+// cannot do: masquerading choices, SCTP, conntrack cleanup, surviving kill -9 — see
+// docs/userspace.md), then its own.
+packet_cases!(userspace: Userspace =>
+    cluster_ip_from_pods_node_and_outside,
+    no_endpoints_rejects_and_endpoint_changes_are_followed,
+    node_port_and_external_ips_with_cluster_policy,
+    external_traffic_policy_local,
+    internal_traffic_policy_local,
+    client_ip_session_affinity,
+    load_balancer_source_ranges,
+    udp_clients_move_to_a_live_endpoint,
+    health_check_node_ports,
+);
+
 packet_cases!(#[ignore = "needs IP_VS: runs inside the VM (ipvs_cases_in_a_vm)"] ipvs_only: Ipvs =>
     ipvs_draining_schedulers_timeouts_and_cleanup,
 );
@@ -210,6 +225,18 @@ const PORTS: &str = "  ports:\n  - {name: p, port: 80, targetPort: 8080, protoco
 /// The ports of `PORTS` with NodePorts (for LoadBalancer Services).
 const PORTS_NP: &str = "  ports:\n  - {name: p, port: 80, targetPort: 8080, nodePort: 30045, protocol: TCP}\n  - {name: u, port: 80, targetPort: 8080, nodePort: 30045, protocol: UDP}";
 
+/// Whether `ip` is one of node-a's addresses (where userspace mode's relays connect from).
+fn is_node_a(ip: std::net::IpAddr) -> bool {
+    [
+        "192.0.2.10",
+        "198.18.1.1",
+        "2001:db8:2::10",
+        "2001:db8:18:1::1",
+    ]
+    .iter()
+    .any(|a| ipaddr(a) == ip)
+}
+
 fn pods(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
@@ -228,6 +255,7 @@ fn cluster_ip_from_pods_node_and_outside(mode: Mode) {
     match mode {
         Mode::Nftables => bed.wait_for_rules("ip", "198.19.0.10 . udp . 80 : 198.18.2.2 . 8080"),
         Mode::Ipvs => bed.wait_for_rules("ip", "-a -u 198.19.0.10:80 -r 198.18.2.2:8080"),
+        Mode::Userspace => bed.wait_for_rules("ip", "-d 198.19.0.10/32 -p udp"),
         _ => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.2.2:8080"),
     }
     let vip = sock("198.19.0.10", 80);
@@ -237,14 +265,20 @@ fn cluster_ip_from_pods_node_and_outside(mode: Mode) {
     let mut expected_pods = pods(&["a1", "a2", "b1"]);
     expected_pods.sort();
     assert_eq!(answered, expected_pods);
-    // a1 reaching itself is hairpin traffic (masqueraded to the bridge address), the others see a1.
-    assert!(sources.contains(&ipaddr("198.18.1.2")), "{sources:?}");
-    assert!(
-        sources
-            .iter()
-            .all(|s| *s == ipaddr("198.18.1.2") || *s == ipaddr("198.18.1.1")),
-        "{sources:?}"
-    );
+    if mode == Mode::Userspace {
+        // The proxy connects to the endpoints itself: they see the node.
+        assert!(sources.iter().all(|s| is_node_a(*s)), "{sources:?}");
+    } else {
+        // a1 reaching itself is hairpin traffic (masqueraded to the bridge address), the
+        // others see a1.
+        assert!(sources.contains(&ipaddr("198.18.1.2")), "{sources:?}");
+        assert!(
+            sources
+                .iter()
+                .all(|s| *s == ipaddr("198.18.1.2") || *s == ipaddr("198.18.1.1")),
+            "{sources:?}"
+        );
+    }
 
     // UDP to the same ClusterIP.
     let (answered, _) = bed.udp_spread("a2", vip, 40);
@@ -265,7 +299,11 @@ fn cluster_ip_from_pods_node_and_outside(mode: Mode) {
     // IPv6 ClusterIP from a pod.
     let (answered, sources) = bed.tcp_spread("a2", sock("2001:db8:19::10", 80), 40);
     assert_eq!(answered, expected_pods);
-    assert!(sources.contains(&ipaddr("2001:db8:18:1::3")), "{sources:?}");
+    if mode == Mode::Userspace {
+        assert!(sources.iter().all(|s| is_node_a(*s)), "{sources:?}");
+    } else {
+        assert!(sources.contains(&ipaddr("2001:db8:18:1::3")), "{sources:?}");
+    }
 
     // A port the Service does not have is rejected, not dropped (nftables mode, and ipvs
     // mode's KUBE-IPVS-FILTER; upstream's iptables mode has no such rule).
@@ -502,6 +540,40 @@ fn external_traffic_policy_local(mode: Mode) {
     let lb = sock("198.51.100.40", 80);
     let client = ipaddr(testbed::CLIENT);
 
+    if mode == Mode::Userspace {
+        // The relay for external frontends has the local endpoints only; every client is
+        // relayed from the node (no client IP kept), pods and the node included.
+        for from in ["client", "a2", "node"] {
+            let (answered, sources) = bed.tcp_spread(from, lb, 20);
+            assert_eq!(answered, pods(&["a1"]), "from {from}");
+            assert!(sources.iter().all(|s| is_node_a(*s)), "{sources:?}");
+        }
+        assert_eq!(
+            bed.tcp_spread("client", sock(testbed::NODE_A, 30040), 20).0,
+            pods(&["a1"])
+        );
+        assert_eq!(bed.udp_spread("client", lb, 20).0, pods(&["a1"]));
+        // No local endpoint left: the external listener refuses (nothing to relay to);
+        // the ClusterIP still reaches b1.
+        bed.write_manifest("lb", &service("lb", &spec("198.51.100.40"), &["b1"]));
+        bed.eventually("refused without a local endpoint", || {
+            bed.tcp("client", lb, None) == Outcome::Refused
+        });
+        assert_eq!(
+            bed.tcp("client", sock(testbed::NODE_A, 30040), None),
+            Outcome::Refused
+        );
+        assert_eq!(
+            bed.tcp_spread("a2", sock("198.19.0.40", 80), 10).0,
+            pods(&["b1"])
+        );
+        bed.write_manifest("lb", &service("lb", &spec("198.51.100.40"), &[]));
+        bed.eventually("rejected", || {
+            bed.tcp("a2", sock("198.19.0.40", 80), None) == Outcome::Refused
+        });
+        return;
+    }
+
     // Outside clients reach only the local endpoint, and their address is preserved.
     let (answered, sources) = bed.tcp_spread("client", lb, 30);
     assert_eq!(answered, pods(&["a1"]));
@@ -559,6 +631,7 @@ fn external_traffic_policy_local(mode: Mode) {
         Mode::Nftables => {
             bed.wait_for_element("ip", "no-endpoint-drop", "198.51.100.40 . tcp . 80")
         }
+        Mode::Userspace => unreachable!("returned above"),
     }
     assert_eq!(
         bed.tcp_spread("a2", lb, 20).0,
@@ -605,8 +678,9 @@ fn internal_traffic_policy_local(mode: Mode) {
     bed.write_manifest("itp", &service("itp", &spec, &["b1"]));
     // Upstream's ipvs mode falls back to the cluster's endpoints, which a ClusterIP-only
     // Service with iTP Local does not compute: its virtual server has none and refuses.
+    // userspace mode's listener has no endpoint to relay to: it refuses too.
     let without_local = match mode {
-        Mode::Ipvs => Outcome::Refused,
+        Mode::Ipvs | Mode::Userspace => Outcome::Refused,
         _ => Outcome::Timeout,
     };
     bed.eventually("dropped without a local endpoint", || {
@@ -876,6 +950,7 @@ fn upstream_command_line_against_an_api_server(mode: Mode) {
         Mode::IptablesNft => &[],
         Mode::IptablesLegacy => &["--proxy-mode", "iptables"],
         Mode::Ipvs => &["--proxy-mode", "ipvs"],
+        Mode::Userspace => &["--proxy-mode", "userspace"],
     };
     let mut flags = vec!["--hostname-override", "node-a"];
     flags.extend_from_slice(mode_flags);
@@ -2304,6 +2379,7 @@ fn udp_flow_across_endpoint_replacement(
     match mode {
         Mode::Nftables => bed.wait_for_rules("ip", "198.19.0.60 . udp . 53"),
         Mode::Ipvs => bed.wait_for_rules("ip", "-a -u 198.19.0.60:53 -r 198.18.1.2:8080"),
+        Mode::Userspace => bed.wait_for_rules("ip", "-d 198.19.0.60/32"),
         _ => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.1.2:8080"),
     }
     let vip = sock("198.19.0.60", 53);
@@ -2318,6 +2394,8 @@ fn udp_flow_across_endpoint_replacement(
     match mode {
         Mode::Nftables => bed.wait_for_rules("ip", "198.18.2.2 . 8080"),
         Mode::Ipvs => bed.wait_for_rules("ip", "-a -u 198.19.0.60:53 -r 198.18.2.2:8080"),
+        // The listeners' endpoints change with no rule changing: the sync below says when.
+        Mode::Userspace => {}
         _ => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.2.2:8080"),
     }
     // Give a cleanup (if any) time to run after the sync that programmed b1.
@@ -2346,9 +2424,10 @@ fn udp_clients_move_to_a_live_endpoint(mode: Mode) {
     }
     let (seen, log) = udp_flow_across_endpoint_replacement(mode, "ctclean", &[]);
     assert_eq!(seen, pods(&["b1"]), "{log}");
-    if mode == Mode::Ipvs {
+    if matches!(mode, Mode::Ipvs | Mode::Userspace) {
         // IPVS moves the flows itself: a UDP real server is deleted at once and
         // `expire_nodest_conn` expires its connections (no conntrack entry to clean).
+        // userspace mode closes a client's flow when its endpoint leaves.
         return;
     }
     // Exactly the two stale entries (ClusterIP and NodePort) were deleted.
@@ -2459,7 +2538,15 @@ fn health_check_node_ports(mode: Mode) {
         "lb",
         &service("lb", &spec(32000), &["a1:terminating", "b1"]),
     );
-    bed.wait_for_rules("ip", "198.18.1.2");
+    if mode == Mode::Userspace {
+        // No rule names an endpoint: wait for the local terminating endpoint to serve the
+        // NodePort (eTP Local falls back to it).
+        bed.eventually("a1 (terminating) serves the NodePort", || {
+            bed.tcp("client", sock(testbed::NODE_A, 30045), None).pod() == Some("a1")
+        });
+    } else {
+        bed.wait_for_rules("ip", "198.18.1.2");
+    }
     // The health check is updated right after the rules of the same sync.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(http_get_from(&bed, "client", v4).unwrap().0, 503);

@@ -194,10 +194,24 @@ fn dual_stack_cluster_cidr() {
 
 #[test]
 fn invalid_values_name_field_value_and_allowed() {
-    let errors = invalid(&["--proxy-mode=userspace"], None);
+    let errors = invalid(&["--proxy-mode=kernelspace"], None);
     assert_eq!(errors[0].field, "mode");
-    assert_eq!(errors[0].value, "userspace");
+    assert_eq!(errors[0].value, "kernelspace");
     assert!(errors[0].allowed.contains("nftables"));
+    assert!(errors[0].allowed.contains("userspace"));
+
+    let errors = invalid(
+        &["--proxy-mode=userspace", "--proxy-port-range=3000-2000"],
+        None,
+    );
+    assert_eq!(errors[0].field, "portRange");
+    assert!(
+        errors[0].allowed.contains("begin-end"),
+        "{}",
+        errors[0].allowed
+    );
+    let errors = invalid(&["--proxy-mode=userspace", "--udp-timeout=0s"], None);
+    assert_eq!(errors[0].field, "udpIdleTimeout");
 
     let errors = invalid(&["--iptables-masquerade-bit=32"], None);
     assert_eq!(errors[0].field, "iptables.masqueradeBit");
@@ -350,5 +364,51 @@ fn conntrack_zero_means_leave_alone() {
     assert_eq!(
         eff.settings.conntrack.tcp_close_wait_timeout,
         Some(Duration::from_secs(3600))
+    );
+}
+
+#[test]
+fn userspace_mode_port_range_and_udp_timeout() {
+    use crate::effective::{parse_port_range, InvalidPortRange};
+    assert_eq!(parse_port_range(""), Ok(None));
+    assert_eq!(parse_port_range("30000-30010"), Ok(Some((30000, 30010))));
+    assert_eq!(parse_port_range("30000+10"), Ok(Some((30000, 30010))));
+    assert_eq!(parse_port_range("8080"), Ok(Some((8080, 8080))));
+    for bad in ["0-10", "10-5", "a-b", "65535+1", "70000"] {
+        assert_eq!(parse_port_range(bad), Err(InvalidPortRange), "{bad}");
+    }
+    let config = effective(&["--proxy-mode=userspace"], None);
+    assert_eq!(config.settings.mode, ProxyMode::Userspace);
+    assert_eq!(config.settings.userspace.port_range, None);
+    assert_eq!(
+        config.settings.userspace.udp_idle_timeout,
+        std::time::Duration::from_millis(250)
+    );
+    let config = effective(
+        &[
+            "--proxy-mode=userspace",
+            "--proxy-port-range=40000+99",
+            "--udp-timeout=2s",
+        ],
+        None,
+    );
+    assert_eq!(config.settings.userspace.port_range, Some((40000, 40099)));
+    assert_eq!(
+        config.settings.userspace.udp_idle_timeout,
+        std::time::Duration::from_secs(2)
+    );
+    // The flags land in the document (--write-config-to, /configz), and a file sets them too.
+    assert_eq!(config.document.port_range, "40000+99");
+    let yaml = config.document.to_yaml();
+    assert!(yaml.contains("udpIdleTimeout: 2s"), "{yaml}");
+    // Other modes take the flag but say it does nothing there.
+    let config = effective(&["--proxy-port-range=40000+99"], None);
+    assert!(
+        config
+            .warnings
+            .iter()
+            .any(|w| w.contains("no effect outside")),
+        "{:?}",
+        config.warnings
     );
 }

@@ -130,6 +130,10 @@ pub fn main(args: &[OsString]) -> ExitCode {
         ProxyMode::Nftables => Mode::Nftables,
         ProxyMode::Iptables => Mode::Iptables,
         ProxyMode::Ipvs => Mode::Ipvs,
+        ProxyMode::Userspace => {
+            eprintln!("kube-proxy explain: userspace mode is not explained yet: its listeners are in the proxy's log (\"Opened listener\"), its redirects in `iptables -t nat -L KUBE-PORTALS-CONTAINER -n` (see docs/userspace.md)");
+            return ExitCode::FAILURE;
+        }
     };
     // Logs go to stderr at the configured verbosity (quiet by default), the answer to stdout.
     crate::telemetry::logging::init(settings.verbosity.min(1));

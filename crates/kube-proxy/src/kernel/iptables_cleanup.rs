@@ -16,6 +16,30 @@ use std::process::{Command, Stdio};
 
 use tracing::{debug, info, warn};
 
+/// Which modes' chains a cleanup removes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leftovers {
+    /// Every mode's (`--cleanup`, nftables mode taking over).
+    All,
+    /// iptables and ipvs mode's (userspace mode taking over).
+    IptablesAndIpvs,
+    /// userspace mode's (iptables or ipvs mode taking over).
+    Userspace,
+}
+
+impl Leftovers {
+    fn removes(self, table: &str, chain: &str) -> bool {
+        let userspace = kube_proxy_userspace::rules::CHAINS
+            .iter()
+            .any(|(t, c)| *t == table && *c == chain);
+        match self {
+            Leftovers::All => userspace || is_kube_proxy_chain(table, chain),
+            Leftovers::IptablesAndIpvs => is_kube_proxy_chain(table, chain),
+            Leftovers::Userspace => userspace,
+        }
+    }
+}
+
 /// Whether `chain` of `table` is one of upstream kube-proxy's (iptables or ipvs mode).
 pub fn is_kube_proxy_chain(table: &str, chain: &str) -> bool {
     const PREFIXES: &[&str] = &[
@@ -59,6 +83,11 @@ pub fn is_kube_proxy_chain(table: &str, chain: &str) -> bool {
 /// The `iptables-restore --noflush` script removing kube-proxy's chains found in `saved`
 /// (`iptables-save` output), or `None` if there are none.
 pub fn cleanup_script(saved: &str) -> Option<String> {
+    cleanup_script_of(saved, Leftovers::IptablesAndIpvs)
+}
+
+/// [`cleanup_script`] for the chains of `which` modes.
+pub fn cleanup_script_of(saved: &str, which: Leftovers) -> Option<String> {
     let mut script = String::new();
     let mut table = String::new();
     let mut chains: Vec<String> = Vec::new();
@@ -71,7 +100,7 @@ pub fn cleanup_script(saved: &str) -> Option<String> {
             jumps.clear();
         } else if let Some(rest) = line.strip_prefix(':') {
             let chain = rest.split_whitespace().next().unwrap_or("");
-            if is_kube_proxy_chain(&table, chain) {
+            if which.removes(&table, chain) {
                 chains.push(chain.to_string());
             }
         } else if let Some(rule) = line.strip_prefix("-A ") {
@@ -81,7 +110,7 @@ pub fn cleanup_script(saved: &str) -> Option<String> {
                 .skip_while(|w| *w != "-j" && *w != "-g")
                 .nth(1)
                 .unwrap_or("");
-            if !is_kube_proxy_chain(&table, chain) && is_kube_proxy_chain(&table, target) {
+            if !which.removes(&table, chain) && which.removes(&table, target) {
                 jumps.push(format!("-D {rule}"));
             }
         } else if line.trim() == "COMMIT" && !(chains.is_empty() && jumps.is_empty()) {
@@ -107,8 +136,8 @@ pub fn cleanup_script(saved: &str) -> Option<String> {
 /// [`cleanup_script`] in inputs of at most `batch` chain operations each: the jumps and the
 /// first flushes, the other flushes, then the deletions (a chain is deleted only once no
 /// chain refers to it). One input when everything fits.
-pub fn cleanup_scripts(saved: &str, batch: usize) -> Vec<String> {
-    let Some(whole) = cleanup_script(saved) else {
+pub fn cleanup_scripts(saved: &str, batch: usize, which: Leftovers) -> Vec<String> {
+    let Some(whole) = cleanup_script_of(saved, which) else {
         return Vec::new();
     };
     let operations = whole.lines().filter(|l| l.starts_with("-F ")).count();
@@ -214,11 +243,11 @@ fn backends() -> Vec<(&'static str, &'static str)> {
     found
 }
 
-/// Removes upstream kube-proxy's iptables chains from every backend in use and ipvs mode's
-/// interface. Returns false if something could not be removed (logged with the command and
-/// its error).
-pub fn remove_leftovers() -> bool {
-    let mut ok = remove_ipvs_interface();
+/// Removes the iptables chains of `which` modes from every backend in use (and, with iptables
+/// and ipvs mode's, ipvs mode's interface). Returns false if something could not be removed
+/// (logged with the command and its error).
+pub fn remove_leftovers(which: Leftovers) -> bool {
+    let mut ok = which == Leftovers::Userspace || remove_ipvs_interface();
     for (save, restore) in backends() {
         let saved = match Command::new(save).output() {
             Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -232,7 +261,7 @@ pub fn remove_leftovers() -> bool {
             true => NFT_BACKEND_BATCH,
             false => usize::MAX,
         };
-        let scripts = cleanup_scripts(&saved, batch);
+        let scripts = cleanup_scripts(&saved, batch, which);
         if scripts.is_empty() {
             continue;
         }
@@ -341,10 +370,10 @@ COMMIT
         }
         saved.push_str("-A PREROUTING -j KUBE-SERVICES\n-A KUBE-SERVICES -j KUBE-SEP-9\nCOMMIT\n");
         assert_eq!(
-            cleanup_scripts(&saved, 100),
+            cleanup_scripts(&saved, 100, Leftovers::IptablesAndIpvs),
             vec![cleanup_script(&saved).unwrap()]
         );
-        let staged = cleanup_scripts(&saved, 4);
+        let staged = cleanup_scripts(&saved, 4, Leftovers::IptablesAndIpvs);
         assert!(
             staged[0].starts_with("*nat\n-D PREROUTING -j KUBE-SERVICES\n-F KUBE-SERVICES\n"),
             "{staged:?}"

@@ -276,7 +276,8 @@ impl Metrics {
                     self.iptables_rules_last.clone(),
                 );
             }
-            ProxyMode::Ipvs => {
+            // userspace mode's own counters are read from the relays (userspace_metrics).
+            ProxyMode::Ipvs | ProxyMode::Userspace => {
                 r.register(
                     "sync_proxy_rules_iptables_restore_failures",
                     "Cumulative proxy iptables restore failures",
@@ -318,7 +319,9 @@ impl Metrics {
         let labels = family_labels(family);
         let counter = match self.mode {
             ProxyMode::Nftables => &self.nftables_sync_failures,
-            ProxyMode::Iptables | ProxyMode::Ipvs => &self.iptables_restore_failures,
+            ProxyMode::Iptables | ProxyMode::Ipvs | ProxyMode::Userspace => {
+                &self.iptables_restore_failures
+            }
         };
         counter.get_or_create(&labels).inc();
         if partial && self.mode == ProxyMode::Iptables {

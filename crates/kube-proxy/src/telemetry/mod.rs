@@ -5,3 +5,4 @@ pub mod logging;
 pub mod metrics;
 pub mod nfacct_metrics;
 pub mod process_metrics;
+pub mod userspace_metrics;

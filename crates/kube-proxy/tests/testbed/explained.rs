@@ -87,7 +87,9 @@ impl TestBed {
         outcome: &Outcome,
         resend: impl Fn() -> Outcome,
     ) {
+        // explain does not answer for userspace mode (yet).
         if !self.proxy_args.iter().any(|a| a.starts_with("--manifests"))
+            || self.mode == super::Mode::Userspace
             || std::env::var("KP_EXPLAIN_PACKETS").as_deref() == Ok("0")
             || matches!(outcome, Outcome::Other(_))
         {

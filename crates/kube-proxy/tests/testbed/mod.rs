@@ -70,6 +70,8 @@ pub enum Mode {
     IptablesNft,
     IptablesLegacy,
     Ipvs,
+    /// The proxy relays every connection (redirect rules through iptables-nft).
+    Userspace,
 }
 
 impl Mode {
@@ -78,6 +80,7 @@ impl Mode {
         match self {
             Mode::Nftables => "nftables",
             Mode::Ipvs => "ipvs",
+            Mode::Userspace => "userspace",
             _ => "iptables",
         }
     }
@@ -90,7 +93,7 @@ impl Mode {
     pub fn backend(self) -> Option<&'static str> {
         match self {
             Mode::Nftables => None,
-            Mode::IptablesNft | Mode::Ipvs => Some("nft"),
+            Mode::IptablesNft | Mode::Ipvs | Mode::Userspace => Some("nft"),
             Mode::IptablesLegacy => Some("legacy"),
         }
     }

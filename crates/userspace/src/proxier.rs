@@ -1,0 +1,350 @@
+//! The userspace dataplane: per family, the plan's listeners are opened (or updated) first,
+//! then one `iptables-restore --noflush` points the frontends at them, then the listeners no
+//! longer wanted are closed. Traffic never meets a rule without its listener, and a failed
+//! restore leaves the old rules with their listeners still open.
+//!
+//! A full sync (the first, after a failure, periodically) rewrites our five chains whole
+//! and inserts missing jumps; a partial sync deletes and appends only the rules of the
+//! listeners that changed, so a change costs the same at 10 Services as at 10,000.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use kube_proxy_iptables::proxier::{saved_jump, Restorer};
+use kube_proxy_model::dataplane::{Dataplane, SyncError, SyncInput, SyncReport, TableRules};
+use kube_proxy_model::{IpFamily, Protocol, ServicePortName};
+use tracing::{info, warn};
+
+use crate::desired::{self, ListenerKey, ListenerSpec, Portal};
+use crate::ports::PortAllocator;
+use crate::relay::ListenerControl;
+use crate::rules::{self, Addressing, Redirect, CHAINS};
+
+#[derive(Clone, Debug, Default)]
+pub struct UserspaceConfig {
+    /// `bindAddress` when it is one address: listeners bind it and rules DNAT to it.
+    pub listen_ip: Option<IpAddr>,
+    /// `portRange`.
+    pub port_range: Option<(u16, u16)>,
+}
+
+/// One listener as applied: what it serves, its port and its rules.
+struct Applied {
+    spec: ListenerSpec,
+    port: u16,
+    rules: Vec<(&'static str, String)>,
+}
+
+struct FamilyState {
+    ports: PortAllocator,
+    applied: BTreeMap<ListenerKey, Applied>,
+    node_ports: BTreeSet<(Protocol, u16)>,
+    /// The kernel holds exactly the applied rules (false: unknown, the next sync is full).
+    in_sync: bool,
+    warned: BTreeSet<ServicePortName>,
+}
+
+pub struct UserspaceProxier<L: ListenerControl, R: Restorer> {
+    config: UserspaceConfig,
+    listeners: L,
+    iptables: R,
+    families: BTreeMap<IpFamily, FamilyState>,
+    warnings: Vec<String>,
+}
+
+impl<L: ListenerControl, R: Restorer> UserspaceProxier<L, R> {
+    pub fn new(config: UserspaceConfig, listeners: L, iptables: R) -> Self {
+        UserspaceProxier {
+            config,
+            listeners,
+            iptables,
+            families: BTreeMap::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    pub fn listeners(&self) -> &L {
+        &self.listeners
+    }
+
+    pub fn iptables(&self) -> &R {
+        &self.iptables
+    }
+
+    pub fn iptables_mut(&mut self) -> &mut R {
+        &mut self.iptables
+    }
+
+    /// The port each listener of `family` has (for tests and the state dump).
+    pub fn ports(&self, family: IpFamily) -> BTreeMap<ListenerKey, u16> {
+        self.families
+            .get(&family)
+            .map(|s| s.applied.iter().map(|(k, a)| (k.clone(), a.port)).collect())
+            .unwrap_or_default()
+    }
+
+    fn addressing(&self, family: IpFamily, node_ips: &[IpAddr]) -> Addressing {
+        let listen_ip = self
+            .config
+            .listen_ip
+            .filter(|ip| IpFamily::of(ip) == family);
+        Addressing {
+            listen_ip,
+            host_ip: node_ips
+                .iter()
+                .copied()
+                .find(|ip| IpFamily::of(ip) == family),
+        }
+    }
+}
+
+/// Opens, updates and replaces listeners so that `state` serves `want`; returns the keys no
+/// longer wanted (closed after the rules stop pointing at them).
+fn open_listeners<L: ListenerControl>(
+    listeners: &mut L,
+    family: IpFamily,
+    state: &mut FamilyState,
+    want: &BTreeMap<ListenerKey, ListenerSpec>,
+    warnings: &mut Vec<String>,
+) -> Vec<(ListenerKey, Applied)> {
+    let mut replaced = Vec::new();
+    for (key, spec) in want {
+        if let Some(applied) = state.applied.get_mut(key) {
+            if applied.spec == *spec {
+                continue;
+            }
+            if applied.spec.protocol == spec.protocol {
+                match listeners.update(family, key, spec) {
+                    Ok(()) => applied.spec = spec.clone(),
+                    Err(e) => warnings.push(format!(
+                        "cannot update the {family} listener of {key} on port {}: {e}",
+                        applied.port
+                    )),
+                }
+                continue;
+            }
+            // Another protocol: a new listener under the same key; the old one stops now
+            // (its rules go with the stale ones').
+            if let Some(old) = state.applied.remove(key) {
+                listeners.close(family, key);
+                replaced.push((key.clone(), old));
+            }
+        }
+        match listeners.open(family, key, spec, &state.ports.candidates()) {
+            Ok(port) => {
+                state.ports.take(port);
+                state.applied.insert(
+                    key.clone(),
+                    Applied {
+                        spec: spec.clone(),
+                        port,
+                        rules: Vec::new(),
+                    },
+                );
+            }
+            Err(e) => warnings.push(format!(
+                "cannot open a {family} listener for {key} (its frontends stay unserved; retried at the next sync): {e}"
+            )),
+        }
+    }
+    let stale: Vec<ListenerKey> = state
+        .applied
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .cloned()
+        .collect();
+    for key in stale {
+        if let Some(applied) = state.applied.remove(&key) {
+            replaced.push((key, applied));
+        }
+    }
+    replaced
+}
+
+impl<L: ListenerControl, R: Restorer> Dataplane for UserspaceProxier<L, R> {
+    fn name(&self) -> &'static str {
+        "userspace"
+    }
+
+    fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, SyncError> {
+        let family = input.family;
+        let addressing = self.addressing(family, &input.node.node_ips);
+        let range = self.config.port_range;
+        let state = self.families.entry(family).or_insert_with(|| FamilyState {
+            ports: PortAllocator::new(range),
+            applied: BTreeMap::new(),
+            node_ports: BTreeSet::new(),
+            in_sync: false,
+            warned: BTreeSet::new(),
+        });
+        let full = input.full || !state.in_sync;
+        let want = desired::listeners(input.plan);
+        for (name, why) in &want.skipped {
+            if state.warned.insert(name.clone()) {
+                self.warnings.push(format!("{name}: {why}"));
+            }
+        }
+
+        // 1. Listeners first: every rule written below has its listener.
+        let mut stale = open_listeners(
+            &mut self.listeners,
+            family,
+            state,
+            &want.listeners,
+            &mut self.warnings,
+        );
+        let node_ports: BTreeSet<(Protocol, u16)> = state
+            .applied
+            .values()
+            .flat_map(|a| {
+                a.spec.portals.iter().filter_map(move |p| match p {
+                    Portal::NodePort(port) => Some((a.spec.protocol, *port)),
+                    Portal::Address { .. } => None,
+                })
+            })
+            .collect();
+        for (protocol, port) in node_ports.difference(&state.node_ports) {
+            if let Err(e) = self.listeners.claim_node_port(family, *protocol, *port) {
+                // Served all the same (the rules redirect it); another program holds it.
+                self.warnings.push(format!(
+                    "cannot hold {family} NodePort {port}/{}: {e} (is another program listening on it?)",
+                    protocol.upper()
+                ));
+            }
+        }
+
+        // 2. The rules, whole or the changed listeners' only.
+        let mut text = String::new();
+        let mut written = 0usize;
+        let mut new_rules: BTreeMap<ListenerKey, Vec<(&'static str, String)>> = BTreeMap::new();
+        for (key, applied) in &state.applied {
+            let redirect = Redirect {
+                name: &key.name,
+                spec: &applied.spec,
+                proxy_port: applied.port,
+            };
+            let rules = rules::rules(&[redirect], addressing);
+            if full || rules != applied.rules {
+                new_rules.insert(key.clone(), rules);
+            }
+        }
+        if full {
+            let all: Vec<(&'static str, String)> = state
+                .applied
+                .iter()
+                .flat_map(|(k, a)| new_rules.get(k).unwrap_or(&a.rules).iter().cloned())
+                .collect();
+            written = all.len();
+            let saved = self
+                .iptables
+                .save(family)
+                .map_err(|e| SyncError::retry(family, format!("iptables-save: {e}")))?;
+            text = rules::restore_input(&all, &|table, chain, target| {
+                saved_jump(&saved, table, chain, target)
+            });
+        } else {
+            let mut lines: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            let removed = stale.iter().map(|(_, a)| &a.rules);
+            let changed = new_rules
+                .keys()
+                .filter_map(|k| state.applied.get(k))
+                .map(|a| &a.rules);
+            for (chain, rule) in removed.chain(changed).flatten() {
+                lines
+                    .entry(table_of(chain))
+                    .or_default()
+                    .push(format!("-D {chain} {rule}"));
+            }
+            for (chain, rule) in new_rules.values().flatten() {
+                lines
+                    .entry(table_of(chain))
+                    .or_default()
+                    .push(format!("-A {chain} {rule}"));
+                written += 1;
+            }
+            for (table, lines) in &lines {
+                let _ = writeln!(text, "*{table}");
+                for line in lines {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+                text.push_str("COMMIT\n");
+            }
+        }
+        if !text.is_empty() {
+            if let Err(e) = self.iptables.restore(family, &text) {
+                state.in_sync = false;
+                // The stale listeners stay open: the kernel may still point at them.
+                for (key, applied) in stale.drain(..) {
+                    state.applied.entry(key).or_insert(applied);
+                }
+                return Err(SyncError::retry(family, format!("iptables-restore: {e}")));
+            }
+        }
+        state.in_sync = true;
+        for (key, rules) in new_rules {
+            if let Some(applied) = state.applied.get_mut(&key) {
+                applied.rules = rules;
+            }
+        }
+
+        // 3. What is no longer pointed at goes.
+        for (key, applied) in stale {
+            if !state.applied.contains_key(&key) {
+                self.listeners.close(family, &key);
+            }
+            state.ports.release(applied.port);
+        }
+        for (protocol, port) in state.node_ports.difference(&node_ports) {
+            self.listeners.release_node_port(family, *protocol, *port);
+        }
+        state.node_ports = node_ports;
+
+        let total: usize = state.applied.values().map(|a| a.rules.len()).sum();
+        if full {
+            info!(family = %family, listeners = state.applied.len(), rules = total, "Userspace listeners and redirect rules in place");
+        }
+        let count = |table: &str| {
+            state
+                .applied
+                .values()
+                .flat_map(|a| &a.rules)
+                .filter(|(chain, _)| table_of(chain) == table)
+                .count()
+        };
+        Ok(SyncReport {
+            service_ports: input.plan.services.len(),
+            changed: input.changed.len(),
+            full,
+            statements: written,
+            transactions: usize::from(!text.is_empty()),
+            rules: vec![
+                TableRules {
+                    table: "filter",
+                    written: 0,
+                    total: count("filter"),
+                },
+                TableRules {
+                    table: "nat",
+                    written,
+                    total: count("nat"),
+                },
+            ],
+        })
+    }
+
+    fn take_warnings(&mut self) -> Vec<String> {
+        for warning in &self.warnings {
+            warn!("{warning}");
+        }
+        std::mem::take(&mut self.warnings)
+    }
+}
+
+fn table_of(chain: &str) -> &'static str {
+    CHAINS
+        .iter()
+        .find(|(_, c)| *c == chain)
+        .map_or("nat", |(t, _)| t)
+}

@@ -1,0 +1,365 @@
+//! The listeners and relays of userspace mode.
+//!
+//! They run on their own tokio runtime with a fixed number of worker threads (the relay
+//! threads), apart from the sync loop, so a slow sync never stalls traffic and a flood of
+//! connections never stalls a sync. Per connection there is one task, the two sockets and,
+//! once bytes flow, one pipe per direction (TCP bytes move socket → pipe → socket with
+//! splice(2), never copied into user space); per UDP client one task and one socket.
+//!
+//! The proxier drives it through [`ListenerControl`] (a fake in unit tests): a listener is
+//! opened before the redirect rules point at it and closed after they stop; closing one stops
+//! accepting at once while its established connections go on to their end.
+
+mod stats;
+mod tcp;
+mod udp;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube_proxy_model::{IpFamily, Protocol};
+use socket2::{Domain, SockAddr, Socket, Type};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::balancer::Balancer;
+use crate::desired::{ListenerKey, ListenerSpec};
+
+pub use stats::{Counters, PortStats, Stats};
+
+/// What the proxier asks of the relays (implemented by [`Relay`]).
+pub trait ListenerControl: Send {
+    /// Binds a listener for `key` on the first free port of `candidates` (`0`: any) and
+    /// serves `spec` with it; returns the port.
+    fn open(
+        &mut self,
+        family: IpFamily,
+        key: &ListenerKey,
+        spec: &ListenerSpec,
+        candidates: &[u16],
+    ) -> io::Result<u16>;
+    /// New endpoints or affinity for an open listener (it starts or stops accepting).
+    fn update(
+        &mut self,
+        family: IpFamily,
+        key: &ListenerKey,
+        spec: &ListenerSpec,
+    ) -> io::Result<()>;
+    /// Stops accepting; established connections go on.
+    fn close(&mut self, family: IpFamily, key: &ListenerKey);
+    /// Holds a NodePort on every address, so no other program takes it (upstream's claim).
+    fn claim_node_port(
+        &mut self,
+        family: IpFamily,
+        protocol: Protocol,
+        port: u16,
+    ) -> io::Result<()>;
+    fn release_node_port(&mut self, family: IpFamily, protocol: Protocol, port: u16);
+}
+
+/// How long a connect to an endpoint may take, per attempt; each failed attempt moves to the
+/// next endpoint (upstream's `endpointDialTimeout`).
+pub const CONNECT_TIMEOUTS: [Duration; 4] = [
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
+
+/// What a listener's tasks share: its name, its balancer and its counters.
+pub(crate) struct Frontend {
+    pub label: String,
+    pub balancer: Mutex<Balancer>,
+    pub counters: Arc<Counters>,
+    pub udp_timeout: Duration,
+}
+
+/// How an open listener serves.
+enum Serving {
+    /// TCP, accepting (the task owns the listening socket).
+    Accepting(JoinHandle<()>),
+    /// TCP without endpoints: the port is bound but not listening, so connections are
+    /// refused (a SYN to it gets a RST).
+    Held(Socket),
+    /// UDP, receiving.
+    Receiving(JoinHandle<()>),
+    /// UDP without endpoints: nothing bound, so datagrams get ICMP port unreachable.
+    Unbound,
+}
+
+struct Open {
+    port: u16,
+    protocol: Protocol,
+    frontend: Arc<Frontend>,
+    serving: Serving,
+}
+
+pub struct RelayConfig {
+    /// Relay threads.
+    pub threads: usize,
+    /// `bindAddress` when it is one address (else the listeners take every address).
+    pub listen_ip: Option<IpAddr>,
+    pub udp_timeout: Duration,
+}
+
+/// The relays: a runtime and the listeners open on it.
+pub struct Relay {
+    runtime: Option<tokio::runtime::Runtime>,
+    config: RelayConfig,
+    open: HashMap<(IpFamily, ListenerKey), Open>,
+    claims: HashMap<(IpFamily, Protocol, u16), Socket>,
+    stats: Arc<Stats>,
+}
+
+impl Relay {
+    pub fn new(config: RelayConfig) -> io::Result<Relay> {
+        raise_open_files_limit();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.threads.max(1))
+            .thread_name("relay")
+            .enable_io()
+            .enable_time()
+            .build()?;
+        Ok(Relay {
+            runtime: Some(runtime),
+            config,
+            open: HashMap::new(),
+            claims: HashMap::new(),
+            stats: Arc::default(),
+        })
+    }
+
+    /// The counters the metrics read.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.runtime
+            .as_ref()
+            .expect("the relay runtime lives as long as the relay")
+            .handle()
+    }
+
+    fn listen_address(&self, family: IpFamily, port: u16) -> SocketAddr {
+        let ip = match (self.config.listen_ip, family) {
+            (Some(ip @ IpAddr::V4(_)), IpFamily::V4) | (Some(ip @ IpAddr::V6(_)), IpFamily::V6) => {
+                ip
+            }
+            (_, IpFamily::V4) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            (_, IpFamily::V6) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        SocketAddr::new(ip, port)
+    }
+
+    /// Starts serving `open` as its endpoints say (accepting or refusing).
+    fn serve(&self, family: IpFamily, open: &mut Open, spec: &ListenerSpec) -> io::Result<()> {
+        let want = !spec.endpoints.is_empty();
+        let address = self.listen_address(family, open.port);
+        let serving = std::mem::replace(&mut open.serving, Serving::Unbound);
+        open.serving = match (open.protocol, serving, want) {
+            (Protocol::Tcp, Serving::Held(socket), true) => {
+                socket.listen(4096)?;
+                self.accept_on(socket, open)?
+            }
+            (Protocol::Tcp, Serving::Accepting(task), false) => {
+                task.abort();
+                // The accept task drops the listening socket as it ends: bind again once
+                // it is gone (SO_REUSEADDR: its accepted connections keep running).
+                hold_tcp(address, 50)?
+            }
+            (Protocol::Udp, Serving::Unbound, true) => {
+                let socket = bind(address, Type::DGRAM)?;
+                let _guard = self.handle().enter();
+                let socket = Arc::new(tokio::net::UdpSocket::from_std(socket.into())?);
+                Serving::Receiving(
+                    self.handle()
+                        .spawn(udp::receive(socket, open.frontend.clone())),
+                )
+            }
+            (Protocol::Udp, Serving::Receiving(task), false) => {
+                task.abort();
+                Serving::Unbound
+            }
+            (_, same, _) => same,
+        };
+        Ok(())
+    }
+
+    fn accept_on(&self, socket: Socket, open: &Open) -> io::Result<Serving> {
+        socket.set_nonblocking(true)?;
+        let _guard = self.handle().enter();
+        let listener = tokio::net::TcpListener::from_std(socket.into())?;
+        Ok(Serving::Accepting(
+            self.handle()
+                .spawn(tcp::accept(listener, open.frontend.clone())),
+        ))
+    }
+}
+
+impl ListenerControl for Relay {
+    fn open(
+        &mut self,
+        family: IpFamily,
+        key: &ListenerKey,
+        spec: &ListenerSpec,
+        candidates: &[u16],
+    ) -> io::Result<u16> {
+        let mut last_error = io::Error::new(io::ErrorKind::AddrInUse, "no free port in portRange");
+        let kind = match spec.protocol {
+            Protocol::Udp => Type::DGRAM,
+            _ => Type::STREAM,
+        };
+        // Bind first (the port is then known), whatever the endpoints; a UDP listener
+        // without endpoints lets its port go again at once (nothing else may answer on it
+        // meanwhile: it is in our allocator).
+        let mut bound = None;
+        for port in candidates {
+            match bind(self.listen_address(family, *port), kind) {
+                Ok(socket) => {
+                    bound = Some(socket);
+                    break;
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        let socket = bound.ok_or(last_error)?;
+        let port = socket
+            .local_addr()?
+            .as_socket()
+            .map(|a| a.port())
+            .unwrap_or_default();
+        let frontend = Arc::new(Frontend {
+            label: key.name.to_string(),
+            balancer: Mutex::new(Balancer::new(spec.endpoints.clone(), spec.affinity)),
+            counters: self.stats.port(&key.name.to_string(), spec.protocol),
+            udp_timeout: self.config.udp_timeout,
+        });
+        let mut open = Open {
+            port,
+            protocol: spec.protocol,
+            frontend,
+            serving: match spec.protocol {
+                Protocol::Udp => Serving::Unbound,
+                _ => Serving::Held(socket),
+            },
+        };
+        self.serve(family, &mut open, spec)?;
+        info!(listener = %key, family = %family, port, protocol = spec.protocol.upper(), endpoints = spec.endpoints.len(), "Opened listener");
+        self.open.insert((family, key.clone()), open);
+        Ok(port)
+    }
+
+    fn update(
+        &mut self,
+        family: IpFamily,
+        key: &ListenerKey,
+        spec: &ListenerSpec,
+    ) -> io::Result<()> {
+        let Some(mut open) = self.open.remove(&(family, key.clone())) else {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "listener not open"));
+        };
+        open.frontend
+            .balancer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .update(spec.endpoints.clone(), spec.affinity);
+        let result = self.serve(family, &mut open, spec);
+        debug!(listener = %key, family = %family, endpoints = spec.endpoints.len(), "Updated listener");
+        self.open.insert((family, key.clone()), open);
+        result
+    }
+
+    fn close(&mut self, family: IpFamily, key: &ListenerKey) {
+        if let Some(open) = self.open.remove(&(family, key.clone())) {
+            match open.serving {
+                Serving::Accepting(task) | Serving::Receiving(task) => task.abort(),
+                Serving::Held(_) | Serving::Unbound => {}
+            }
+            info!(listener = %key, family = %family, port = open.port, "Closed listener");
+        }
+        self.stats.forget_unused();
+    }
+
+    fn claim_node_port(
+        &mut self,
+        family: IpFamily,
+        protocol: Protocol,
+        port: u16,
+    ) -> io::Result<()> {
+        let kind = match protocol {
+            Protocol::Udp => Type::DGRAM,
+            _ => Type::STREAM,
+        };
+        let address = match family {
+            IpFamily::V4 => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            IpFamily::V6 => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+        };
+        let socket = bind(address, kind)?;
+        self.claims.insert((family, protocol, port), socket);
+        Ok(())
+    }
+
+    fn release_node_port(&mut self, family: IpFamily, protocol: Protocol, port: u16) {
+        self.claims.remove(&(family, protocol, port));
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // Dropped from inside the sync loop's runtime: a blocking shutdown is not allowed.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A socket bound to `address` (not listening), with SO_REUSEADDR so a listener can be bound
+/// again while connections it accepted are open, and IPv6 sockets IPv6-only.
+fn bind(address: SocketAddr, kind: Type) -> io::Result<Socket> {
+    let domain = Domain::for_address(address);
+    let socket = Socket::new(domain, kind, None)?;
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_cloexec(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SockAddr::from(address))?;
+    Ok(socket)
+}
+
+/// Binds `address` again after its listener was closed, retrying while the closing accept
+/// task still holds it.
+fn hold_tcp(address: SocketAddr, attempts: usize) -> io::Result<Serving> {
+    let mut last = None;
+    for _ in 0..attempts {
+        match bind(address, Type::STREAM) {
+            Ok(socket) => return Ok(Serving::Held(socket)),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("cannot bind")))
+}
+
+/// Each relayed connection holds two sockets and up to two pipes: raise the soft limit on
+/// open files to the hard one (upstream set 64000).
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(
+                from = soft,
+                to = hard,
+                "Raised the open files limit for relays"
+            ),
+            Err(e) => warn!(error = %e, soft, "Cannot raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "Cannot read the open files limit"),
+    }
+}
