@@ -128,6 +128,10 @@ packet_cases!(userspace: Userspace =>
     health_check_node_ports,
 );
 
+packet_cases!(userspace_only: Userspace =>
+    userspace_retries_transfers_udp_timeouts_and_listener_lifecycle,
+);
+
 packet_cases!(#[ignore = "needs IP_VS: runs inside the VM (ipvs_cases_in_a_vm)"] ipvs_only: Ipvs =>
     ipvs_draining_schedulers_timeouts_and_cleanup,
 );
@@ -192,12 +196,17 @@ fn node_of(name: &str) -> &'static str {
 /// A Service (`spec` is YAML lines indented by 2) and one EndpointSlice per family listing
 /// `pods` (each ready unless suffixed `:terminating`).
 fn service(name: &str, spec: &str, pods: &[&str]) -> String {
+    service_on(name, spec, pods, 8080)
+}
+
+/// [`service`] with endpoints on `target` (8081: line echo, 8082: byte echo).
+fn service_on(name: &str, spec: &str, pods: &[&str], target: u16) -> String {
     let mut yaml = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec:\n{spec}\n"
     );
     for (family, v6) in [("IPv4", false), ("IPv6", true)] {
         yaml.push_str(&format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-{}\n  namespace: t\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: {family}\nports:\n- {{name: p, port: 8080, protocol: TCP}}\n- {{name: u, port: 8080, protocol: UDP}}\nendpoints:\n",
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-{}\n  namespace: t\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: {family}\nports:\n- {{name: p, port: {target}, protocol: TCP}}\n- {{name: u, port: {target}, protocol: UDP}}\nendpoints:\n",
             family.to_lowercase()
         ));
         for pod in pods {
@@ -2900,5 +2909,189 @@ fn ipvs_draining_schedulers_timeouts_and_cleanup(mode: Mode) {
             .lines()
             .all(|l| !l.contains("KUBE-") || l.contains("KUBE-MARK-MASQ")),
         "{rules}"
+    );
+}
+
+/// The listener port userspace mode redirects `vip` (a `-d` of the rules) to.
+fn userspace_port(bed: &TestBed, vip: &str) -> Option<u16> {
+    bed.ruleset("ip")
+        .lines()
+        .find(|l| l.contains("KUBE-PORTALS-CONTAINER") && l.contains(&format!("-d {vip}/32")))
+        .and_then(|l| l.split("--to-ports ").nth(1))
+        .and_then(|p| p.trim().parse().ok())
+}
+
+/// The proxy's open file descriptors.
+fn open_fds(bed: &TestBed) -> usize {
+    let pid = bed.proxy_pid().expect("the proxy runs");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// What only userspace mode does, with real connections: a dead endpoint (no host) and a
+/// killed one (port closed) are skipped by the connect retry; 16 MiB go through the relay
+/// both ways intact, ended by half-closes; an established connection keeps its endpoint
+/// while new ones follow an endpoint change; a UDP client keeps its endpoint within
+/// `--udp-timeout` and is balanced anew after it; a Service's listener closes with the
+/// Service; and Services coming and going with traffic leak no file descriptor. The relay
+/// counters are read from the metrics.
+fn userspace_retries_transfers_udp_timeouts_and_listener_lifecycle(mode: Mode) {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("usr");
+    bed.mode = mode;
+    // "retry": b1, an address where no host answers and a1 on a port nothing listens on.
+    bed.write_manifest(
+        "retry",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: retry, namespace: t}\nspec:\n  clusterIP: 198.19.0.80\n  ports:\n  - {name: p, port: 80, targetPort: 8080, protocol: TCP}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: retry-1\n  namespace: t\n  labels: {kubernetes.io/service-name: retry}\naddressType: IPv4\nports:\n- {name: p, port: 8080, protocol: TCP}\nendpoints:\n- {addresses: [198.18.1.99], nodeName: node-a, conditions: {ready: true}}\n- {addresses: [198.18.2.2], nodeName: node-b, conditions: {ready: true}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: retry-2\n  namespace: t\n  labels: {kubernetes.io/service-name: retry}\naddressType: IPv4\nports:\n- {name: p, port: 8090, protocol: TCP}\nendpoints:\n- {addresses: [198.18.1.2], nodeName: node-a, conditions: {ready: true}}\n",
+    );
+    let bulk = "  clusterIP: 198.19.0.81\n  ports:\n  - {name: p, port: 80, targetPort: 8082, protocol: TCP}";
+    bed.write_manifest("bulk", &service_on("bulk", bulk, &["b1"], 8082));
+    let echo = "  clusterIP: 198.19.0.82\n  ports:\n  - {name: p, port: 80, targetPort: 8081, protocol: TCP}";
+    bed.write_manifest("echo", &service_on("echo", echo, &["a1"], 8081));
+    bed.write_manifest(
+        "dns",
+        &service(
+            "dns",
+            &format!("  clusterIP: 198.19.0.83\n{PORTS}"),
+            &["a1", "a2"],
+        ),
+    );
+    bed.start_proxy(&["--udp-timeout=1s", "--metrics-bind-address=127.0.0.1:10249"]);
+    bed.wait_for_rules("ip", "-d 198.19.0.83/32");
+
+    // Every connection is answered by b1: the dead and the killed endpoint are retried away.
+    let (answered, _) = bed.tcp_spread("a2", sock("198.19.0.80", 80), 12);
+    assert_eq!(answered, pods(&["b1"]));
+    let text = metrics_of(&bed);
+    let failures = metric(
+        &text,
+        "kubeproxy_userspace_connect_failures_total{service_port=\"t/retry:p\",protocol=\"TCP\"}",
+    );
+    assert!(failures.is_some_and(|n| n >= 8.0), "{text}");
+    let opened = metric(
+        &text,
+        "kubeproxy_userspace_connections_opened_total{service_port=\"t/retry:p\",protocol=\"TCP\"}",
+    );
+    assert_eq!(opened, Some(12.0), "{text}");
+
+    // The control: straight to the pod.
+    let direct = testbed::bulk_echo(&bed.ns("a1"), sock("198.18.2.2", 8082), 16 << 20).unwrap();
+    assert_eq!(direct.received_hash, direct.sent_hash);
+    // 16 MiB each way through the relay, from a pod and from outside, intact.
+    for from in ["a1", "client"] {
+        let transfer = testbed::bulk_echo(&bed.ns(from), sock("198.19.0.81", 80), 16 << 20)
+            .unwrap_or_else(|e| panic!("from {from}: {e}"));
+        assert_eq!(transfer.received, transfer.sent, "from {from}");
+        assert_eq!(transfer.received_hash, transfer.sent_hash, "from {from}");
+    }
+    let text = metrics_of(&bed);
+    for direction in ["to_endpoint", "to_client"] {
+        let bytes = metric(
+            &text,
+            &format!("kubeproxy_userspace_relayed_bytes_total{{service_port=\"t/bulk:p\",protocol=\"TCP\",direction=\"{direction}\"}}"),
+        );
+        assert_eq!(bytes, Some((32u64 << 20) as f64), "{direction}: {text}");
+    }
+
+    // An established connection keeps its endpoint; new connections follow the change.
+    let mut held = bed.connect("client", sock("198.19.0.82", 80));
+    assert_eq!(held.exchange("one").unwrap(), "a1 one");
+    bed.write_manifest("echo", &service_on("echo", echo, &["b1"], 8081));
+    bed.eventually("new connections reach b1", || {
+        bed.connect("client", sock("198.19.0.82", 80))
+            .exchange("probe")
+            .is_ok_and(|a| a.starts_with("b1"))
+    });
+    assert_eq!(held.exchange("two").unwrap(), "a1 two");
+    let text = metrics_of(&bed);
+    assert!(
+        metric(
+            &text,
+            "kubeproxy_userspace_active_relays{service_port=\"t/echo:p\",protocol=\"TCP\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    drop(held);
+
+    // UDP: the same client address keeps its endpoint while it talks within the timeout,
+    // and after a second of silence it is balanced anew (round robin: the other pod).
+    let vip = sock("198.19.0.83", 80);
+    let first = bed
+        .udp_from_port("client", vip, 40100)
+        .pod()
+        .map(str::to_string);
+    assert!(first.is_some());
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            bed.udp_from_port("client", vip, 40100)
+                .pod()
+                .map(str::to_string),
+            first,
+            "within the timeout"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1600));
+    let after = bed
+        .udp_from_port("client", vip, 40100)
+        .pod()
+        .map(str::to_string);
+    assert!(
+        after.is_some() && after != first,
+        "{first:?} then {after:?}"
+    );
+
+    // Removing a Service closes its listener.
+    let port = userspace_port(&bed, "198.19.0.82").expect("the echo Service's listener");
+    let listening = |port: u16| {
+        bed.ip_netns_exec("node", &["ss", "-Htln", &format!("sport = :{port}")])
+            .contains(&format!(":{port}"))
+    };
+    assert!(listening(port));
+    bed.remove_manifest("echo");
+    bed.eventually("the listener closed", || !listening(port));
+    assert!(userspace_port(&bed, "198.19.0.82").is_none());
+
+    // Churn: Services with traffic come and go; the proxy's descriptors come back to where
+    // they were (listeners, relays, pipes and UDP flows all closed).
+    let churn = |round: usize| {
+        for i in 0..5 {
+            bed.write_manifest(
+                &format!("churn{i}"),
+                &service(
+                    &format!("churn{i}"),
+                    &format!("  clusterIP: 198.19.1.{}\n{PORTS}", 10 + i),
+                    &["a1", "b1"],
+                ),
+            );
+        }
+        for i in 0..5 {
+            let vip = sock(&format!("198.19.1.{}", 10 + i), 80);
+            bed.eventually(&format!("round {round}: churn{i} serves"), || {
+                bed.tcp("a2", vip, None).pod().is_some() && bed.udp("a2", vip, None).pod().is_some()
+            });
+        }
+        for i in 0..5 {
+            bed.remove_manifest(&format!("churn{i}"));
+        }
+        bed.eventually(&format!("round {round}: churn gone"), || {
+            !bed.ruleset("ip").contains("198.19.1.")
+        });
+        // UDP flows end after the timeout.
+        std::thread::sleep(Duration::from_millis(1500));
+    };
+    churn(0);
+    let baseline = open_fds(&bed);
+    for round in 1..6 {
+        churn(round);
+    }
+    let after = open_fds(&bed);
+    assert!(
+        after <= baseline + 2,
+        "file descriptors: {baseline} after the first round, {after} after five more"
     );
 }

@@ -394,6 +394,7 @@ impl TestBed {
             ip(&ns, &format!("-6 route add default via {gw6}"));
             start_servers(&ns, pod);
             start_echo_server(&ns, pod);
+            start_byte_echo_server(&ns);
         }
     }
 
@@ -505,6 +506,11 @@ impl TestBed {
     }
 
     /// Whether the running proxy's log shows its first sync of both families.
+    /// The running proxy's process id.
+    pub fn proxy_pid(&self) -> Option<u32> {
+        self.proxy.as_ref().map(|c| c.id())
+    }
+
     pub fn proxy_synced(&self) -> bool {
         let log = self.proxy_log();
         log.contains("\"Synced\" family=\"IPv4\"") && log.contains("\"Synced\" family=\"IPv6\"")
@@ -784,6 +790,90 @@ fn start_echo_server(ns: &str, pod: &str) {
             });
         }
     });
+}
+
+/// A byte-echo server on TCP 8082 (IPv4): sends back every byte it receives, and ends its
+/// side when the client ends its own (for transfers both ways and half-closes).
+fn start_byte_echo_server(ns: &str) {
+    let listener = in_netns(ns, || TcpListener::bind("0.0.0.0:8082").unwrap());
+    thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut reader = conn.try_clone().unwrap();
+                let mut writer = conn;
+                if std::io::copy(&mut reader, &mut writer).is_ok() {
+                    let _ = writer.shutdown(std::net::Shutdown::Write);
+                }
+            });
+        }
+    });
+}
+
+/// What a bulk transfer through the byte-echo server sent and got back.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Transfer {
+    pub sent: usize,
+    pub received: usize,
+    pub sent_hash: u64,
+    pub received_hash: u64,
+}
+
+/// Sends `bytes` pseudo-random bytes from namespace `from` to a byte-echo server at `to`
+/// while reading the echo, then half-closes and reads to the end: both directions' bytes,
+/// hashed.
+pub fn bulk_echo(ns: &str, to: SocketAddr, bytes: usize) -> Result<Transfer, String> {
+    use std::hash::Hasher;
+    let stream = in_netns(ns, move || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(2))
+    })
+    .map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            for b in chunk.iter_mut() {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                *b = seed as u8;
+            }
+            let n = left.min(chunk.len());
+            writer.write_all(&chunk[..n]).map_err(|e| e.to_string())?;
+            hasher.write(&chunk[..n]);
+            left -= n;
+        }
+        writer
+            .shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.to_string())?;
+        Ok::<u64, String>(hasher.finish())
+    });
+    let mut reader = stream;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                hasher.write(&buf[..n]);
+                received += n;
+            }
+            Err(e) => return Err(format!("after {received} bytes: {e}")),
+        }
+    }
+    let sent_hash = sender.join().unwrap()?;
+    Ok(Transfer {
+        sent: bytes,
+        received,
+        sent_hash,
+        received_hash: hasher.finish(),
+    })
 }
 
 /// A long-lived TCP connection opened from a namespace (the socket stays in it).

@@ -1,8 +1,8 @@
 //! The listeners and relays of userspace mode.
 //!
-//! They run on their own tokio runtime with a fixed number of worker threads (the relay
-//! threads), apart from the sync loop, so a slow sync never stalls traffic and a flood of
-//! connections never stalls a sync. Per connection there is one task, the two sockets and,
+//! They run on a fixed number of relay threads of their own ([`shards`]), apart from the
+//! sync loop, so a slow sync never stalls traffic and a flood of connections never stalls a
+//! sync. Per connection there is one task, the two sockets and,
 //! once bytes flow, one pipe per direction (TCP bytes move socket → pipe → socket with
 //! splice(2), never copied into user space); per UDP client one task and one socket.
 //!
@@ -10,6 +10,7 @@
 //! opened before the redirect rules point at it and closed after they stop; closing one stops
 //! accepting at once while its established connections go on to their end.
 
+mod shards;
 mod stats;
 mod tcp;
 mod udp;
@@ -72,6 +73,8 @@ pub const CONNECT_TIMEOUTS: [Duration; 4] = [
 /// What a listener's tasks share: its name, its balancer and its counters.
 pub(crate) struct Frontend {
     pub label: String,
+    /// Where accepted connections are served.
+    pub shards: Arc<shards::Shards>,
     pub balancer: Mutex<Balancer>,
     pub counters: Arc<Counters>,
     pub udp_timeout: Duration,
@@ -105,9 +108,9 @@ pub struct RelayConfig {
     pub udp_timeout: Duration,
 }
 
-/// The relays: a runtime and the listeners open on it.
+/// The relays: the relay threads and the listeners open on them.
 pub struct Relay {
-    runtime: Option<tokio::runtime::Runtime>,
+    shards: Arc<shards::Shards>,
     config: RelayConfig,
     open: HashMap<(IpFamily, ListenerKey), Open>,
     claims: HashMap<(IpFamily, Protocol, u16), Socket>,
@@ -117,14 +120,8 @@ pub struct Relay {
 impl Relay {
     pub fn new(config: RelayConfig) -> io::Result<Relay> {
         raise_open_files_limit();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(config.threads.max(1))
-            .thread_name("relay")
-            .enable_io()
-            .enable_time()
-            .build()?;
         Ok(Relay {
-            runtime: Some(runtime),
+            shards: Arc::new(shards::Shards::start(config.threads)?),
             config,
             open: HashMap::new(),
             claims: HashMap::new(),
@@ -135,13 +132,6 @@ impl Relay {
     /// The counters the metrics read.
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
-    }
-
-    fn handle(&self) -> &tokio::runtime::Handle {
-        self.runtime
-            .as_ref()
-            .expect("the relay runtime lives as long as the relay")
-            .handle()
     }
 
     fn listen_address(&self, family: IpFamily, port: u16) -> SocketAddr {
@@ -173,12 +163,10 @@ impl Relay {
             }
             (Protocol::Udp, Serving::Unbound, true) => {
                 let socket = bind(address, Type::DGRAM)?;
-                let _guard = self.handle().enter();
+                let (_, shard) = self.shards.next();
+                let _guard = shard.enter();
                 let socket = Arc::new(tokio::net::UdpSocket::from_std(socket.into())?);
-                Serving::Receiving(
-                    self.handle()
-                        .spawn(udp::receive(socket, open.frontend.clone())),
-                )
+                Serving::Receiving(shard.spawn(udp::receive(socket, open.frontend.clone())))
             }
             (Protocol::Udp, Serving::Receiving(task), false) => {
                 task.abort();
@@ -191,12 +179,17 @@ impl Relay {
 
     fn accept_on(&self, socket: Socket, open: &Open) -> io::Result<Serving> {
         socket.set_nonblocking(true)?;
-        let _guard = self.handle().enter();
-        let listener = tokio::net::TcpListener::from_std(socket.into())?;
-        Ok(Serving::Accepting(
-            self.handle()
-                .spawn(tcp::accept(listener, open.frontend.clone())),
-        ))
+        let (index, shard) = self.shards.next();
+        let _guard = shard.enter();
+        // `AsyncFd::new` is deprecated for wrappers that may not own their descriptor (its
+        // safe replacement is `unsafe`); a std listener owns it, which is the sound case.
+        #[allow(deprecated)]
+        let listener = tokio::io::unix::AsyncFd::new(std::net::TcpListener::from(socket))?;
+        Ok(Serving::Accepting(shard.spawn(tcp::accept(
+            listener,
+            index,
+            open.frontend.clone(),
+        ))))
     }
 }
 
@@ -234,6 +227,7 @@ impl ListenerControl for Relay {
             .unwrap_or_default();
         let frontend = Arc::new(Frontend {
             label: key.name.to_string(),
+            shards: self.shards.clone(),
             balancer: Mutex::new(Balancer::new(spec.endpoints.clone(), spec.affinity)),
             counters: self.stats.port(&key.name.to_string(), spec.protocol),
             udp_timeout: self.config.udp_timeout,
@@ -305,15 +299,6 @@ impl ListenerControl for Relay {
 
     fn release_node_port(&mut self, family: IpFamily, protocol: Protocol, port: u16) {
         self.claims.remove(&(family, protocol, port));
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        // Dropped from inside the sync loop's runtime: a blocking shutdown is not allowed.
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
     }
 }
 

@@ -1,9 +1,10 @@
 //! TCP: accept, connect to an endpoint (retrying the next one on failure, upstream's
 //! `tryConnect`), then relay both directions with splice(2).
 //!
-//! Each direction moves bytes socket → pipe → socket inside the kernel. The pipe is made at
-//! the first byte (an idle connection holds none) and bounds what is in flight (64 KiB), so a
-//! slow reader slows the writer (backpressure, both ways independently). End of stream on
+//! Each direction copies small exchanges through its thread's buffer and, from the first
+//! read that fills it, moves bytes socket → pipe → socket inside the kernel. The pipe is
+//! made when needed (an idle connection holds none) and bounds what is in flight (64 KiB),
+//! so a slow reader slows the writer (backpressure, both ways independently). End of stream on
 //! one side is passed on as a half-close (`shutdown(SHUT_WR)`) once the pipe is drained; an
 //! error on either side resets both.
 
@@ -15,8 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{Counters, Frontend, CONNECT_TIMEOUTS};
@@ -24,11 +26,32 @@ use super::{Counters, Frontend, CONNECT_TIMEOUTS};
 /// What one splice asks for: a pipe's default capacity.
 const CHUNK: usize = 64 * 1024;
 
-pub(crate) async fn accept(listener: TcpListener, frontend: Arc<Frontend>) {
+/// Accepts connections on shard `shard` and relays each there or on a less busy shard.
+pub(crate) async fn accept(
+    listener: AsyncFd<std::net::TcpListener>,
+    shard: usize,
+    frontend: Arc<Frontend>,
+) {
     loop {
-        match listener.accept().await {
+        let accepted = match listener.readable().await {
+            Ok(mut ready) => match ready.try_io(|l| l.get_ref().accept()) {
+                Ok(accepted) => accepted,
+                Err(_would_block) => continue,
+            },
+            Err(e) => Err(e),
+        };
+        match accepted
+            .and_then(|(client, peer)| client.set_nonblocking(true).map(|()| (client, peer)))
+        {
             Ok((client, peer)) => {
-                tokio::spawn(serve(client, peer, frontend.clone()));
+                let to = frontend.shards.for_connection(shard);
+                let served = frontend.clone();
+                frontend.shards.relay(to, async move {
+                    match TcpStream::from_std(client) {
+                        Ok(client) => serve(client, peer, served).await,
+                        Err(e) => warn!(listener = %served.label, error = %e, "Cannot serve an accepted connection"),
+                    }
+                });
             }
             Err(e) => {
                 // Out of file descriptors (or another transient error): the pending
@@ -53,8 +76,16 @@ async fn serve(client: TcpStream, peer: SocketAddr, frontend: Arc<Frontend>) {
     let _ = endpoint.set_nodelay(true);
     counters.active.fetch_add(1, Ordering::Relaxed);
     let result = tokio::try_join!(
-        pump(&client, &endpoint, &counters.bytes_to_endpoint),
-        pump(&endpoint, &client, &counters.bytes_to_client),
+        async {
+            pump(&client, &endpoint, &counters.bytes_to_endpoint)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("client to endpoint: {e}")))
+        },
+        async {
+            pump(&endpoint, &client, &counters.bytes_to_client)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("endpoint to client: {e}")))
+        },
     );
     if let Err(e) = result {
         debug!(listener = %frontend.label, client = %peer, error = %e, "Relay ended with an error; resetting both sides");
@@ -111,7 +142,55 @@ fn splice_once(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> 
     .map_err(io_error)
 }
 
+/// Bytes a direction copies through user space before it turns to splice: a read that fills
+/// this is a bulk transfer, which goes through the pipe from then on.
+const COPY: usize = 16 * 1024;
+
+thread_local! {
+    /// The copy buffer of a relay thread (one per thread, never one per connection).
+    static BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; COPY]);
+}
+
+fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io_error)
+}
+
+/// Reads what `src` has into the thread's buffer and sends it on to `dst`; what `dst` does
+/// not take now goes into the pipe (made then; an empty pipe holds a whole buffer).
+/// Returns (read, sent), read 0 at end of stream. `WouldBlock` only when `src` has nothing.
+fn copy_once(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &mut Option<(OwnedFd, OwnedFd)>,
+) -> io::Result<(usize, usize)> {
+    BUFFER.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        let n = nix::unistd::read(src, &mut buffer[..]).map_err(io_error)?;
+        if n == 0 {
+            return Ok((0, 0));
+        }
+        let sent = match socket2::SockRef::from(dst).send(&buffer[..n]) {
+            Ok(sent) => sent,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(io::Error::new(e.kind(), format!("writing: {e}"))),
+        };
+        if sent < n {
+            if pipe.is_none() {
+                *pipe = Some(new_pipe()?);
+            }
+            let (_, write) = pipe.as_ref().expect("made above");
+            let queued = nix::unistd::write(write, &buffer[sent..n]).map_err(io_error)?;
+            debug_assert_eq!(queued, n - sent, "an empty pipe takes a whole buffer");
+        }
+        Ok((n, sent))
+    })
+}
+
 /// Moves everything `src` sends to `dst` until `src` ends, then half-closes `dst`.
+///
+/// Small exchanges (requests, answers) are copied through the thread's buffer: a read and a
+/// send, no pipe. Once a read fills the buffer the direction is a bulk transfer and moves
+/// socket → pipe → socket with splice(2), never through user space.
 ///
 /// Readiness is cleared (`try_io`) only by an attempt whose `EAGAIN` can only be the socket's:
 /// reading into an empty pipe, writing from a non-empty one. A read into a pipe that still
@@ -120,29 +199,52 @@ async fn pump(src: &TcpStream, dst: &TcpStream, bytes: &AtomicU64) -> io::Result
     let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
     let mut in_pipe = 0usize;
     let mut eof = false;
+    let mut bulk = false;
     loop {
         if !eof {
-            if in_pipe == 0 {
+            if in_pipe == 0 && !bulk {
+                src.readable().await?;
+                // A short read took everything the socket had: it is reported as
+                // `WouldBlock` so tokio forgets the readiness (unless an event came since the
+                // read began), which saves the read that would only find the socket empty.
+                let mut short = None;
+                let copied = src.try_io(Interest::READABLE, || {
+                    match copy_once(src, dst, &mut pipe) {
+                        Ok((n, sent)) if n > 0 && n < COPY => {
+                            short = Some((n, sent));
+                            Err(io::ErrorKind::WouldBlock.into())
+                        }
+                        other => other,
+                    }
+                });
+                match short.map(Ok).unwrap_or(copied) {
+                    Ok((0, _)) => eof = true,
+                    Ok((n, sent)) => {
+                        Counters::add(bytes, sent);
+                        in_pipe += n - sent;
+                        bulk = n == COPY;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(io::Error::new(e.kind(), format!("reading: {e}"))),
+                }
+            } else if in_pipe == 0 {
                 src.readable().await?;
                 if pipe.is_none() {
-                    pipe = Some(
-                        nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)
-                            .map_err(io_error)?,
-                    );
+                    pipe = Some(new_pipe()?);
                 }
                 let (_, write) = pipe.as_ref().expect("made above");
                 match src.try_io(Interest::READABLE, || splice_once(src, write, CHUNK)) {
                     Ok(0) => eof = true,
                     Ok(n) => in_pipe += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(io::Error::new(e.kind(), format!("reading: {e}"))),
                 }
             } else if let Some((_, write)) = &pipe {
                 match splice_once(src, write, CHUNK) {
                     Ok(0) => eof = true,
                     Ok(n) => in_pipe += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(io::Error::new(e.kind(), format!("reading: {e}"))),
                 }
             }
         }
@@ -155,7 +257,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, bytes: &AtomicU64) -> io::Result
                     Counters::add(bytes, n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(io::Error::new(e.kind(), format!("writing: {e}"))),
             }
         } else if eof {
             break;
