@@ -4,7 +4,8 @@
 # ClusterIP answered by pods; everything is removed afterwards. No cluster is needed.
 # `./scripts/demo.sh iptables` runs it in iptables mode (upstream's default) instead, and
 # `./scripts/demo.sh ipvs` in ipvs mode, which needs a kernel with IP_VS (this project's
-# machines have none: run it in the test VM, see docs/ipvs.md; KP_DEMO_BIN=path skips the build).
+# machines have none: run it in the test VM, see docs/ipvs.md; KP_DEMO_BIN=path skips the build),
+# and `./scripts/demo.sh userspace` in userspace mode (the proxy relays every connection).
 #
 # As root it installs what it needs (nftables, iproute2) when missing. Without root it
 # cannot create namespaces, so it prints the nftables ruleset the proxy would program
@@ -13,8 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-nftables}
 case "$MODE" in
-  nftables | iptables | ipvs) ;;
-  *) echo "usage: $0 [nftables|iptables|ipvs]" >&2; exit 2 ;;
+  nftables | iptables | ipvs | userspace) ;;
+  *) echo "usage: $0 [nftables|iptables|ipvs|userspace]" >&2; exit 2 ;;
 esac
 
 if [ "$(id -u)" = 0 ] && { ! command -v nft >/dev/null || ! command -v ip >/dev/null || ! command -v iptables-restore >/dev/null; }; then
@@ -98,6 +99,8 @@ programmed() {
     ip netns exec $NODE ipvsadm --save -n 2>/dev/null | grep -q -- "-a -t 198.19.0.10:80 -r 198.18.2.7"
   elif [ "$MODE" = iptables ]; then
     ip netns exec $NODE iptables-save -t nat 2>/dev/null | grep -q "DNAT --to-destination 198.18.2.7"
+  elif [ "$MODE" = userspace ]; then
+    ip netns exec $NODE iptables-save -t nat 2>/dev/null | grep -q -- "-d 198.19.0.10/32 .*-j REDIRECT"
   else
     ip netns exec $NODE nft list set ip kube-proxy cluster-ips 2>/dev/null | grep -q 198.19.0.10
   fi
@@ -117,6 +120,10 @@ if [ "$MODE" = ipvs ]; then
   ip netns exec $NODE ipvsadm -Ln -t 198.19.0.10:80 | sed 's/^/    /'
 elif [ "$MODE" = iptables ]; then
   ip netns exec $NODE iptables-save -t nat | grep -E "demo/web" | head -8 | sed 's/^/    /'
+elif [ "$MODE" = userspace ]; then
+  ip netns exec $NODE iptables-save -t nat | grep -E "KUBE-PORTALS|KUBE-NODEPORT" | grep -E "demo/web|-j KUBE" | head -8 | sed 's/^/    /'
+  echo "    listening (the proxy's own sockets):"
+  ip netns exec $NODE ss -Htlnp | grep kube-proxy | sed 's/^/      /' | head -6
 else
   ip netns exec $NODE nft list table ip kube-proxy | grep -E "198.19.0.10|dnat-2|slot-[01] " | head -8 | sed 's/^/    /'
 fi
@@ -132,7 +139,7 @@ for _ in 1 2 3 4; do
 import socket
 s = socket.create_connection(("198.19.0.10", 80), timeout=2); print("    " + s.recv(200).decode().strip())'
 done
-if [ "$MODE" != iptables ]; then
+if [ "$MODE" = nftables ] || [ "$MODE" = ipvs ]; then
   echo "==> a request to a port demo/web does not have (198.19.0.10:81):"
   ip netns exec $NODE python3 -c '
 import socket

@@ -56,13 +56,21 @@ fn write_config_to_writes_the_effective_config_and_exits() {
 #[test]
 fn invalid_configuration_fails_before_anything_else() {
     let output = bin()
-        .args(["--proxy-mode=userspace", "--iptables-masquerade-bit=40"])
+        .args([
+            "--proxy-mode=kernelspace",
+            "--iptables-masquerade-bit=40",
+            "--proxy-port-range=9-1",
+        ])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("mode: invalid value \"userspace\""),
+        stderr.contains("mode: invalid value \"kernelspace\": must be one of \"iptables\", \"ipvs\", \"nftables\", \"userspace\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("portRange: invalid value \"9-1\""),
         "{stderr}"
     );
     assert!(

@@ -12,7 +12,9 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use kube_proxy_iptables::proxier::{saved_jump, Restorer};
-use kube_proxy_model::dataplane::{Dataplane, SyncError, SyncInput, SyncReport, TableRules};
+use kube_proxy_model::dataplane::{
+    Dataplane, NodeView, SyncError, SyncInput, SyncReport, TableRules,
+};
 use kube_proxy_model::{IpFamily, Protocol, ServicePortName};
 use tracing::{info, warn};
 
@@ -84,18 +86,32 @@ impl<L: ListenerControl, R: Restorer> UserspaceProxier<L, R> {
             .unwrap_or_default()
     }
 
-    fn addressing(&self, family: IpFamily, node_ips: &[IpAddr]) -> Addressing {
+    /// Where the node's own traffic is DNATed: a node IP the host holds, else (a node
+    /// whose InternalIP is not on an interface, as behind some NATs) the host's first
+    /// address of the family that is not loopback or link-local, as upstream's
+    /// `ChooseHostInterface`; else the node IP.
+    fn addressing(&self, family: IpFamily, node: &NodeView) -> Addressing {
         let listen_ip = self
             .config
             .listen_ip
             .filter(|ip| IpFamily::of(ip) == family);
-        Addressing {
-            listen_ip,
-            host_ip: node_ips
-                .iter()
-                .copied()
-                .find(|ip| IpFamily::of(ip) == family),
-        }
+        let of_family = |ip: &&IpAddr| IpFamily::of(ip) == family;
+        let usable = |ip: &&IpAddr| {
+            !ip.is_loopback()
+                && match ip {
+                    IpAddr::V4(v4) => !v4.is_link_local(),
+                    IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+                }
+        };
+        let host_ip = node
+            .node_ips
+            .iter()
+            .filter(of_family)
+            .find(|ip| node.local_addresses.contains(ip))
+            .or_else(|| node.local_addresses.iter().filter(of_family).find(usable))
+            .or_else(|| node.node_ips.iter().find(of_family))
+            .copied();
+        Addressing { listen_ip, host_ip }
     }
 }
 
@@ -169,7 +185,7 @@ impl<L: ListenerControl, R: Restorer> Dataplane for UserspaceProxier<L, R> {
 
     fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, SyncError> {
         let family = input.family;
-        let addressing = self.addressing(family, &input.node.node_ips);
+        let addressing = self.addressing(family, input.node);
         let range = self.config.port_range;
         let state = self.families.entry(family).or_insert_with(|| FamilyState {
             ports: PortAllocator::new(range),

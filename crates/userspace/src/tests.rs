@@ -519,3 +519,43 @@ fn load_balancer_source_ranges_limit_who_is_redirected() {
     // NodePorts are not limited by the ranges.
     assert_eq!(chain(&proxier, "nat", "KUBE-NODEPORT-CONTAINER").len(), 1);
 }
+
+#[test]
+fn the_nodes_own_traffic_goes_to_an_address_the_host_holds() {
+    let mut proxier = proxier();
+    let mut state = ClusterState::new("node-a");
+    let mut plan = FamilyPlan::default();
+    apply(&mut state, web(json!({})));
+    apply(&mut state, web_slice(&[("198.18.1.2", "node-a")]));
+    let changed = plan.update(
+        &state,
+        IpFamily::V4,
+        &Default::default(),
+        true,
+        Default::default(),
+    );
+    // The InternalIP is not on an interface here: the first usable local address serves.
+    let node = NodeView {
+        node_ips: vec!["192.0.2.10".parse().unwrap()],
+        local_addresses: ["127.0.0.1", "169.254.1.1", "198.18.1.1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect(),
+        ..Default::default()
+    };
+    proxier
+        .sync(SyncInput {
+            family: IpFamily::V4,
+            plan: &plan,
+            changed: &changed,
+            full: true,
+            node: &node,
+            service_cidrs: &[],
+        })
+        .unwrap();
+    let port = proxier.ports(IpFamily::V4)[&key(Class::Cluster)];
+    assert_eq!(
+        chain(&proxier, "nat", "KUBE-PORTALS-HOST"),
+        vec![format!("-m comment --comment \"ns/web:http\" -p tcp -m tcp --dport 80 -d 198.19.0.10/32 -j DNAT --to-destination 198.18.1.1:{port}")]
+    );
+}
