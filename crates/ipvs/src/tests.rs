@@ -10,6 +10,7 @@ use kube_proxy_config::DetectLocal;
 use kube_proxy_iptables::fake::FakeIptables;
 use kube_proxy_model::context::ProxyPolicy;
 use kube_proxy_model::dataplane::{NodeView, SyncReport};
+use kube_proxy_model::testing::{apply, web, web_slice};
 use kube_proxy_model::{
     ClusterState, Dataplane, FamilyPlan, IpFamily, LocalPolicy, PlanContext, Protocol, SyncInput,
 };
@@ -87,34 +88,6 @@ fn sync(
             service_cidrs: &[],
         })
         .unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn apply(state: &mut ClusterState, object: serde_json::Value) {
-    if object["kind"] == "Service" {
-        state.apply_service(&serde_json::from_value(object).unwrap());
-    } else {
-        state.apply_slice(&serde_json::from_value(object).unwrap());
-    }
-}
-
-fn web(spec: serde_json::Value) -> serde_json::Value {
-    let mut service = json!({"kind": "Service", "metadata": {"namespace": "ns", "name": "web"},
-        "spec": {"clusterIP": "198.19.0.10", "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}});
-    for (k, v) in spec.as_object().unwrap() {
-        service["spec"][k] = v.clone();
-    }
-    service
-}
-
-/// Endpoints (ip, node) of `web`.
-fn web_slice(endpoints: &[(&str, &str)]) -> serde_json::Value {
-    let endpoints: Vec<serde_json::Value> = endpoints
-        .iter()
-        .map(|(ip, node)| json!({"addresses": [ip], "nodeName": node}))
-        .collect();
-    json!({"kind": "EndpointSlice",
-        "metadata": {"namespace": "ns", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
-        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints})
 }
 
 fn va(ip: &str, protocol: Protocol, port: u16) -> VirtualAddress {

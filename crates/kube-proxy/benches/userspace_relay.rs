@@ -17,7 +17,8 @@
 //! of its rounds; `KP_BENCH_SECONDS` (default 3) sets each load's duration; `KP_BENCH_IDLE` (default
 //! 10000, capped by the open-files limit: each connection takes two descriptors in the proxy
 //! and two here) the idle connections; `KP_BENCH_TARGETS` (default
-//! `userspace,haproxy,nftables`).
+//! `userspace,userspace-listener,haproxy,nftables`; `userspace-listener` is userspace mode
+//! reached at its listeners' ports, without the REDIRECT in front: the relay alone).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -269,6 +270,27 @@ fn haproxy(bed: &Bed) -> Child {
         .stderr(File::create(bed.dir.join("haproxy.log")).unwrap())
         .spawn()
         .unwrap()
+}
+
+/// The userspace listener port `vip:80` is redirected to.
+fn listener_port(bed: &Bed, vip: &str) -> u16 {
+    let saved = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &bed.ns("node"),
+            "iptables-nft-save",
+            "-t",
+            "nat",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&saved.stdout)
+        .lines()
+        .find(|l| l.contains("KUBE-PORTALS-CONTAINER") && l.contains(&format!("-d {vip}/32")))
+        .and_then(|l| l.split("--to-ports ").nth(1))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no redirect of {vip}"))
 }
 
 /// Waits until a request through `to` is answered by the echo.
@@ -535,8 +557,8 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3)
         .max(1);
-    let targets =
-        std::env::var("KP_BENCH_TARGETS").unwrap_or_else(|_| "userspace,haproxy,nftables".into());
+    let targets = std::env::var("KP_BENCH_TARGETS")
+        .unwrap_or_else(|_| "userspace,userspace-listener,haproxy,nftables".into());
     let bed = Bed::new();
     let sunk = Arc::new(AtomicU64::new(0));
     let held: Held = Arc::default();
@@ -567,6 +589,20 @@ fn main() {
                     idle: cluster(2),
                     child: Some(proxy(&bed, name)),
                 },
+                // The same relay reached at its listeners' ports, without the REDIRECT (and
+                // its connection tracking) in front: relay against relay with HAProxy.
+                "userspace-listener" => {
+                    let child = proxy(&bed, "userspace");
+                    wait_ready(&bed, cluster(1));
+                    let port = |vip: &str| SocketAddr::new(node(0).ip(), listener_port(&bed, vip));
+                    Target {
+                        name: "userspace-listener",
+                        bulk: port("198.19.0.10"),
+                        echo: port("198.19.0.11"),
+                        idle: port("198.19.0.12"),
+                        child: Some(child),
+                    }
+                }
                 "haproxy" if Command::new("haproxy").arg("-v").output().is_err() => {
                     if round == 0 {
                         println!("haproxy is not installed (apt-get install haproxy): that anchor is skipped");
@@ -664,6 +700,15 @@ fn main() {
                 (Some((a, _)), Some((b, _))) if b > 0.0 => format!("{:.2}x", a / b),
                 _ => "-".into(),
             }
+        );
+    }
+    if let (Some(u), Some(h)) = (find("userspace-listener"), find("haproxy")) {
+        println!(
+            "userspace relay alone (no REDIRECT) / haproxy: throughput 1 conn {:.2}x, 16 conn {:.2}x, conn/s {:.2}x, CPU per connection {:.2}x",
+            u.one / h.one,
+            u.sixteen / h.sixteen,
+            u.cps / h.cps,
+            u.cpu_per_conn / h.cpu_per_conn,
         );
     }
     if let (Some(u), Some(n)) = (find("userspace"), find("nftables")) {

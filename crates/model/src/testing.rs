@@ -123,3 +123,34 @@ pub fn fresh_sync_ipv4(
     };
     dataplane.sync(input).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// Applies a Service or an EndpointSlice given as JSON (`"kind"` tells which).
+pub fn apply(state: &mut ClusterState, object: serde_json::Value) {
+    if object["kind"] == "Service" {
+        state.apply_service(&serde_json::from_value(object).unwrap());
+    } else {
+        state.apply_slice(&serde_json::from_value(object).unwrap());
+    }
+}
+
+/// Service `ns/web` (ClusterIP 198.19.0.10, TCP port `http` 80 → 8080) with `spec`'s fields
+/// set over it.
+pub fn web(spec: serde_json::Value) -> serde_json::Value {
+    let mut service = json!({"kind": "Service", "metadata": {"namespace": "ns", "name": "web"},
+        "spec": {"clusterIP": "198.19.0.10", "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}});
+    for (k, v) in spec.as_object().unwrap() {
+        service["spec"][k] = v.clone();
+    }
+    service
+}
+
+/// The EndpointSlice of `web`: endpoints (IP, node name) on port 8080.
+pub fn web_slice(endpoints: &[(&str, &str)]) -> serde_json::Value {
+    let endpoints: Vec<serde_json::Value> = endpoints
+        .iter()
+        .map(|(ip, node)| json!({"addresses": [ip], "nodeName": node}))
+        .collect();
+    json!({"kind": "EndpointSlice",
+        "metadata": {"namespace": "ns", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints})
+}
