@@ -16,7 +16,7 @@ use kube_proxy_model::dataplane::{
     Dataplane, NodeView, SyncError, SyncInput, SyncReport, TableRules,
 };
 use kube_proxy_model::{IpFamily, Protocol, ServicePortName};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::desired::{self, ListenerKey, ListenerSpec, Portal};
 use crate::ports::PortAllocator;
@@ -316,6 +316,7 @@ impl<L: ListenerControl, R: Restorer> Dataplane for UserspaceProxier<L, R> {
             self.listeners.release_node_port(family, *protocol, *port);
         }
         state.node_ports = node_ports;
+        self.listeners.tidy();
 
         let total: usize = state.applied.values().map(|a| a.rules.len()).sum();
         if full {
@@ -351,9 +352,7 @@ impl<L: ListenerControl, R: Restorer> Dataplane for UserspaceProxier<L, R> {
     }
 
     fn take_warnings(&mut self) -> Vec<String> {
-        for warning in &self.warnings {
-            warn!("{warning}");
-        }
+        // The sync loop logs them (rate-limited with the other per-object warnings).
         std::mem::take(&mut self.warnings)
     }
 }

@@ -131,7 +131,7 @@ pub fn main(args: &[OsString]) -> ExitCode {
         ProxyMode::Iptables => Mode::Iptables,
         ProxyMode::Ipvs => Mode::Ipvs,
         ProxyMode::Userspace => {
-            eprintln!("kube-proxy explain: userspace mode is not explained yet: its listeners are in the proxy's log (\"Opened listener\"), its redirects in `iptables -t nat -L KUBE-PORTALS-CONTAINER -n` (see docs/userspace.md)");
+            eprintln!("kube-proxy explain: userspace mode is not explained yet: its listeners are in `ss -tlnp` and the proxy's log at -v=2 (\"Opened listener\"), its redirects in `iptables -t nat -L KUBE-PORTALS-CONTAINER -n` (see docs/userspace.md)");
             return ExitCode::FAILURE;
         }
     };

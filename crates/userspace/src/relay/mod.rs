@@ -59,6 +59,8 @@ pub trait ListenerControl: Send {
         port: u16,
     ) -> io::Result<()>;
     fn release_node_port(&mut self, family: IpFamily, protocol: Protocol, port: u16);
+    /// Once per sync, after the closes: drops what closed listeners left (their counters).
+    fn tidy(&mut self) {}
 }
 
 /// How long a connect to an endpoint may take, per attempt; each failed attempt moves to the
@@ -155,6 +157,14 @@ impl Relay {
                 socket.listen(4096)?;
                 self.accept_on(socket, open)?
             }
+            // After a failed step (a bind or listen that did not work) the port is not held:
+            // take it again, so a listener never stays stuck without its socket.
+            (Protocol::Tcp, Serving::Unbound, true) => {
+                let socket = bind(address, Type::STREAM)?;
+                socket.listen(4096)?;
+                self.accept_on(socket, open)?
+            }
+            (Protocol::Tcp, Serving::Unbound, false) => hold_tcp(address, 1)?,
             (Protocol::Tcp, Serving::Accepting(task), false) => {
                 task.abort();
                 // The accept task drops the listening socket as it ends: bind again once
@@ -242,7 +252,7 @@ impl ListenerControl for Relay {
             },
         };
         self.serve(family, &mut open, spec)?;
-        info!(listener = %key, family = %family, port, protocol = spec.protocol.upper(), endpoints = spec.endpoints.len(), "Opened listener");
+        debug!(listener = %key, family = %family, port, protocol = spec.protocol.upper(), endpoints = spec.endpoints.len(), "Opened listener");
         self.open.insert((family, key.clone()), open);
         Ok(port)
     }
@@ -273,8 +283,11 @@ impl ListenerControl for Relay {
                 Serving::Accepting(task) | Serving::Receiving(task) => task.abort(),
                 Serving::Held(_) | Serving::Unbound => {}
             }
-            info!(listener = %key, family = %family, port = open.port, "Closed listener");
+            debug!(listener = %key, family = %family, port = open.port, "Closed listener");
         }
+    }
+
+    fn tidy(&mut self) {
         self.stats.forget_unused();
     }
 
