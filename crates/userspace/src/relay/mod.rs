@@ -212,10 +212,7 @@ impl ListenerControl for Relay {
         candidates: &[u16],
     ) -> io::Result<u16> {
         let mut last_error = io::Error::new(io::ErrorKind::AddrInUse, "no free port in portRange");
-        let kind = match spec.protocol {
-            Protocol::Udp => Type::DGRAM,
-            _ => Type::STREAM,
-        };
+        let kind = socket_type(spec.protocol);
         // Bind first (the port is then known), whatever the endpoints; a UDP listener
         // without endpoints lets its port go again at once (nothing else may answer on it
         // meanwhile: it is in our allocator).
@@ -297,10 +294,7 @@ impl ListenerControl for Relay {
         protocol: Protocol,
         port: u16,
     ) -> io::Result<()> {
-        let kind = match protocol {
-            Protocol::Udp => Type::DGRAM,
-            _ => Type::STREAM,
-        };
+        let kind = socket_type(protocol);
         let address = match family {
             IpFamily::V4 => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
             IpFamily::V6 => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
@@ -312,6 +306,14 @@ impl ListenerControl for Relay {
 
     fn release_node_port(&mut self, family: IpFamily, protocol: Protocol, port: u16) {
         self.claims.remove(&(family, protocol, port));
+    }
+}
+
+/// The socket type serving `protocol` (SCTP never gets here: it is not relayed).
+fn socket_type(protocol: Protocol) -> Type {
+    match protocol {
+        Protocol::Udp => Type::DGRAM,
+        _ => Type::STREAM,
     }
 }
 
