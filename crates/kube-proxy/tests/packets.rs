@@ -1473,9 +1473,11 @@ fn invalid_objects_among_valid_ones(mode: Mode) {
     bed.eventually("every valid Service programmed", || {
         programmed(&bed) == VALID
     });
+    // 40 connections: with two endpoints picked at random, 12 missed one of them once in
+    // about 2,000 checks (a CI run failed on it); 40 miss one in 2^39.
     for i in [0, 1, 4999, VALID - 1] {
         assert_eq!(
-            bed.tcp_spread("a2", sock(&ip(i), 80), 12).0,
+            bed.tcp_spread("a2", sock(&ip(i), 80), 40).0,
             pods(&["a1", "b1"]),
             "v{i}"
         );
