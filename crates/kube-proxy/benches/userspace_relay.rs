@@ -19,6 +19,8 @@
 //! and two here) the idle connections; `KP_BENCH_TARGETS` (default
 //! `userspace,userspace-listener,haproxy,nftables`; `userspace-listener` is userspace mode
 //! reached at its listeners' ports, without the REDIRECT in front: the relay alone).
+//! `KP_BENCH_PERF=<dir>` records each proxy with `perf record -g` during the connection-rate
+//! load into `<dir>/<target>-<round>.perf.data` (where a connection's CPU goes).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -250,8 +252,18 @@ fn proxy(bed: &Bed, mode: &str) -> Child {
     child
 }
 
-fn haproxy(bed: &Bed) -> Child {
+/// HAProxy in TCP mode with its defaults for it; `defer_accept` adds `option
+/// tcp-smart-accept` (TCP_DEFER_ACCEPT: the kernel hands a connection over only with its
+/// first data, one wake-up and one ACK less). HAProxy turns that on by itself only in HTTP
+/// mode: it holds back server-speaks-first protocols (SMTP, MySQL, SSH) for up to a second,
+/// so a Service proxy cannot use it; it is measured as `haproxy-defer` for comparison.
+fn haproxy(bed: &Bed, defer_accept: bool) -> Child {
     let config = bed.dir.join("haproxy.cfg");
+    let option = if defer_accept {
+        "  option tcp-smart-accept\n"
+    } else {
+        ""
+    };
     let mut text = String::from("global\n  maxconn 9000\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n");
     for (name, listen, port) in [
         ("bulk", 9000, BULK),
@@ -259,7 +271,7 @@ fn haproxy(bed: &Bed) -> Child {
         ("idle", 9002, IDLE),
     ] {
         text.push_str(&format!(
-            "listen {name}\n  bind 203.0.113.1:{listen}\n  option tcp-smart-accept\n  server s1 198.18.0.2:{port}\n"
+            "listen {name}\n  bind 203.0.113.1:{listen}\n{option}  server s1 198.18.0.2:{port}\n"
         ));
     }
     std::fs::write(&config, text).unwrap();
@@ -370,7 +382,13 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 /// Completed connect + 64-byte request + answer + close per second (4 clients), and the
 /// relaying process's CPU microseconds per connection.
-fn connections_per_second(bed: &Bed, to: SocketAddr, seconds: f64, pid: Option<u32>) -> (f64, f64) {
+fn connections_per_second(
+    bed: &Bed,
+    to: SocketAddr,
+    seconds: f64,
+    pid: Option<u32>,
+    profile: Option<std::path::PathBuf>,
+) -> (f64, f64) {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..4)
@@ -397,6 +415,24 @@ fn connections_per_second(bed: &Bed, to: SocketAddr, seconds: f64, pid: Option<u
     let started = Instant::now();
     let cpu_before = pid.map(cpu_seconds);
     let n_before = done.load(Ordering::Relaxed);
+    let perf = pid.zip(profile).and_then(|(pid, file)| {
+        Command::new("perf")
+            .args([
+                "record",
+                "-q",
+                "-g",
+                "-F",
+                "4000",
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(file)
+            .args(["--", "sleep", &format!("{seconds}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .ok()
+    });
     thread::sleep(Duration::from_secs_f64(seconds));
     let n = done.load(Ordering::Relaxed) - n_before;
     let cpu = pid
@@ -407,6 +443,9 @@ fn connections_per_second(bed: &Bed, to: SocketAddr, seconds: f64, pid: Option<u
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         let _ = w.join();
+    }
+    if let Some(mut perf) = perf {
+        let _ = perf.wait();
     }
     (n as f64 / elapsed, cpu * 1e6 / n.max(1) as f64)
 }
@@ -509,12 +548,16 @@ fn measure(
     idle: usize,
     sunk: &AtomicU64,
     held: &Held,
+    round: usize,
 ) -> Figures {
     wait_ready(bed, target.echo);
     let one = throughput(bed, target.bulk, 1, seconds, sunk);
     let sixteen = throughput(bed, target.bulk, 16, seconds, sunk);
     forget_connections(bed);
-    let (cps, cpu_per_conn) = connections_per_second(bed, target.echo, seconds, relay_pid(target));
+    let profile = std::env::var_os("KP_BENCH_PERF")
+        .map(|dir| std::path::Path::new(&dir).join(format!("{}-{round}.perf.data", target.name)));
+    let (cps, cpu_per_conn) =
+        connections_per_second(bed, target.echo, seconds, relay_pid(target), profile);
     forget_connections(bed);
     let (p50, p99) = latency(bed, target.echo);
     let idle_kib = idle_rss(bed, target, idle);
@@ -603,22 +646,28 @@ fn main() {
                         child: Some(child),
                     }
                 }
-                "haproxy" if Command::new("haproxy").arg("-v").output().is_err() => {
+                "haproxy" | "haproxy-defer"
+                    if Command::new("haproxy").arg("-v").output().is_err() =>
+                {
                     if round == 0 {
                         println!("haproxy is not installed (apt-get install haproxy): that anchor is skipped");
                     }
                     continue;
                 }
-                "haproxy" => Target {
-                    name: "haproxy",
+                "haproxy" | "haproxy-defer" => Target {
+                    name: if name == "haproxy" {
+                        "haproxy"
+                    } else {
+                        "haproxy-defer"
+                    },
                     bulk: node(9000),
                     echo: node(9001),
                     idle: node(9002),
-                    child: Some(haproxy(&bed)),
+                    child: Some(haproxy(&bed, name == "haproxy-defer")),
                 },
                 other => panic!("unknown target {other}"),
             };
-            let figures = measure(&bed, &target, seconds, idle, &sunk, &held);
+            let figures = measure(&bed, &target, seconds, idle, &sunk, &held, round);
             eprintln!(
                 "round {round} {name}: {:.2} / {:.2} Gbit/s, {:.0} conn/s ({:.1} CPU µs each), p50 {:.0} µs",
                 figures.one * 8e-9,

@@ -3047,13 +3047,28 @@ fn userspace_retries_transfers_udp_timeouts_and_listener_lifecycle(mode: Mode) {
         "{first:?} then {after:?}"
     );
 
-    // Removing a Service closes its listener.
+    // A TCP listener is one listening socket per relay thread (one SO_REUSEPORT group), and
+    // removing a Service closes all of them.
     let port = userspace_port(&bed, "198.19.0.82").expect("the echo Service's listener");
-    let listening = |port: u16| {
+    let sockets = |port: u16| {
         bed.ip_netns_exec("node", &["ss", "-Htln", &format!("sport = :{port}")])
-            .contains(&format!(":{port}"))
+            .lines()
+            .filter(|l| l.contains(&format!(":{port}")))
+            .count()
     };
-    assert!(listening(port));
+    let listening = |port: u16| sockets(port) > 0;
+    let relay_threads =
+        std::fs::read_dir(format!("/proc/{}/task", bed.proxy_pid().expect("running")))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with("relay-"))
+            .count();
+    assert!(relay_threads >= 2, "{relay_threads} relay threads");
+    assert_eq!(
+        sockets(port),
+        relay_threads,
+        "one listening socket per relay thread"
+    );
     bed.remove_manifest("echo");
     bed.eventually("the listener closed", || !listening(port));
     assert!(userspace_port(&bed, "198.19.0.82").is_none());

@@ -75,8 +75,6 @@ pub const CONNECT_TIMEOUTS: [Duration; 4] = [
 /// What a listener's tasks share: its name, its balancer and its counters.
 pub(crate) struct Frontend {
     pub label: String,
-    /// Where accepted connections are served.
-    pub shards: Arc<shards::Shards>,
     pub balancer: Mutex<Balancer>,
     pub counters: Arc<Counters>,
     pub udp_timeout: Duration,
@@ -84,8 +82,9 @@ pub(crate) struct Frontend {
 
 /// How an open listener serves.
 enum Serving {
-    /// TCP, accepting (the task owns the listening socket).
-    Accepting(JoinHandle<()>),
+    /// TCP, accepting: one task per relay thread, each owning a listening socket of the
+    /// port's `SO_REUSEPORT` group (the kernel spreads connections over them).
+    Accepting(Vec<JoinHandle<()>>),
     /// TCP without endpoints: the port is bound but not listening, so connections are
     /// refused (a SYN to it gets a RST).
     Held(Socket),
@@ -154,21 +153,20 @@ impl Relay {
         let serving = std::mem::replace(&mut open.serving, Serving::Unbound);
         open.serving = match (open.protocol, serving, want) {
             (Protocol::Tcp, Serving::Held(socket), true) => {
-                socket.listen(4096)?;
-                self.accept_on(socket, open)?
+                self.accept_on(socket, address, open)?
             }
             // After a failed step (a bind or listen that did not work) the port is not held:
             // take it again, so a listener never stays stuck without its socket.
             (Protocol::Tcp, Serving::Unbound, true) => {
                 let socket = bind(address, Type::STREAM)?;
-                socket.listen(4096)?;
-                self.accept_on(socket, open)?
+                self.accept_on(socket, address, open)?
             }
             (Protocol::Tcp, Serving::Unbound, false) => hold_tcp(address, 1)?,
-            (Protocol::Tcp, Serving::Accepting(task), false) => {
-                task.abort();
-                // The accept task drops the listening socket as it ends: bind again once
-                // it is gone (SO_REUSEADDR: its accepted connections keep running).
+            (Protocol::Tcp, Serving::Accepting(tasks), false) => {
+                tasks.iter().for_each(JoinHandle::abort);
+                // The accept tasks drop their listening sockets as they end: bind again
+                // once they are gone (the bind is exclusive; SO_REUSEADDR: their accepted
+                // connections keep running).
                 hold_tcp(address, 50)?
             }
             (Protocol::Udp, Serving::Unbound, true) => {
@@ -187,20 +185,56 @@ impl Relay {
         Ok(())
     }
 
-    fn accept_on(&self, socket: Socket, open: &Open) -> io::Result<Serving> {
-        socket.set_nonblocking(true)?;
-        let (index, shard) = self.shards.next();
-        let _guard = shard.enter();
-        // `AsyncFd::new` is deprecated for wrappers that may not own their descriptor (its
-        // safe replacement is `unsafe`); a std listener owns it, which is the sound case.
-        #[allow(deprecated)]
-        let listener = tokio::io::unix::AsyncFd::new(std::net::TcpListener::from(socket))?;
-        Ok(Serving::Accepting(shard.spawn(tcp::accept(
-            listener,
-            index,
-            open.frontend.clone(),
-        ))))
+    /// Listens on `socket` (bound to `address`) and on one more socket per further relay
+    /// thread, all in one `SO_REUSEPORT` group, each accepting on its own thread: the
+    /// kernel spreads new connections over the threads and a connection is relayed where it
+    /// was accepted (no hand-off between threads). The first socket was bound exclusively,
+    /// so the group is only ever this listener's. A further socket that cannot be made
+    /// (out of descriptors) leaves its thread out: fewer threads serve, nothing fails.
+    fn accept_on(&self, socket: Socket, address: SocketAddr, open: &Open) -> io::Result<Serving> {
+        let mut sockets = vec![socket];
+        sockets[0].set_reuse_port(true)?;
+        sockets[0].set_tcp_nodelay(true)?;
+        sockets[0].listen(LISTEN_BACKLOG)?;
+        for _ in 1..self.shards.len() {
+            match join_group(address) {
+                Ok(socket) => sockets.push(socket),
+                Err(e) => {
+                    debug!(listener = %open.frontend.label, error = %e, threads = sockets.len(), "Cannot add a listening socket for another relay thread; fewer threads accept");
+                    break;
+                }
+            }
+        }
+        let mut tasks = Vec::with_capacity(sockets.len());
+        for socket in sockets {
+            let (_, shard) = self.shards.next();
+            let _guard = shard.enter();
+            match tokio::net::TcpListener::from_std(socket.into()) {
+                Ok(listener) => {
+                    tasks.push(shard.spawn(tcp::accept(listener, open.frontend.clone())))
+                }
+                Err(e) => {
+                    tasks.iter().for_each(JoinHandle::abort);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Serving::Accepting(tasks))
     }
+}
+
+/// Pending connections a listening socket holds before they are accepted.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A further listening socket of the `SO_REUSEPORT` group on `address`. TCP_NODELAY is set
+/// on listening sockets: accepted connections inherit it (one system call less each).
+fn join_group(address: SocketAddr) -> io::Result<Socket> {
+    let socket = new_socket(address, Type::STREAM)?;
+    socket.set_reuse_port(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&SockAddr::from(address))?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket)
 }
 
 impl ListenerControl for Relay {
@@ -234,7 +268,6 @@ impl ListenerControl for Relay {
             .unwrap_or_default();
         let frontend = Arc::new(Frontend {
             label: key.name.to_string(),
-            shards: self.shards.clone(),
             balancer: Mutex::new(Balancer::new(spec.endpoints.clone(), spec.affinity)),
             counters: self.stats.port(&key.name.to_string(), spec.protocol),
             udp_timeout: self.config.udp_timeout,
@@ -277,7 +310,8 @@ impl ListenerControl for Relay {
     fn close(&mut self, family: IpFamily, key: &ListenerKey) {
         if let Some(open) = self.open.remove(&(family, key.clone())) {
             match open.serving {
-                Serving::Accepting(task) | Serving::Receiving(task) => task.abort(),
+                Serving::Accepting(tasks) => tasks.iter().for_each(JoinHandle::abort),
+                Serving::Receiving(task) => task.abort(),
                 Serving::Held(_) | Serving::Unbound => {}
             }
             debug!(listener = %key, family = %family, port = open.port, "Closed listener");
@@ -317,18 +351,24 @@ fn socket_type(protocol: Protocol) -> Type {
     }
 }
 
-/// A socket bound to `address` (not listening), with SO_REUSEADDR so a listener can be bound
-/// again while connections it accepted are open, and IPv6 sockets IPv6-only.
+/// A socket bound to `address` (not listening), exclusively: not `SO_REUSEPORT` (a TCP
+/// listener turns that on once it holds the port, see [`Relay::accept_on`]).
 fn bind(address: SocketAddr, kind: Type) -> io::Result<Socket> {
-    let domain = Domain::for_address(address);
-    let socket = Socket::new(domain, kind, None)?;
+    let socket = new_socket(address, kind)?;
+    socket.bind(&SockAddr::from(address))?;
+    Ok(socket)
+}
+
+/// A non-blocking socket for `address`, with SO_REUSEADDR so a listener can be bound again
+/// while connections it accepted are open, and IPv6 sockets IPv6-only.
+fn new_socket(address: SocketAddr, kind: Type) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(address), kind, None)?;
     socket.set_reuse_address(true)?;
     if address.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     socket.set_cloexec(true)?;
     socket.set_nonblocking(true)?;
-    socket.bind(&SockAddr::from(address))?;
     Ok(socket)
 }
 

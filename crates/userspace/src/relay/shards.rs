@@ -1,11 +1,10 @@
 //! The relay threads: one single-threaded tokio runtime per thread, each with its own event
 //! loop (epoll), as HAProxy runs one loop per thread. A connection lives on one shard from
 //! accept to close: its wake-ups never cross threads and no scheduler moves it, which keeps
-//! the latency a relay adds low. Listeners are spread over the shards; an accepted connection
-//! stays on its listener's shard (no hand-off between threads) unless another shard relays
-//! clearly fewer connections.
+//! the latency a relay adds low. Every shard accepts on each TCP listener (one socket each
+//! in the port's `SO_REUSEPORT` group), so the kernel spreads connections over the shards
+//! and none is handed from one thread to another.
 
-use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -15,8 +14,6 @@ use tokio::sync::oneshot;
 
 pub(crate) struct Shards {
     handles: Vec<Handle>,
-    /// Connections each shard relays now.
-    active: Vec<AtomicUsize>,
     stops: Vec<oneshot::Sender<()>>,
     threads: Vec<JoinHandle<()>>,
     next: AtomicUsize,
@@ -26,7 +23,6 @@ impl Shards {
     pub fn start(count: usize) -> io::Result<Shards> {
         let mut shards = Shards {
             handles: Vec::new(),
-            active: (0..count.max(1)).map(|_| AtomicUsize::new(0)).collect(),
             stops: Vec::new(),
             threads: Vec::new(),
             next: AtomicUsize::new(0),
@@ -44,7 +40,10 @@ impl Shards {
                     .name(format!("relay-{i}"))
                     .spawn(move || {
                         runtime.block_on(async {
-                            let _ = stopped.await;
+                            tokio::select! {
+                                _ = stopped => {}
+                                () = tick() => {}
+                            }
                         });
                         // Established relays end with the process (or the runtime).
                         runtime.shutdown_background();
@@ -60,36 +59,26 @@ impl Shards {
         (i, &self.handles[i])
     }
 
-    /// Where a connection accepted on shard `local` is relayed: there, unless another
-    /// shard relays fewer than half as many (a hand-off costs a wake-up of another
-    /// thread; staying costs nothing).
-    pub fn for_connection(&self, local: usize) -> usize {
-        let here = self.active[local].load(Ordering::Relaxed);
-        let (best, load) = self
-            .active
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (i, a.load(Ordering::Relaxed)))
-            .min_by_key(|(_, a)| *a)
-            .unwrap_or((local, here));
-        if load * 2 + 1 < here {
-            best
-        } else {
-            local
-        }
+    /// How many shards (relay threads) there are.
+    pub fn len(&self) -> usize {
+        self.handles.len()
     }
+}
 
-    /// Runs a connection's relay on shard `index`, counted there while it runs.
-    pub fn relay<F>(self: &std::sync::Arc<Self>, index: usize, future: F)
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        let shards = self.clone();
-        shards.active[index].fetch_add(1, Ordering::Relaxed);
-        self.handles[index].spawn(async move {
-            future.await;
-            shards.active[index].fetch_sub(1, Ordering::Relaxed);
-        });
+/// How often a relay thread's timer driver wakes, at least.
+const TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Keeps the timer driver's next wake-up at most [`TICK`] away. Arming a timer that expires
+/// before the driver's next wake-up makes tokio wake its own event loop (an eventfd write and
+/// one more `epoll_wait`); every connect arms one (≥ 250 ms, upstream's timeouts) and every
+/// UDP flow too, so without this tick nearly every connection paid that wake-up (a tenth of
+/// the relay's system calls under a connection-rate load). Ten wake-ups a second per thread
+/// are the price.
+async fn tick() {
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
     }
 }
 

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
-use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
@@ -26,32 +25,13 @@ use super::{Counters, Frontend, CONNECT_TIMEOUTS};
 /// What one splice asks for: a pipe's default capacity.
 const CHUNK: usize = 64 * 1024;
 
-/// Accepts connections on shard `shard` and relays each there or on a less busy shard.
-pub(crate) async fn accept(
-    listener: AsyncFd<std::net::TcpListener>,
-    shard: usize,
-    frontend: Arc<Frontend>,
-) {
+/// Accepts connections on one listening socket of the listener's group and relays each on
+/// this thread (accept4 makes them non-blocking; they inherit TCP_NODELAY).
+pub(crate) async fn accept(listener: tokio::net::TcpListener, frontend: Arc<Frontend>) {
     loop {
-        let accepted = match listener.readable().await {
-            Ok(mut ready) => match ready.try_io(|l| l.get_ref().accept()) {
-                Ok(accepted) => accepted,
-                Err(_would_block) => continue,
-            },
-            Err(e) => Err(e),
-        };
-        match accepted
-            .and_then(|(client, peer)| client.set_nonblocking(true).map(|()| (client, peer)))
-        {
+        match listener.accept().await {
             Ok((client, peer)) => {
-                let to = frontend.shards.for_connection(shard);
-                let served = frontend.clone();
-                frontend.shards.relay(to, async move {
-                    match TcpStream::from_std(client) {
-                        Ok(client) => serve(client, peer, served).await,
-                        Err(e) => warn!(listener = %served.label, error = %e, "Cannot serve an accepted connection"),
-                    }
-                });
+                tokio::spawn(serve(client, peer, frontend.clone()));
             }
             Err(e) => {
                 // Out of file descriptors (or another transient error): the pending
@@ -72,7 +52,6 @@ async fn serve(client: TcpStream, peer: SocketAddr, frontend: Arc<Frontend>) {
         let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
         return;
     };
-    let _ = client.set_nodelay(true);
     let _ = endpoint.set_nodelay(true);
     counters.active.fetch_add(1, Ordering::Relaxed);
     let result = tokio::try_join!(
