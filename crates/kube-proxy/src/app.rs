@@ -88,6 +88,13 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             }
         },
     };
+    if effective.settings.mode == ProxyMode::Userspace {
+        use kube_proxy_userspace::redirect::{Path, PATH_ENV};
+        if let Err(e) = Path::parse(&std::env::var(PATH_ENV).unwrap_or_default()) {
+            eprintln!("kube-proxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     if let Err(e) = crate::kernel::iptables_backend::from_env() {
         if matches!(
             effective.settings.mode,
@@ -190,7 +197,8 @@ fn privileged_setup(effective: &EffectiveConfig) {
 /// interface, IPVS virtual servers (but those in `ipvs.excludeCIDRs`) and ipsets, and exits;
 /// non-zero if something could not be removed. What does not exist is not an error.
 fn cleanup(settings: &kube_proxy_config::ProxyConfig) -> ExitCode {
-    let mut failed = !remove_nft_tables();
+    let mut failed = !remove_nft_tables(NFT_TABLE);
+    failed |= !remove_nft_tables(kube_proxy_userspace::redirect::nft::TABLE);
     failed |= !crate::kernel::iptables_cleanup::remove_leftovers(
         crate::kernel::iptables_cleanup::Leftovers::All,
     );
@@ -202,21 +210,27 @@ fn cleanup(settings: &kube_proxy_config::ProxyConfig) -> ExitCode {
     }
 }
 
-/// Removes both `kube-proxy` nftables tables (ours or upstream's); false if one could not
-/// be removed. A table that does not exist is not an error.
-fn remove_nft_tables() -> bool {
+/// nftables mode's table (ours or upstream's).
+const NFT_TABLE: &str = "kube-proxy";
+
+/// Removes the nftables tables `name` of both families; false if one could not be removed.
+/// A table that does not exist is not an error, and neither is a node without nft.
+fn remove_nft_tables(name: &str) -> bool {
     use kube_proxy_nftables::Runner;
+    if crate::kernel::nft_runner::check_nft().is_err() {
+        return true;
+    }
     let mut ok = true;
     for family in ["ip", "ip6"] {
         let mut nft = crate::kernel::nft_runner::NftCommand::default();
         // `add` first makes the delete succeed whether or not the table existed.
         match nft.apply(&format!(
-            "add table {family} kube-proxy\ndelete table {family} kube-proxy\n"
+            "add table {family} {name}\ndelete table {family} {name}\n"
         )) {
-            Ok(()) => info!(family, "Removed table kube-proxy"),
+            Ok(()) => info!(family, table = name, "Removed nftables table"),
             Err(e) => {
                 ok = false;
-                error!(family, error = %e.to_string().trim(), "Cannot remove table kube-proxy");
+                error!(family, table = name, error = %e.to_string().trim(), "Cannot remove nftables table");
             }
         }
     }
@@ -263,7 +277,11 @@ async fn run(
     }
     start_source(&flags, settings, &node_name, tx, true).await?;
 
-    let (dataplane, relay_stats) = build_dataplane(&flags, settings, print_format)?;
+    let Built {
+        dataplane,
+        relay_stats,
+        redirect_path,
+    } = build_dataplane(&flags, settings, print_format)?;
     if settings.mode == ProxyMode::Ipvs {
         warn!("The ipvs proxy mode is deprecated upstream (Kubernetes 1.35, KEP-5495) and may be removed; consider --proxy-mode nftables");
     }
@@ -341,18 +359,26 @@ async fn run(
         use crate::kernel::iptables_cleanup::{remove_leftovers, Leftovers};
         let mode = settings.mode;
         let exclude = settings.ipvs.exclude_cidrs.clone();
+        use kube_proxy_userspace::redirect::{nft::TABLE as USERSPACE_TABLE, Path};
         event_loop = event_loop.after_first_sync(Box::new(move || match mode {
             ProxyMode::Nftables => {
+                remove_nft_tables(USERSPACE_TABLE);
                 remove_leftovers(Leftovers::All);
                 crate::kernel::ipvs_runner::remove_leftovers(&exclude);
             }
             ProxyMode::Userspace => {
-                remove_nft_tables();
-                remove_leftovers(Leftovers::IptablesAndIpvs);
+                remove_nft_tables(NFT_TABLE);
+                if redirect_path == Some(Path::Nftables) {
+                    remove_leftovers(Leftovers::All);
+                } else {
+                    remove_nft_tables(USERSPACE_TABLE);
+                    remove_leftovers(Leftovers::IptablesAndIpvs);
+                }
                 crate::kernel::ipvs_runner::remove_leftovers(&exclude);
             }
             ProxyMode::Iptables | ProxyMode::Ipvs => {
-                remove_nft_tables();
+                remove_nft_tables(NFT_TABLE);
+                remove_nft_tables(USERSPACE_TABLE);
                 remove_leftovers(Leftovers::Userspace);
             }
         }));
@@ -464,11 +490,23 @@ pub(crate) async fn start_source(
     Ok(())
 }
 
-/// A dataplane, and userspace mode's relay counters (for the metrics).
-type Built = (
-    Box<dyn Dataplane>,
-    Option<Arc<kube_proxy_userspace::relay::Stats>>,
-);
+/// A dataplane, with what userspace mode adds: its relay counters (for the metrics) and the
+/// redirect path it chose (what it cleans up after its first sync).
+struct Built {
+    dataplane: Box<dyn Dataplane>,
+    relay_stats: Option<Arc<kube_proxy_userspace::relay::Stats>>,
+    redirect_path: Option<kube_proxy_userspace::redirect::Path>,
+}
+
+impl Built {
+    fn kernel(dataplane: Box<dyn Dataplane>) -> Built {
+        Built {
+            dataplane,
+            relay_stats: None,
+            redirect_path: None,
+        }
+    }
+}
 
 /// The dataplane for the configured mode, and userspace mode's relay counters.
 fn build_dataplane(
@@ -477,36 +515,57 @@ fn build_dataplane(
     print_format: Option<PrintFormat>,
 ) -> anyhow::Result<Built> {
     if let Some(format) = print_format {
-        return Ok((
-            Box::new(StatePrinter::new(format, Box::new(std::io::stdout()))),
-            None,
-        ));
+        return Ok(Built::kernel(Box::new(StatePrinter::new(
+            format,
+            Box::new(std::io::stdout()),
+        ))));
     }
     match settings.mode {
         ProxyMode::Userspace => userspace_dataplane(flags, settings),
-        _ => kernel_dataplane(flags, settings).map(|dataplane| (dataplane, None)),
+        _ => kernel_dataplane(flags, settings).map(Built::kernel),
     }
 }
 
-/// userspace mode: the relays (their own threads) and the redirect rules through iptables.
+/// userspace mode: the relays (their own threads) and the redirect rules, through iptables
+/// or (where iptables is absent, or `KUBE_PROXY_USERSPACE_REDIRECT=nftables`) nftables.
 fn userspace_dataplane(
     flags: &Flags,
     settings: &kube_proxy_config::ProxyConfig,
 ) -> anyhow::Result<Built> {
+    use kube_proxy_userspace::redirect::{
+        iptables::IptablesRedirects, nft::NftRedirects, Path, PATH_ENV,
+    };
     if flags.dry_run == Some(true) {
         info!("--dry-run in userspace mode: printing the computed state instead of listening");
-        return Ok((
-            Box::new(StatePrinter::new(
-                PrintFormat::Text,
-                Box::new(std::io::stdout()),
-            )),
-            None,
-        ));
+        return Ok(Built::kernel(Box::new(StatePrinter::new(
+            PrintFormat::Text,
+            Box::new(std::io::stdout()),
+        ))));
     }
-    let requested = crate::kernel::iptables_backend::from_env().unwrap_or(None);
-    let (backend, why) = crate::kernel::iptables_backend::select(requested);
-    let version =
-        crate::kernel::iptables_runner::check_iptables(backend).map_err(anyhow::Error::msg)?;
+    // Checked before anything starts: the path, and the commands it needs.
+    let requested =
+        Path::parse(&std::env::var(PATH_ENV).unwrap_or_default()).map_err(anyhow::Error::msg)?;
+    let (backend, backend_why) = crate::kernel::iptables_backend::select(
+        crate::kernel::iptables_backend::from_env().map_err(anyhow::Error::msg)?,
+    );
+    let iptables = || crate::kernel::iptables_runner::check_iptables(backend);
+    let (path, tool, why) = match requested {
+        Some(Path::Iptables) => (Path::Iptables, iptables().map_err(anyhow::Error::msg)?, format!("{PATH_ENV}=iptables; backend {}: {backend_why}", backend.as_str())),
+        Some(Path::Nftables) => (
+            Path::Nftables,
+            crate::kernel::nft_runner::check_nft().map_err(anyhow::Error::msg)?,
+            format!("{PATH_ENV}=nftables"),
+        ),
+        None => match iptables() {
+            Ok(version) => (Path::Iptables, version, format!("iptables works; backend {}: {backend_why}", backend.as_str())),
+            Err(iptables_error) => match crate::kernel::nft_runner::check_nft() {
+                Ok(version) => (Path::Nftables, version, format!("iptables is not usable ({iptables_error})")),
+                Err(nft_error) => anyhow::bail!(
+                    "userspace mode redirects Service traffic with iptables or nftables, and neither works: {iptables_error}; {nft_error}"
+                ),
+            },
+        },
+    };
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -523,27 +582,40 @@ fn userspace_dataplane(
         None => "any free port".into(),
     };
     info!(
-        iptables = %version,
-        backend = backend.as_str(),
-        reason = why,
+        redirects = path.as_str(),
+        tool = %tool,
+        reason = %why,
         relay_threads = threads,
         listen = %settings.bind_address.map_or("every address".to_string(), |ip| ip.to_string()),
         ports = %range,
         udp_timeout = ?settings.userspace.udp_idle_timeout,
-        "Using the userspace dataplane: the proxy relays every connection; frontends are redirected to its listeners by iptables"
+        "Using the userspace dataplane: the proxy relays every connection; frontends are redirected to its listeners"
     );
     warn!("The userspace proxy mode was removed upstream in Kubernetes 1.26; it serves every connection through this process (see docs/userspace.md)");
-    Ok((
-        Box::new(kube_proxy_userspace::proxier::UserspaceProxier::new(
-            kube_proxy_userspace::proxier::UserspaceConfig {
-                listen_ip: settings.bind_address,
-                port_range: settings.userspace.port_range,
-            },
+    let config = kube_proxy_userspace::proxier::UserspaceConfig {
+        listen_ip: settings.bind_address,
+        port_range: settings.userspace.port_range,
+    };
+    use kube_proxy_userspace::proxier::UserspaceProxier;
+    let dataplane: Box<dyn Dataplane> = match path {
+        Path::Iptables => Box::new(UserspaceProxier::new(
+            config,
             relay,
-            crate::kernel::iptables_runner::IptablesCommand::new(backend),
+            IptablesRedirects::new(crate::kernel::iptables_runner::IptablesCommand::new(
+                backend,
+            )),
         )),
-        Some(stats),
-    ))
+        Path::Nftables => Box::new(UserspaceProxier::new(
+            config,
+            relay,
+            NftRedirects::new(crate::kernel::nft_runner::NftCommand::text_only()),
+        )),
+    };
+    Ok(Built {
+        dataplane,
+        relay_stats: Some(stats),
+        redirect_path: Some(path),
+    })
 }
 
 /// The kernel modes' dataplanes (or, with --dry-run, their printers).

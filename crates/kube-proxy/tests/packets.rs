@@ -113,23 +113,31 @@ packet_cases!(#[ignore = "needs IP_VS: runs inside the VM (ipvs_cases_in_a_vm)"]
     health_check_node_ports,
 );
 
-// userspace mode: the cases whose behaviour upstream's userspace proxier shares (what it
-// cannot do: masquerading choices, SCTP, conntrack cleanup, surviving kill -9 — see
+// userspace mode, on both redirect paths (iptables; nftables, as on a node without
+// iptables): the cases whose behaviour upstream's userspace proxier shares (what it cannot
+// do: masquerading choices, SCTP, conntrack cleanup, surviving kill -9 — see
 // docs/userspace.md), then its own.
-packet_cases!(userspace: Userspace =>
-    cluster_ip_from_pods_node_and_outside,
-    no_endpoints_rejects_and_endpoint_changes_are_followed,
-    node_port_and_external_ips_with_cluster_policy,
-    external_traffic_policy_local,
-    internal_traffic_policy_local,
-    client_ip_session_affinity,
-    load_balancer_source_ranges,
-    udp_clients_move_to_a_live_endpoint,
-    health_check_node_ports,
-);
+macro_rules! userspace_cases {
+    ($modname:ident: $mode:ident) => {
+        packet_cases!($modname: $mode =>
+            cluster_ip_from_pods_node_and_outside,
+            no_endpoints_rejects_and_endpoint_changes_are_followed,
+            node_port_and_external_ips_with_cluster_policy,
+            external_traffic_policy_local,
+            internal_traffic_policy_local,
+            client_ip_session_affinity,
+            load_balancer_source_ranges,
+            udp_clients_move_to_a_live_endpoint,
+            health_check_node_ports,
+            userspace_retries_transfers_udp_timeouts_and_listener_lifecycle,
+        );
+    };
+}
+userspace_cases!(userspace: Userspace);
+userspace_cases!(userspace_nft: UserspaceNft);
 
 packet_cases!(userspace_only: Userspace =>
-    userspace_retries_transfers_udp_timeouts_and_listener_lifecycle,
+    userspace_redirect_paths_and_mode_switches,
 );
 
 packet_cases!(#[ignore = "needs IP_VS: runs inside the VM (ipvs_cases_in_a_vm)"] ipvs_only: Ipvs =>
@@ -265,6 +273,7 @@ fn cluster_ip_from_pods_node_and_outside(mode: Mode) {
         Mode::Nftables => bed.wait_for_rules("ip", "198.19.0.10 . udp . 80 : 198.18.2.2 . 8080"),
         Mode::Ipvs => bed.wait_for_rules("ip", "-a -u 198.19.0.10:80 -r 198.18.2.2:8080"),
         Mode::Userspace => bed.wait_for_rules("ip", "-d 198.19.0.10/32 -p udp"),
+        Mode::UserspaceNft => bed.wait_for_rules("ip", "ip daddr 198.19.0.10 udp dport 80"),
         _ => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.2.2:8080"),
     }
     let vip = sock("198.19.0.10", 80);
@@ -274,7 +283,7 @@ fn cluster_ip_from_pods_node_and_outside(mode: Mode) {
     let mut expected_pods = pods(&["a1", "a2", "b1"]);
     expected_pods.sort();
     assert_eq!(answered, expected_pods);
-    if mode == Mode::Userspace {
+    if mode.is_userspace() {
         // The proxy connects to the endpoints itself: they see the node.
         assert!(sources.iter().all(|s| is_node_a(*s)), "{sources:?}");
     } else {
@@ -308,7 +317,7 @@ fn cluster_ip_from_pods_node_and_outside(mode: Mode) {
     // IPv6 ClusterIP from a pod.
     let (answered, sources) = bed.tcp_spread("a2", sock("2001:db8:19::10", 80), 40);
     assert_eq!(answered, expected_pods);
-    if mode == Mode::Userspace {
+    if mode.is_userspace() {
         assert!(sources.iter().all(|s| is_node_a(*s)), "{sources:?}");
     } else {
         assert!(sources.contains(&ipaddr("2001:db8:18:1::3")), "{sources:?}");
@@ -549,7 +558,7 @@ fn external_traffic_policy_local(mode: Mode) {
     let lb = sock("198.51.100.40", 80);
     let client = ipaddr(testbed::CLIENT);
 
-    if mode == Mode::Userspace {
+    if mode.is_userspace() {
         // The relay for external frontends has the local endpoints only; every client is
         // relayed from the node (no client IP kept), pods and the node included.
         for from in ["client", "a2", "node"] {
@@ -640,7 +649,7 @@ fn external_traffic_policy_local(mode: Mode) {
         Mode::Nftables => {
             bed.wait_for_element("ip", "no-endpoint-drop", "198.51.100.40 . tcp . 80")
         }
-        Mode::Userspace => unreachable!("returned above"),
+        Mode::Userspace | Mode::UserspaceNft => unreachable!("returned above"),
     }
     assert_eq!(
         bed.tcp_spread("a2", lb, 20).0,
@@ -689,7 +698,7 @@ fn internal_traffic_policy_local(mode: Mode) {
     // Service with iTP Local does not compute: its virtual server has none and refuses.
     // userspace mode's listener has no endpoint to relay to: it refuses too.
     let without_local = match mode {
-        Mode::Ipvs | Mode::Userspace => Outcome::Refused,
+        Mode::Ipvs | Mode::Userspace | Mode::UserspaceNft => Outcome::Refused,
         _ => Outcome::Timeout,
     };
     bed.eventually("dropped without a local endpoint", || {
@@ -959,7 +968,7 @@ fn upstream_command_line_against_an_api_server(mode: Mode) {
         Mode::IptablesNft => &[],
         Mode::IptablesLegacy => &["--proxy-mode", "iptables"],
         Mode::Ipvs => &["--proxy-mode", "ipvs"],
-        Mode::Userspace => &["--proxy-mode", "userspace"],
+        Mode::Userspace | Mode::UserspaceNft => &["--proxy-mode", "userspace"],
     };
     let mut flags = vec!["--hostname-override", "node-a"];
     flags.extend_from_slice(mode_flags);
@@ -2391,6 +2400,7 @@ fn udp_flow_across_endpoint_replacement(
         Mode::Nftables => bed.wait_for_rules("ip", "198.19.0.60 . udp . 53"),
         Mode::Ipvs => bed.wait_for_rules("ip", "-a -u 198.19.0.60:53 -r 198.18.1.2:8080"),
         Mode::Userspace => bed.wait_for_rules("ip", "-d 198.19.0.60/32"),
+        Mode::UserspaceNft => bed.wait_for_rules("ip", "ip daddr 198.19.0.60 "),
         _ => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.1.2:8080"),
     }
     let vip = sock("198.19.0.60", 53);
@@ -2406,7 +2416,7 @@ fn udp_flow_across_endpoint_replacement(
         Mode::Nftables => bed.wait_for_rules("ip", "198.18.2.2 . 8080"),
         Mode::Ipvs => bed.wait_for_rules("ip", "-a -u 198.19.0.60:53 -r 198.18.2.2:8080"),
         // The listeners' endpoints change with no rule changing: the sync below says when.
-        Mode::Userspace => {}
+        Mode::Userspace | Mode::UserspaceNft => {}
         _ => bed.wait_for_rules("ip", "DNAT --to-destination 198.18.2.2:8080"),
     }
     // Give a cleanup (if any) time to run after the sync that programmed b1.
@@ -2435,7 +2445,7 @@ fn udp_clients_move_to_a_live_endpoint(mode: Mode) {
     }
     let (seen, log) = udp_flow_across_endpoint_replacement(mode, "ctclean", &[]);
     assert_eq!(seen, pods(&["b1"]), "{log}");
-    if matches!(mode, Mode::Ipvs | Mode::Userspace) {
+    if matches!(mode, Mode::Ipvs | Mode::Userspace | Mode::UserspaceNft) {
         // IPVS moves the flows itself: a UDP real server is deleted at once and
         // `expire_nodest_conn` expires its connections (no conntrack entry to clean).
         // userspace mode closes a client's flow when its endpoint leaves.
@@ -2549,7 +2559,7 @@ fn health_check_node_ports(mode: Mode) {
         "lb",
         &service("lb", &spec(32000), &["a1:terminating", "b1"]),
     );
-    if mode == Mode::Userspace {
+    if mode.is_userspace() {
         // No rule names an endpoint: wait for the local terminating endpoint to serve the
         // NodePort (eTP Local falls back to it).
         bed.eventually("a1 (terminating) serves the NodePort", || {
@@ -2916,11 +2926,20 @@ fn ipvs_draining_schedulers_timeouts_and_cleanup(mode: Mode) {
 
 /// The listener port userspace mode redirects `vip` (a `-d` of the rules) to.
 fn userspace_port(bed: &TestBed, vip: &str) -> Option<u16> {
-    bed.ruleset("ip")
+    let ruleset = bed.ruleset("ip");
+    let port = |text: &str| text.split_whitespace().next()?.parse().ok();
+    if bed.mode == Mode::UserspaceNft {
+        return ruleset
+            .lines()
+            .find(|l| l.contains(&format!("ip daddr {vip} ")) && l.contains("redirect to :"))
+            .and_then(|l| l.split("redirect to :").nth(1))
+            .and_then(port);
+    }
+    ruleset
         .lines()
         .find(|l| l.contains("KUBE-PORTALS-CONTAINER") && l.contains(&format!("-d {vip}/32")))
         .and_then(|l| l.split("--to-ports ").nth(1))
-        .and_then(|p| p.trim().parse().ok())
+        .and_then(port)
 }
 
 /// The proxy's open file descriptors.
@@ -2962,7 +2981,9 @@ fn userspace_retries_transfers_udp_timeouts_and_listener_lifecycle(mode: Mode) {
         ),
     );
     bed.start_proxy(&["--udp-timeout=1s", "--metrics-bind-address=127.0.0.1:10249"]);
-    bed.wait_for_rules("ip", "-d 198.19.0.83/32");
+    bed.eventually("the udp Service redirected", || {
+        userspace_port(&bed, "198.19.0.83").is_some()
+    });
 
     // Every connection is answered by b1: the dead and the killed endpoint are retried away.
     let (answered, _) = bed.tcp_spread("a2", sock("198.19.0.80", 80), 12);
@@ -3111,4 +3132,106 @@ fn userspace_retries_transfers_udp_timeouts_and_listener_lifecycle(mode: Mode) {
         after <= baseline + 2,
         "file descriptors: {baseline} after the first round, {after} after five more"
     );
+}
+
+/// userspace mode's two redirect paths and the switches between them and nftables mode,
+/// with real connections: iptables (upstream's chains), then nftables (its own table, as on
+/// a node without iptables: the iptables chains go after its first sync), then nftables
+/// mode (the userspace table goes), and `--cleanup`; a wrong path is refused at start.
+fn userspace_redirect_paths_and_mode_switches(mode: Mode) {
+    if !testbed::available() {
+        return;
+    }
+    assert_eq!(mode, Mode::Userspace, "the case switches modes itself");
+    let mut bed = TestBed::new("usredir");
+    bed.mode = mode;
+    bed.write_manifest(
+        "web",
+        &service(
+            "web",
+            "  type: NodePort\n  clusterIP: 198.19.0.90\n  ports:\n  - {name: p, port: 80, targetPort: 8080, nodePort: 30090, protocol: TCP}",
+            &["a1", "b1"],
+        ),
+    );
+    let vip = sock("198.19.0.90", 80);
+    let node_port = sock(testbed::NODE_A, 30090);
+    let both = pods(&["a1", "b1"]);
+    let userspace_table = |bed: &TestBed| {
+        bed.ip_netns_exec("node", &["nft", "list", "tables"])
+            .contains("kube-proxy-userspace")
+    };
+    let portals = |bed: &TestBed| {
+        bed.ip_netns_exec("node", &["iptables-nft-save", "-t", "nat"])
+            .contains("KUBE-PORTALS-CONTAINER")
+    };
+
+    // 1. iptables (this node has it): upstream's chains, no table of ours.
+    bed.start_proxy(&[]);
+    assert!(
+        bed.proxy_log().contains("redirects=\"iptables\""),
+        "{}",
+        bed.proxy_log()
+    );
+    assert!(portals(&bed) && !userspace_table(&bed));
+    assert_eq!(bed.tcp_spread("a2", vip, 20).0, both);
+
+    // 2. nftables: the same frontends from every client, the iptables chains gone.
+    bed.mode = Mode::UserspaceNft;
+    bed.start_proxy(&[]);
+    assert!(
+        bed.proxy_log().contains("redirects=\"nftables\""),
+        "{}",
+        bed.proxy_log()
+    );
+    bed.eventually("the iptables chains removed after the first sync", || {
+        !portals(&bed)
+    });
+    assert!(userspace_table(&bed));
+    for from in ["a2", "client", "node"] {
+        assert_eq!(bed.tcp_spread(from, vip, 20).0, both, "{from}");
+    }
+    assert_eq!(bed.tcp_spread("client", node_port, 20).0, both);
+    let port = userspace_port(&bed, "198.19.0.90").expect("a redirect to a listener");
+    assert!(
+        bed.ruleset("ip")
+            .contains(&format!("dnat to 192.0.2.10:{port}")),
+        "the node's own traffic goes to its address: {}",
+        bed.ruleset("ip")
+    );
+
+    // 3. nftables mode takes over: the userspace table goes once its rules are in place.
+    bed.mode = Mode::Nftables;
+    bed.start_proxy(&[]);
+    bed.eventually("the userspace table removed", || !userspace_table(&bed));
+    assert_eq!(bed.tcp_spread("a2", vip, 20).0, both);
+
+    // 4. --cleanup removes the userspace table too.
+    bed.mode = Mode::UserspaceNft;
+    bed.start_proxy(&[]);
+    assert!(userspace_table(&bed));
+    bed.stop_proxy();
+    bed.ip_netns_exec_checked("node", &[env!("CARGO_BIN_EXE_kube-proxy"), "--cleanup"])
+        .expect("--cleanup succeeds");
+    assert!(!userspace_table(&bed));
+
+    // 5. A path that does not exist is refused before anything is touched.
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &bed.ns("node"),
+            env!("CARGO_BIN_EXE_kube-proxy"),
+        ])
+        .args(["--proxy-mode=userspace", "--hostname-override=node-a"])
+        .arg(format!("--manifests={}", bed.manifests.display()))
+        .env("KUBE_PROXY_USERSPACE_REDIRECT", "ipchains")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("invalid KUBE_PROXY_USERSPACE_REDIRECT \"ipchains\": allowed values are \"auto\", \"iptables\" and \"nftables\""),
+        "{stderr}"
+    );
+    assert!(!userspace_table(&bed) && !portals(&bed));
 }

@@ -18,6 +18,7 @@ pub mod balancer;
 pub mod desired;
 pub mod ports;
 pub mod proxier;
+pub mod redirect;
 pub mod relay;
 pub mod rules;
 

@@ -1,17 +1,15 @@
 //! The userspace dataplane: per family, the plan's listeners are opened (or updated) first,
-//! then one `iptables-restore --noflush` points the frontends at them, then the listeners no
-//! longer wanted are closed. Traffic never meets a rule without its listener, and a failed
-//! restore leaves the old rules with their listeners still open.
+//! then one transaction of the redirect path ([`crate::redirect`]: iptables or nftables)
+//! points the frontends at them, then the listeners no longer wanted are closed. Traffic
+//! never meets a rule without its listener, and a failed transaction leaves the old rules
+//! with their listeners still open.
 //!
-//! A full sync (the first, after a failure, periodically) rewrites our five chains whole
-//! and inserts missing jumps; a partial sync deletes and appends only the rules of the
-//! listeners that changed, so a change costs the same at 10 Services as at 10,000.
+//! A full sync (the first, after a failure, periodically) writes every rule; a partial sync
+//! hands the redirect path only the rules of the listeners that changed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use kube_proxy_iptables::proxier::{saved_jump, Restorer};
 use kube_proxy_model::dataplane::{
     Dataplane, NodeView, SyncError, SyncInput, SyncReport, TableRules,
 };
@@ -20,8 +18,9 @@ use tracing::info;
 
 use crate::desired::{self, ListenerKey, ListenerSpec, Portal};
 use crate::ports::PortAllocator;
+use crate::redirect::{Change, Redirects};
 use crate::relay::ListenerControl;
-use crate::rules::{self, Addressing, Redirect, CHAINS};
+use crate::rules::{self, table_of, Addressing, Redirect, Rule};
 
 #[derive(Clone, Debug, Default)]
 pub struct UserspaceConfig {
@@ -35,7 +34,7 @@ pub struct UserspaceConfig {
 struct Applied {
     spec: ListenerSpec,
     port: u16,
-    rules: Vec<(&'static str, String)>,
+    rules: Vec<Rule>,
 }
 
 struct FamilyState {
@@ -47,20 +46,20 @@ struct FamilyState {
     warned: BTreeSet<ServicePortName>,
 }
 
-pub struct UserspaceProxier<L: ListenerControl, R: Restorer> {
+pub struct UserspaceProxier<L: ListenerControl, D: Redirects> {
     config: UserspaceConfig,
     listeners: L,
-    iptables: R,
+    redirects: D,
     families: BTreeMap<IpFamily, FamilyState>,
     warnings: Vec<String>,
 }
 
-impl<L: ListenerControl, R: Restorer> UserspaceProxier<L, R> {
-    pub fn new(config: UserspaceConfig, listeners: L, iptables: R) -> Self {
+impl<L: ListenerControl, D: Redirects> UserspaceProxier<L, D> {
+    pub fn new(config: UserspaceConfig, listeners: L, redirects: D) -> Self {
         UserspaceProxier {
             config,
             listeners,
-            iptables,
+            redirects,
             families: BTreeMap::new(),
             warnings: Vec::new(),
         }
@@ -70,12 +69,12 @@ impl<L: ListenerControl, R: Restorer> UserspaceProxier<L, R> {
         &self.listeners
     }
 
-    pub fn iptables(&self) -> &R {
-        &self.iptables
+    pub fn redirects(&self) -> &D {
+        &self.redirects
     }
 
-    pub fn iptables_mut(&mut self) -> &mut R {
-        &mut self.iptables
+    pub fn redirects_mut(&mut self) -> &mut D {
+        &mut self.redirects
     }
 
     /// The port each listener of `family` has (for tests and the state dump).
@@ -178,7 +177,7 @@ fn open_listeners<L: ListenerControl>(
     replaced
 }
 
-impl<L: ListenerControl, R: Restorer> Dataplane for UserspaceProxier<L, R> {
+impl<L: ListenerControl, D: Redirects> Dataplane for UserspaceProxier<L, D> {
     fn name(&self) -> &'static str {
         "userspace"
     }
@@ -231,9 +230,7 @@ impl<L: ListenerControl, R: Restorer> Dataplane for UserspaceProxier<L, R> {
         }
 
         // 2. The rules, whole or the changed listeners' only.
-        let mut text = String::new();
-        let mut written = 0usize;
-        let mut new_rules: BTreeMap<ListenerKey, Vec<(&'static str, String)>> = BTreeMap::new();
+        let mut new_rules: BTreeMap<ListenerKey, Vec<Rule>> = BTreeMap::new();
         for (key, applied) in &state.applied {
             let redirect = Redirect {
                 name: &key.name,
@@ -245,59 +242,40 @@ impl<L: ListenerControl, R: Restorer> Dataplane for UserspaceProxier<L, R> {
                 new_rules.insert(key.clone(), rules);
             }
         }
-        if full {
-            let all: Vec<(&'static str, String)> = state
-                .applied
-                .iter()
-                .flat_map(|(k, a)| new_rules.get(k).unwrap_or(&a.rules).iter().cloned())
-                .collect();
-            written = all.len();
-            let saved = self
-                .iptables
-                .save(family)
-                .map_err(|e| SyncError::retry(family, format!("iptables-save: {e}")))?;
-            text = rules::restore_input(&all, &|table, chain, target| {
-                saved_jump(&saved, table, chain, target)
-            });
-        } else {
-            let mut lines: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-            let removed = stale.iter().map(|(_, a)| &a.rules);
-            let changed = new_rules
-                .keys()
-                .filter_map(|k| state.applied.get(k))
-                .map(|a| &a.rules);
-            for (chain, rule) in removed.chain(changed).flatten() {
-                lines
-                    .entry(table_of(chain))
-                    .or_default()
-                    .push(format!("-D {chain} {rule}"));
-            }
-            for (chain, rule) in new_rules.values().flatten() {
-                lines
-                    .entry(table_of(chain))
-                    .or_default()
-                    .push(format!("-A {chain} {rule}"));
-                written += 1;
-            }
-            for (table, lines) in &lines {
-                let _ = writeln!(text, "*{table}");
-                for line in lines {
-                    text.push_str(line);
-                    text.push('\n');
-                }
-                text.push_str("COMMIT\n");
-            }
-        }
-        if !text.is_empty() {
-            if let Err(e) = self.iptables.restore(family, &text) {
+        let all: Vec<&Rule> = state
+            .applied
+            .iter()
+            .flat_map(|(k, a)| new_rules.get(k).unwrap_or(&a.rules))
+            .collect();
+        let removed: Vec<&Rule> = stale
+            .iter()
+            .map(|(_, a)| &a.rules)
+            .chain(
+                new_rules
+                    .keys()
+                    .filter_map(|k| state.applied.get(k))
+                    .map(|a| &a.rules),
+            )
+            .flatten()
+            .collect();
+        let added: Vec<&Rule> = new_rules.values().flatten().collect();
+        let change = Change {
+            full,
+            all: &all,
+            removed: &removed,
+            added: &added,
+        };
+        let written = match self.redirects.apply(family, &change) {
+            Ok(written) => written,
+            Err(e) => {
                 state.in_sync = false;
                 // The stale listeners stay open: the kernel may still point at them.
                 for (key, applied) in stale.drain(..) {
                     state.applied.entry(key).or_insert(applied);
                 }
-                return Err(SyncError::retry(family, format!("iptables-restore: {e}")));
+                return Err(SyncError::retry(family, e));
             }
-        }
+        };
         state.in_sync = true;
         for (key, rules) in new_rules {
             if let Some(applied) = state.applied.get_mut(&key) {
@@ -320,22 +298,22 @@ impl<L: ListenerControl, R: Restorer> Dataplane for UserspaceProxier<L, R> {
 
         let total: usize = state.applied.values().map(|a| a.rules.len()).sum();
         if full {
-            info!(family = %family, listeners = state.applied.len(), rules = total, "Userspace listeners and redirect rules in place");
+            info!(family = %family, listeners = state.applied.len(), rules = total, redirects = self.redirects.name(), "Userspace listeners and redirect rules in place");
         }
         let count = |table: &str| {
             state
                 .applied
                 .values()
                 .flat_map(|a| &a.rules)
-                .filter(|(chain, _)| table_of(chain) == table)
+                .filter(|rule| table_of(rule.chain) == table)
                 .count()
         };
         Ok(SyncReport {
             service_ports: input.plan.services.len(),
             changed: input.changed.len(),
             full,
-            statements: written,
-            transactions: usize::from(!text.is_empty()),
+            statements: written.rules,
+            transactions: written.transactions,
             rules: vec![
                 TableRules {
                     table: "filter",
@@ -344,7 +322,7 @@ impl<L: ListenerControl, R: Restorer> Dataplane for UserspaceProxier<L, R> {
                 },
                 TableRules {
                     table: "nat",
-                    written,
+                    written: written.rules,
                     total: count("nat"),
                 },
             ],
@@ -355,11 +333,4 @@ impl<L: ListenerControl, R: Restorer> Dataplane for UserspaceProxier<L, R> {
         // The sync loop logs them (rate-limited with the other per-object warnings).
         std::mem::take(&mut self.warnings)
     }
-}
-
-fn table_of(chain: &str) -> &'static str {
-    CHAINS
-        .iter()
-        .find(|(_, c)| *c == chain)
-        .map_or("nat", |(t, _)| t)
 }

@@ -18,7 +18,8 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
-use kube_proxy_model::ServicePortName;
+use ipnet::IpNet;
+use kube_proxy_model::{Protocol, ServicePortName};
 
 use crate::desired::{ListenerSpec, Portal};
 
@@ -93,6 +94,39 @@ pub struct Redirect<'a> {
     pub proxy_port: u16,
 }
 
+/// What a rule does with the traffic it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// To the listener's port on the address the packet came in on.
+    Redirect(u16),
+    /// To the listener at this address.
+    Dnat(SocketAddr),
+    /// Accepts new connections (the INPUT exception of NodePorts' listener ports).
+    AcceptNew,
+}
+
+/// One redirect rule, decided here and rendered by each redirect path ([`Rule::iptables`],
+/// [`crate::nft`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// Upstream's chain name (the nftables path has a chain of the same role).
+    pub chain: &'static str,
+    /// The comment: the service port.
+    pub name: ServicePortName,
+    pub protocol: Protocol,
+    /// The frontend address (none: every local address, a NodePort).
+    pub dest: Option<IpAddr>,
+    pub dport: u16,
+    /// One of the load balancer's `loadBalancerSourceRanges`.
+    pub source: Option<IpNet>,
+    /// Only traffic that did not come in through a bridge port (upstream's
+    /// `-m physdev ! --physdev-is-in`).
+    pub not_bridged: bool,
+    /// Only traffic to a local address (`-m addrtype --dst-type LOCAL`).
+    pub dst_local: bool,
+    pub action: Action,
+}
+
 fn host(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => format!("{v4}/32"),
@@ -100,50 +134,83 @@ fn host(ip: IpAddr) -> String {
     }
 }
 
-/// Upstream's `iptablesCommonPortalArgs`.
-fn common(
-    name: &ServicePortName,
-    protocol: &str,
-    dest: Option<IpAddr>,
-    port: u16,
-    physdev: bool,
-    dst_local: bool,
-) -> String {
-    let mut args =
-        format!("-m comment --comment \"{name}\" -p {protocol} -m {protocol} --dport {port}");
-    if let Some(ip) = dest {
-        let _ = write!(args, " -d {}", host(ip));
+impl Rule {
+    /// The rule as upstream wrote it: the rest of its `-A <chain>` line
+    /// (`iptablesCommonPortalArgs` and the target).
+    pub fn iptables(&self) -> String {
+        let protocol = self.protocol.lower();
+        let mut args = format!(
+            "-m comment --comment \"{}\" -p {protocol} -m {protocol} --dport {}",
+            self.name, self.dport
+        );
+        if let Some(ip) = self.dest {
+            let _ = write!(args, " -d {}", host(ip));
+        }
+        if self.not_bridged {
+            args.push_str(" -m physdev ! --physdev-is-in");
+        }
+        if self.dst_local {
+            args.push_str(" -m addrtype --dst-type LOCAL");
+        }
+        if let Some(range) = self.source {
+            let _ = write!(args, " -s {range}");
+        }
+        match self.action {
+            Action::Redirect(port) => {
+                let _ = write!(args, " -j REDIRECT --to-ports {port}");
+            }
+            Action::Dnat(to) => {
+                let _ = write!(args, " -j DNAT --to-destination {to}");
+            }
+            Action::AcceptNew => args.push_str(" -m state --state NEW -j ACCEPT"),
+        }
+        args
     }
-    if physdev {
-        args.push_str(" -m physdev ! --physdev-is-in");
-    }
-    if dst_local {
-        args.push_str(" -m addrtype --dst-type LOCAL");
-    }
-    args
 }
 
-/// The rules of every listener: (chain, rest of the `-A` line), in order.
-pub fn rules(redirects: &[Redirect<'_>], addressing: Addressing) -> Vec<(&'static str, String)> {
+/// The rules of every listener, in order.
+pub fn rules(redirects: &[Redirect<'_>], addressing: Addressing) -> Vec<Rule> {
     let mut out = Vec::new();
     for r in redirects {
-        let protocol = r.spec.protocol.lower();
-        let container_target = match addressing.listen_ip {
-            None => format!("-j REDIRECT --to-ports {}", r.proxy_port),
-            Some(ip) => format!(
-                "-j DNAT --to-destination {}",
-                SocketAddr::new(ip, r.proxy_port)
-            ),
+        let container = match addressing.listen_ip {
+            None => Action::Redirect(r.proxy_port),
+            Some(ip) => Action::Dnat(SocketAddr::new(ip, r.proxy_port)),
         };
-        let host_target = addressing.listen_ip.or(addressing.host_ip).map(|ip| {
-            format!(
-                "-j DNAT --to-destination {}",
-                SocketAddr::new(ip, r.proxy_port)
-            )
-        });
-        let host_rule = |out: &mut Vec<(&'static str, String)>, chain, args: &str| {
-            if let Some(target) = &host_target {
-                out.push((chain, format!("{args} {target}")));
+        let host = addressing
+            .listen_ip
+            .or(addressing.host_ip)
+            .map(|ip| Action::Dnat(SocketAddr::new(ip, r.proxy_port)));
+        let rule = |chain, dest, dport, action| Rule {
+            chain,
+            name: r.name.clone(),
+            protocol: r.spec.protocol,
+            dest,
+            dport,
+            source: None,
+            not_bridged: false,
+            dst_local: false,
+            action,
+        };
+        // A portal's pair: traffic from pods and outside, and the node's own (when there is
+        // a node address to send it to).
+        let pair = |out: &mut Vec<Rule>, container_chain, host_chain, template: Rule| {
+            if let Some(host) = host {
+                out.push(Rule {
+                    chain: container_chain,
+                    action: container,
+                    ..template.clone()
+                });
+                out.push(Rule {
+                    chain: host_chain,
+                    action: host,
+                    ..template
+                });
+            } else {
+                out.push(Rule {
+                    chain: container_chain,
+                    action: container,
+                    ..template
+                });
             }
         };
         for portal in &r.spec.portals {
@@ -154,18 +221,19 @@ pub fn rules(redirects: &[Redirect<'_>], addressing: Addressing) -> Vec<(&'stati
                     external: false,
                     load_balancer,
                 } => {
-                    let args = common(r.name, protocol, Some(ip), port, false, false);
+                    let template = rule(PORTALS_CONTAINER, Some(ip), port, container);
                     let ranges = &r.spec.source_ranges;
                     if load_balancer && !ranges.is_empty() {
                         // Only the allowed sources are proxied.
                         for range in ranges {
-                            let args = format!("{args} -s {range}");
-                            out.push((PORTALS_CONTAINER, format!("{args} {container_target}")));
-                            host_rule(&mut out, PORTALS_HOST, &args);
+                            let template = Rule {
+                                source: Some(*range),
+                                ..template.clone()
+                            };
+                            pair(&mut out, PORTALS_CONTAINER, PORTALS_HOST, template);
                         }
                     } else {
-                        out.push((PORTALS_CONTAINER, format!("{args} {container_target}")));
-                        host_rule(&mut out, PORTALS_HOST, &args);
+                        pair(&mut out, PORTALS_CONTAINER, PORTALS_HOST, template);
                     }
                 }
                 Portal::Address {
@@ -176,20 +244,24 @@ pub fn rules(redirects: &[Redirect<'_>], addressing: Addressing) -> Vec<(&'stati
                 } => {
                     // Traffic that is not bridged (from outside), and traffic to an external
                     // IP this node holds, from pods or from the node itself.
-                    let args = common(r.name, protocol, Some(ip), port, true, false);
-                    out.push((PORTALS_CONTAINER, format!("{args} {container_target}")));
-                    let args = common(r.name, protocol, Some(ip), port, false, true);
-                    out.push((PORTALS_CONTAINER, format!("{args} {container_target}")));
-                    host_rule(&mut out, PORTALS_HOST, &args);
+                    out.push(Rule {
+                        not_bridged: true,
+                        ..rule(PORTALS_CONTAINER, Some(ip), port, container)
+                    });
+                    let template = Rule {
+                        dst_local: true,
+                        ..rule(PORTALS_CONTAINER, Some(ip), port, container)
+                    };
+                    pair(&mut out, PORTALS_CONTAINER, PORTALS_HOST, template);
                 }
                 Portal::NodePort(node_port) => {
-                    let args = common(r.name, protocol, None, node_port, false, false);
-                    out.push((NODEPORT_CONTAINER, format!("{args} {container_target}")));
-                    host_rule(&mut out, NODEPORT_HOST, &args);
-                    let args = common(r.name, protocol, None, r.proxy_port, false, false);
-                    out.push((
+                    let template = rule(NODEPORT_CONTAINER, None, node_port, container);
+                    pair(&mut out, NODEPORT_CONTAINER, NODEPORT_HOST, template);
+                    out.push(rule(
                         NODEPORT_NON_LOCAL,
-                        format!("{args} -m state --state NEW -j ACCEPT"),
+                        None,
+                        r.proxy_port,
+                        Action::AcceptNew,
                     ));
                 }
             }
@@ -200,10 +272,7 @@ pub fn rules(redirects: &[Redirect<'_>], addressing: Addressing) -> Vec<(&'stati
 
 /// The restore input: our chains declared (emptied) and refilled, and the jumps that
 /// `has_jump(table, from, to)` says are missing.
-pub fn restore_input(
-    rules: &[(&'static str, String)],
-    has_jump: &dyn Fn(&str, &str, &str) -> bool,
-) -> String {
+pub fn restore_input(rules: &[&Rule], has_jump: &dyn Fn(&str, &str, &str) -> bool) -> String {
     let mut text = String::new();
     for table in ["filter", "nat"] {
         let _ = writeln!(text, "*{table}");
@@ -221,13 +290,20 @@ pub fn restore_input(
                 }
             }
         }
-        for (chain, rule) in rules {
-            let in_table = CHAINS.iter().any(|(t, c)| *t == table && c == chain);
-            if in_table {
-                let _ = writeln!(text, "-A {chain} {rule}");
+        for rule in rules {
+            if table_of(rule.chain) == table {
+                let _ = writeln!(text, "-A {} {}", rule.chain, rule.iptables());
             }
         }
         text.push_str("COMMIT\n");
     }
     text
+}
+
+/// The table of one of our chains.
+pub fn table_of(chain: &str) -> &'static str {
+    CHAINS
+        .iter()
+        .find(|(_, c)| *c == chain)
+        .map_or("nat", |(t, _)| t)
 }

@@ -16,6 +16,9 @@ use serde_json::json;
 
 use crate::desired::{Class, ListenerKey, ListenerSpec};
 use crate::proxier::{UserspaceConfig, UserspaceProxier};
+use crate::redirect::iptables::IptablesRedirects;
+use crate::redirect::nft::NftRedirects;
+use crate::redirect::Redirects;
 use crate::relay::ListenerControl;
 
 /// Listeners in memory: what is open, in which order things happened.
@@ -117,7 +120,7 @@ impl Restorer for Iptables {
     }
 }
 
-type Proxier = UserspaceProxier<FakeRelay, Iptables>;
+type Proxier = UserspaceProxier<FakeRelay, IptablesRedirects<Iptables>>;
 
 fn node() -> NodeView {
     NodeView {
@@ -130,16 +133,21 @@ fn proxier() -> Proxier {
     UserspaceProxier::new(
         UserspaceConfig::default(),
         FakeRelay::default(),
-        Iptables::default(),
+        IptablesRedirects::new(Iptables::default()),
     )
 }
 
-fn sync(proxier: &mut Proxier, state: &mut ClusterState, plan: &mut FamilyPlan, full: bool) {
+fn sync<D: Redirects>(
+    proxier: &mut UserspaceProxier<FakeRelay, D>,
+    state: &mut ClusterState,
+    plan: &mut FamilyPlan,
+    full: bool,
+) {
     try_sync(proxier, state, plan, full).unwrap_or_else(|e| panic!("{e}"));
 }
 
-fn try_sync(
-    proxier: &mut Proxier,
+fn try_sync<D: Redirects>(
+    proxier: &mut UserspaceProxier<FakeRelay, D>,
     state: &mut ClusterState,
     plan: &mut FamilyPlan,
     full: bool,
@@ -170,13 +178,16 @@ fn key(class: Class) -> ListenerKey {
 }
 
 fn chain(proxier: &Proxier, table: &str, chain: &str) -> Vec<String> {
-    proxier.iptables().fake.families[&IpFamily::V4][table]
+    proxier.redirects().restorer.fake.families[&IpFamily::V4][table]
         .get(chain)
         .cloned()
         .unwrap_or_default()
 }
 
-fn endpoints(proxier: &Proxier, class: Class) -> Vec<SocketAddr> {
+fn endpoints<D: Redirects>(
+    proxier: &UserspaceProxier<FakeRelay, D>,
+    class: Class,
+) -> Vec<SocketAddr> {
     proxier.listeners().open[&(IpFamily::V4, key(class))]
         .1
         .endpoints
@@ -187,27 +198,51 @@ fn sa(text: &str) -> SocketAddr {
     text.parse().unwrap()
 }
 
-#[test]
-fn a_node_port_service_gets_upstreams_portal_rules_and_its_listeners() {
-    let mut proxier = proxier();
+/// A LoadBalancer Service with an external IP, a NodePort, ClientIP affinity and
+/// `source_ranges`.
+fn load_balancer_object(source_ranges: &[&str]) -> k8s_openapi::api::core::v1::Service {
+    serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": "web"},
+        "spec": {"type": "LoadBalancer", "clusterIP": "198.19.0.10", "externalIPs": ["198.51.100.1"],
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080, "protocol": "TCP"}],
+            "loadBalancerSourceRanges": source_ranges,
+            "sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 300}}},
+        "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.2"}]}}}))
+    .unwrap()
+}
+
+/// `proxier` after a full sync of [`load_balancer_service`], with the state, the plan and the
+/// ports of the cluster and external listeners.
+fn synced_load_balancer<D: Redirects>(
+    mut proxier: UserspaceProxier<FakeRelay, D>,
+) -> (
+    UserspaceProxier<FakeRelay, D>,
+    ClusterState,
+    FamilyPlan,
+    u16,
+    u16,
+) {
     let mut state = ClusterState::new("node-a");
     let mut plan = FamilyPlan::default();
-    state.apply_service(
-        &serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": "web"},
-            "spec": {"type": "LoadBalancer", "clusterIP": "198.19.0.10", "externalIPs": ["198.51.100.1"],
-                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080, "protocol": "TCP"}],
-                "sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 300}}},
-            "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.2"}]}}}))
-        .unwrap(),
-    );
-    apply(
-        &mut state,
-        web_slice(&[("198.18.1.2", "node-a"), ("198.18.2.2", "node-b")]),
-    );
+    load_balancer_service(&mut state);
     sync(&mut proxier, &mut state, &mut plan, true);
-
     let ports = proxier.ports(IpFamily::V4);
     let (cluster, external) = (ports[&key(Class::Cluster)], ports[&key(Class::External)]);
+    (proxier, state, plan, cluster, external)
+}
+
+/// [`load_balancer_object`] without source ranges, with two endpoints.
+fn load_balancer_service(state: &mut ClusterState) {
+    state.apply_service(&load_balancer_object(&[]));
+    apply(
+        state,
+        web_slice(&[("198.18.1.2", "node-a"), ("198.18.2.2", "node-b")]),
+    );
+}
+
+#[test]
+fn a_node_port_service_gets_upstreams_portal_rules_and_its_listeners() {
+    let (mut proxier, mut state, mut plan, cluster, external) = synced_load_balancer(proxier());
+    let ports = proxier.ports(IpFamily::V4);
     assert_ne!(cluster, external);
     let both = vec![sa("198.18.1.2:8080"), sa("198.18.2.2:8080")];
     assert_eq!(endpoints(&proxier, Class::Cluster), both);
@@ -346,7 +381,7 @@ fn listeners_open_before_rules_and_close_after_and_a_failed_restore_keeps_them()
     // The Service goes, but iptables-restore fails: the rules still point at the listener,
     // so it stays open; the next sync is full and removes both.
     state.delete_service(&kube_proxy_model::NamespacedName::new("ns", "web"));
-    proxier.iptables_mut().fail_next = true;
+    proxier.redirects_mut().restorer.fail_next = true;
     assert!(try_sync(&mut proxier, &mut state, &mut plan, false).is_err());
     assert!(proxier
         .listeners()
@@ -377,7 +412,7 @@ fn a_port_range_is_honoured_and_sctp_is_skipped_with_a_warning() {
             busy: [45000].into(),
             ..Default::default()
         },
-        Iptables::default(),
+        IptablesRedirects::new(Iptables::default()),
     );
     let mut state = ClusterState::new("node-a");
     let mut plan = FamilyPlan::default();
@@ -435,9 +470,9 @@ fn partial_syncs_equal_one_full_sync() {
         if step % 25 == 24 {
             // A full sync of the same proxier rewrites the chains in order; the partial
             // result must hold the same rules.
-            let partial = proxier.iptables().fake.families.clone();
+            let partial = proxier.redirects().restorer.fake.families.clone();
             sync(&mut proxier, &mut state, &mut plan, true);
-            let full = &proxier.iptables().fake.families;
+            let full = &proxier.redirects().restorer.fake.families;
             for (table, chains) in &full[&IpFamily::V4] {
                 for (name, rules) in chains {
                     let mut a = partial[&IpFamily::V4][table]
@@ -531,5 +566,108 @@ fn the_nodes_own_traffic_goes_to_an_address_the_host_holds() {
     assert_eq!(
         chain(&proxier, "nat", "KUBE-PORTALS-HOST"),
         vec![format!("-m comment --comment \"ns/web:http\" -p tcp -m tcp --dport 80 -d 198.19.0.10/32 -j DNAT --to-destination 198.18.1.1:{port}")]
+    );
+}
+
+/// The nftables path: the same redirects as upstream's chains, in our own table, rewritten
+/// whole in one transaction when something changed and not at all when nothing did.
+#[test]
+fn the_nftables_path_writes_the_same_redirects_in_its_own_table() {
+    let (mut proxier, mut state, mut plan, cluster, external) =
+        synced_load_balancer(UserspaceProxier::new(
+            UserspaceConfig::default(),
+            FakeRelay::default(),
+            NftRedirects::new(kube_proxy_nftables::RecordingRunner::default()),
+        ));
+    let t = "add rule ip kube-proxy-userspace";
+    let c = "comment \"ns/web:http\"";
+    let expected = [
+        "add table ip kube-proxy-userspace".to_string(),
+        "flush table ip kube-proxy-userspace".into(),
+        "add chain ip kube-proxy-userspace portals-container { type nat hook prerouting priority -105; }".into(),
+        "add chain ip kube-proxy-userspace portals-host { type nat hook output priority -105; }".into(),
+        "add chain ip kube-proxy-userspace nodeports-container { type nat hook prerouting priority -95; }".into(),
+        "add chain ip kube-proxy-userspace nodeports-host { type nat hook output priority -95; }".into(),
+        format!("{t} portals-container ip daddr 198.19.0.10 tcp dport 80 redirect to :{cluster} {c}"),
+        format!("{t} portals-host ip daddr 198.19.0.10 tcp dport 80 dnat to 192.0.2.10:{cluster} {c}"),
+        // Upstream's physdev rule has no nftables form: it redirects bridged traffic too.
+        format!("{t} portals-container ip daddr 198.51.100.1 tcp dport 80 redirect to :{external} {c}"),
+        format!("{t} portals-container ip daddr 198.51.100.1 fib daddr type local tcp dport 80 redirect to :{external} {c}"),
+        format!("{t} portals-host ip daddr 198.51.100.1 fib daddr type local tcp dport 80 dnat to 192.0.2.10:{external} {c}"),
+        format!("{t} portals-container ip daddr 198.51.100.2 tcp dport 80 redirect to :{external} {c}"),
+        format!("{t} portals-host ip daddr 198.51.100.2 tcp dport 80 dnat to 192.0.2.10:{external} {c}"),
+        format!("{t} nodeports-container tcp dport 30080 redirect to :{external} {c}"),
+        format!("{t} nodeports-host tcp dport 30080 dnat to 192.0.2.10:{external} {c}"),
+    ];
+    let scripts = &proxier.redirects().runner.scripts;
+    assert_eq!(scripts.len(), 1);
+    assert_eq!(scripts[0].lines().collect::<Vec<_>>(), expected);
+
+    // Nothing changed: no transaction. New endpoints: the listeners change, the rules do not.
+    sync(&mut proxier, &mut state, &mut plan, false);
+    apply(&mut state, web_slice(&[("198.18.1.3", "node-a")]));
+    sync(&mut proxier, &mut state, &mut plan, false);
+    assert_eq!(proxier.redirects().runner.scripts.len(), 1);
+    assert_eq!(
+        endpoints(&proxier, Class::Cluster),
+        vec![sa("198.18.1.3:8080")]
+    );
+
+    // Load-balancer source ranges: one rule per range, matching the source.
+    state.apply_service(&load_balancer_object(&[
+        "203.0.113.0/25",
+        "203.0.113.128/26",
+    ]));
+    sync(&mut proxier, &mut state, &mut plan, false);
+    let last = proxier.redirects().runner.scripts.last().unwrap();
+    for range in ["203.0.113.0/25", "203.0.113.128/26"] {
+        assert!(
+            last.contains(&format!("portals-container ip saddr {range} ip daddr 198.51.100.2 tcp dport 80 redirect to :{external}")),
+            "{last}"
+        );
+    }
+    assert!(
+        !last.contains("portals-container ip daddr 198.51.100.2"),
+        "no rule for every source: {last}"
+    );
+
+    // The Service goes: the table is rewritten without its rules, then its listeners close.
+    state.delete_service(&kube_proxy_model::NamespacedName::new("ns", "web"));
+    sync(&mut proxier, &mut state, &mut plan, false);
+    let last = proxier.redirects().runner.scripts.last().unwrap();
+    assert!(!last.contains("add rule"), "{last}");
+    assert!(proxier.listeners().open.is_empty());
+}
+
+/// A comment longer than nft allows (128 bytes) is cut, never rejected.
+#[test]
+fn long_service_names_fit_nfts_comment_limit() {
+    use crate::rules::{Action, Rule, PORTALS_CONTAINER};
+    let rule = Rule {
+        chain: PORTALS_CONTAINER,
+        name: kube_proxy_model::ServicePortName::new(
+            &"n".repeat(63),
+            &"s".repeat(63),
+            &"p".repeat(15),
+            Protocol::Tcp,
+        ),
+        protocol: Protocol::Tcp,
+        dest: Some("2001:db8::10".parse().unwrap()),
+        dport: 80,
+        source: None,
+        not_bridged: false,
+        dst_local: false,
+        action: Action::Dnat("[2001:db8::1]:40000".parse().unwrap()),
+    };
+    let statement = crate::redirect::nft::statement(&rule).unwrap();
+    let comment = statement
+        .split("comment \"")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('"');
+    assert_eq!(comment.len(), 128);
+    assert!(
+        statement.starts_with("portals-container ip6 daddr 2001:db8::10 tcp dport 80 dnat to [2001:db8::1]:40000 comment"),
+        "{statement}"
     );
 }

@@ -89,7 +89,7 @@ impl TestBed {
     ) {
         // explain does not answer for userspace mode (yet).
         if !self.proxy_args.iter().any(|a| a.starts_with("--manifests"))
-            || self.mode == super::Mode::Userspace
+            || self.mode.is_userspace()
             || std::env::var("KP_EXPLAIN_PACKETS").as_deref() == Ok("0")
             || matches!(outcome, Outcome::Other(_))
         {

@@ -72,6 +72,9 @@ pub enum Mode {
     Ipvs,
     /// The proxy relays every connection (redirect rules through iptables-nft).
     Userspace,
+    /// userspace mode with its redirect rules in its nftables table
+    /// (`KUBE_PROXY_USERSPACE_REDIRECT=nftables`, the path of nodes without iptables).
+    UserspaceNft,
 }
 
 impl Mode {
@@ -80,9 +83,13 @@ impl Mode {
         match self {
             Mode::Nftables => "nftables",
             Mode::Ipvs => "ipvs",
-            Mode::Userspace => "userspace",
+            Mode::Userspace | Mode::UserspaceNft => "userspace",
             _ => "iptables",
         }
+    }
+
+    pub fn is_userspace(self) -> bool {
+        matches!(self, Mode::Userspace | Mode::UserspaceNft)
     }
 
     pub fn is_iptables(self) -> bool {
@@ -92,7 +99,7 @@ impl Mode {
     /// The iptables backend (`KUBE_PROXY_IPTABLES_BACKEND`), for iptables mode.
     pub fn backend(self) -> Option<&'static str> {
         match self {
-            Mode::Nftables => None,
+            Mode::Nftables | Mode::UserspaceNft => None,
             Mode::IptablesNft | Mode::Ipvs | Mode::Userspace => Some("nft"),
             Mode::IptablesLegacy => Some("legacy"),
         }
@@ -456,8 +463,15 @@ impl TestBed {
             .mode
             .backend()
             .map(|b| ("KUBE_PROXY_IPTABLES_BACKEND".to_string(), b.to_string()));
+        let redirect = (self.mode == Mode::UserspaceNft).then(|| {
+            (
+                "KUBE_PROXY_USERSPACE_REDIRECT".to_string(),
+                "nftables".to_string(),
+            )
+        });
         let env: Vec<(String, String)> = backend
             .into_iter()
+            .chain(redirect)
             .chain(self.proxy_env.iter().cloned())
             .collect();
         let mut command = match &self.image {
@@ -561,6 +575,7 @@ impl TestBed {
         let save = self.mode.save_tool(family);
         let args: Vec<&str> = match self.mode {
             Mode::Nftables => vec!["nft", "list", "table", family, "kube-proxy"],
+            Mode::UserspaceNft => vec!["nft", "list", "table", family, "kube-proxy-userspace"],
             // The family's virtual servers, then the iptables rules.
             Mode::Ipvs => {
                 let v6 = family == "ip6";
