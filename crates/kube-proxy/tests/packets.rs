@@ -129,6 +129,7 @@ macro_rules! userspace_cases {
             load_balancer_source_ranges,
             udp_clients_move_to_a_live_endpoint,
             health_check_node_ports,
+            api_server_outage_keeps_traffic_and_recovers,
             userspace_retries_transfers_udp_timeouts_and_listener_lifecycle,
         );
     };
@@ -1077,18 +1078,13 @@ fn api_server_outage_keeps_traffic_and_recovers(mode: Mode) {
     let listener = bind_in_node(&bed, 0);
     let port = listener.local_addr().unwrap().port();
     let server = fakeapi::serve_stoppable(fake.clone(), listener);
-    let proxy_mode = if mode == Mode::Nftables {
-        "nftables"
-    } else {
-        "iptables"
-    };
     let kubeconfig = start_with_kubeconfig(
         &mut bed,
         &server.url,
         &[
             "--hostname-override=node-a",
             "--proxy-mode",
-            proxy_mode,
+            mode.proxy_mode(),
             "--cluster-cidr=198.18.0.0/16",
             "--healthz-bind-address=0.0.0.0:10256",
             "--metrics-bind-address=",
@@ -1148,10 +1144,10 @@ fn api_server_outage_keeps_traffic_and_recovers(mode: Mode) {
     let listener = bind_in_node(&bed, port);
     let up = std::time::Instant::now();
     let _server = fakeapi::serve_stoppable(fake.clone(), listener);
-    let late_text = if mode.is_iptables() {
-        "-d 198.19.0.122/32"
-    } else {
-        "198.19.0.122 . tcp . 80"
+    let late_text = match mode {
+        Mode::Nftables => "198.19.0.122 . tcp . 80",
+        Mode::UserspaceNft => "ip daddr 198.19.0.122 ",
+        _ => "-d 198.19.0.122/32",
     };
     let mut in_kernel = None;
     while up.elapsed() < Duration::from_secs(30) {
