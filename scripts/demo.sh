@@ -5,7 +5,9 @@
 # `./scripts/demo.sh iptables` runs it in iptables mode (upstream's default) instead, and
 # `./scripts/demo.sh ipvs` in ipvs mode, which needs a kernel with IP_VS (this project's
 # machines have none: run it in the test VM, see docs/ipvs.md; KP_DEMO_BIN=path skips the build),
-# and `./scripts/demo.sh userspace` in userspace mode (the proxy relays every connection).
+# and `./scripts/demo.sh userspace` in userspace mode (the proxy relays every connection;
+# KUBE_PROXY_USERSPACE_REDIRECT=nftables for its nftables redirect path, as on a node without
+# iptables).
 #
 # As root it installs what it needs (nftables, iproute2) when missing. Without root it
 # cannot create namespaces, so it prints the nftables ruleset the proxy would program
@@ -99,6 +101,8 @@ programmed() {
     ip netns exec $NODE ipvsadm --save -n 2>/dev/null | grep -q -- "-a -t 198.19.0.10:80 -r 198.18.2.7"
   elif [ "$MODE" = iptables ]; then
     ip netns exec $NODE iptables-save -t nat 2>/dev/null | grep -q "DNAT --to-destination 198.18.2.7"
+  elif [ "$MODE" = userspace ] && [ "${KUBE_PROXY_USERSPACE_REDIRECT:-}" = nftables ]; then
+    ip netns exec $NODE nft list table ip kube-proxy-userspace 2>/dev/null | grep -q "ip daddr 198.19.0.10 tcp dport 80 redirect"
   elif [ "$MODE" = userspace ]; then
     ip netns exec $NODE iptables-save -t nat 2>/dev/null | grep -q -- "-d 198.19.0.10/32 .*-j REDIRECT"
   else
@@ -121,7 +125,11 @@ if [ "$MODE" = ipvs ]; then
 elif [ "$MODE" = iptables ]; then
   ip netns exec $NODE iptables-save -t nat | grep -E "demo/web" | head -8 | sed 's/^/    /'
 elif [ "$MODE" = userspace ]; then
-  ip netns exec $NODE iptables-save -t nat | grep -E "KUBE-PORTALS|KUBE-NODEPORT" | grep -E "demo/web|-j KUBE" | head -8 | sed 's/^/    /'
+  if [ "${KUBE_PROXY_USERSPACE_REDIRECT:-}" = nftables ]; then
+    ip netns exec $NODE nft list table ip kube-proxy-userspace | grep -E "chain|demo/web" | head -8 | sed 's/^/    /'
+  else
+    ip netns exec $NODE iptables-save -t nat | grep -E "KUBE-PORTALS|KUBE-NODEPORT" | grep -E "demo/web|-j KUBE" | head -8 | sed 's/^/    /'
+  fi
   echo "    listening (the proxy's own sockets):"
   ip netns exec $NODE ss -Htlnp | grep kube-proxy | sed 's/^/      /' | head -6
 else

@@ -548,7 +548,23 @@ fn userspace_dataplane(
     let (backend, backend_why) = crate::kernel::iptables_backend::select(
         crate::kernel::iptables_backend::from_env().map_err(anyhow::Error::msg)?,
     );
-    let iptables = || crate::kernel::iptables_runner::check_iptables(backend);
+    // iptables "works" when its tool runs and reads the nat table (a kernel without the
+    // backend's iptables support fails there, not at `--version`).
+    let iptables = || {
+        let version = crate::kernel::iptables_runner::check_iptables(backend)?;
+        let save = backend.tool("iptables", "save");
+        match std::process::Command::new(&save)
+            .args(["-t", "nat"])
+            .output()
+        {
+            Ok(out) if out.status.success() => Ok(version),
+            Ok(out) => Err(format!(
+                "{save} -t nat failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => Err(format!("cannot run {save}: {e}")),
+        }
+    };
     let (path, tool, why) = match requested {
         Some(Path::Iptables) => (Path::Iptables, iptables().map_err(anyhow::Error::msg)?, format!("{PATH_ENV}=iptables; backend {}: {backend_why}", backend.as_str())),
         Some(Path::Nftables) => (
