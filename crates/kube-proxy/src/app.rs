@@ -611,6 +611,7 @@ fn userspace_dataplane(
     let config = kube_proxy_userspace::proxier::UserspaceConfig {
         listen_ip: settings.bind_address,
         port_range: settings.userspace.port_range,
+        verify_interval: settings.sync_period,
     };
     use kube_proxy_userspace::proxier::UserspaceProxier;
     let dataplane: Box<dyn Dataplane> = match path {
@@ -624,7 +625,10 @@ fn userspace_dataplane(
         Path::Nftables => Box::new(UserspaceProxier::new(
             config,
             relay,
-            NftRedirects::new(crate::kernel::nft_runner::NftCommand::text_only()),
+            NftRedirects::new(
+                crate::kernel::nft_runner::NftCommand::text_only(),
+                Box::new(list_userspace_table),
+            ),
         )),
     };
     Ok(Built {
@@ -632,6 +636,21 @@ fn userspace_dataplane(
         relay_stats: Some(stats),
         redirect_path: Some(path),
     })
+}
+
+/// `nft list table` of userspace mode's table; `None` when it does not exist.
+fn list_userspace_table(family: IpFamily) -> Result<Option<String>, String> {
+    use kube_proxy_userspace::redirect::nft::{family_name, TABLE};
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", family_name(family), TABLE])
+        .output()
+        .map_err(|e| format!("cannot run nft: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.success() {
+        true => Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned())),
+        false if stderr.contains("No such file or directory") => Ok(None),
+        false => Err(format!("nft list table: {}", stderr.trim())),
+    }
 }
 
 /// The kernel modes' dataplanes (or, with --dry-run, their printers).

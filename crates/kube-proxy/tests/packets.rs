@@ -131,6 +131,7 @@ macro_rules! userspace_cases {
             health_check_node_ports,
             api_server_outage_keeps_traffic_and_recovers,
             userspace_retries_transfers_udp_timeouts_and_listener_lifecycle,
+            userspace_foreign_edits_are_found_and_repaired,
         );
     };
 }
@@ -3230,4 +3231,48 @@ fn userspace_redirect_paths_and_mode_switches(mode: Mode) {
         "{stderr}"
     );
     assert!(!userspace_table(&bed) && !portals(&bed));
+}
+
+/// Someone else's edits of userspace mode's redirects, on either path: a flushed portals
+/// chain, then the jump to it (iptables) or the whole table (nftables) deleted. Each is found
+/// by the next sync after the sync period, logged and repaired; the Service answers again.
+fn userspace_foreign_edits_are_found_and_repaired(mode: Mode) {
+    if !testbed::available() {
+        return;
+    }
+    let mut bed = TestBed::new("usedit");
+    bed.mode = mode;
+    let spec = format!("  clusterIP: 198.19.0.141\n{PORTS}");
+    bed.write_manifest("rep", &service("rep", &spec, &["a1", "b1"]));
+    bed.start_proxy(&["--iptables-sync-period=2s"]);
+    let vip = sock("198.19.0.141", 80);
+    let both = pods(&["a1", "b1"]);
+    assert_eq!(bed.tcp_spread("a2", vip, 20).0, both);
+    let iptables = mode.save_tool("ip").replace("-save", "");
+    let edits: [&[&str]; 2] = if mode == Mode::UserspaceNft {
+        [
+            &[
+                "nft",
+                "flush chain ip kube-proxy-userspace portals-container",
+            ],
+            &["nft", "delete table ip kube-proxy-userspace"],
+        ]
+    } else {
+        [
+            &[&iptables, "-t", "nat", "-F", "KUBE-PORTALS-CONTAINER"],
+            &[&iptables, "-t", "nat", "-F", "PREROUTING"],
+        ]
+    };
+    for (i, edit) in edits.iter().enumerate() {
+        bed.ip_netns_exec_checked("node", edit)
+            .unwrap_or_else(|e| panic!("{edit:?}: {e}"));
+        let edited = std::time::Instant::now();
+        bed.eventually(&format!("the edit {edit:?} repaired"), || {
+            bed.proxy_log().matches("someone else").count() > i
+        });
+        bed.eventually("the Service answers again", || {
+            bed.tcp_spread("a2", vip, 20).0 == both
+        });
+        println!("{mode:?}: {edit:?} repaired after {:?}", edited.elapsed());
+    }
 }

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use kube_proxy_model::dataplane::{
     Dataplane, NodeView, SyncError, SyncInput, SyncReport, TableRules,
@@ -22,12 +23,25 @@ use crate::redirect::{Change, Redirects};
 use crate::relay::ListenerControl;
 use crate::rules::{self, table_of, Addressing, Redirect, Rule};
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct UserspaceConfig {
     /// `bindAddress` when it is one address: listeners bind it and rules DNAT to it.
     pub listen_ip: Option<IpAddr>,
     /// `portRange`.
     pub port_range: Option<(u16, u16)>,
+    /// How often a sync first checks that the kernel still holds the rules it wrote (the
+    /// sync period: upstream's userspace proxier ensured its chains at every sync).
+    pub verify_interval: Duration,
+}
+
+impl Default for UserspaceConfig {
+    fn default() -> Self {
+        UserspaceConfig {
+            listen_ip: None,
+            port_range: None,
+            verify_interval: Duration::from_secs(30),
+        }
+    }
 }
 
 /// One listener as applied: what it serves, its port and its rules.
@@ -43,6 +57,8 @@ struct FamilyState {
     node_ports: BTreeSet<(Protocol, u16)>,
     /// The kernel holds exactly the applied rules (false: unknown, the next sync is full).
     in_sync: bool,
+    /// When the kernel was last found holding the applied rules.
+    verified: Option<Instant>,
     warned: BTreeSet<ServicePortName>,
 }
 
@@ -191,9 +207,32 @@ impl<L: ListenerControl, D: Redirects> Dataplane for UserspaceProxier<L, D> {
             applied: BTreeMap::new(),
             node_ports: BTreeSet::new(),
             in_sync: false,
+            verified: None,
             warned: BTreeSet::new(),
         });
-        let full = input.full || !state.in_sync;
+        let mut full = input.full || !state.in_sync;
+        // Someone else's edit (a flushed chain, a deleted table) is found here and repaired
+        // by this sync writing everything.
+        let due = state
+            .verified
+            .is_none_or(|at| at.elapsed() >= self.config.verify_interval);
+        if !full && due {
+            let applied: Vec<&Rule> = state.applied.values().flat_map(|a| &a.rules).collect();
+            match self.redirects.verify(family, &applied) {
+                Ok(None) => state.verified = Some(Instant::now()),
+                Ok(Some(drift)) => {
+                    self.warnings
+                        .push(format!("{drift}; rewriting the redirect rules"));
+                    full = true;
+                }
+                Err(e) => {
+                    self.warnings.push(format!(
+                        "cannot read the {family} redirect rules back ({e}); rewriting them"
+                    ));
+                    full = true;
+                }
+            }
+        }
         let want = desired::listeners(input.plan);
         for (name, why) in &want.skipped {
             if state.warned.insert(name.clone()) {
@@ -277,6 +316,9 @@ impl<L: ListenerControl, D: Redirects> Dataplane for UserspaceProxier<L, D> {
             }
         };
         state.in_sync = true;
+        if full {
+            state.verified = Some(Instant::now());
+        }
         for (key, rules) in new_rules {
             if let Some(applied) = state.applied.get_mut(&key) {
                 applied.rules = rules;

@@ -577,7 +577,11 @@ fn the_nftables_path_writes_the_same_redirects_in_its_own_table() {
         synced_load_balancer(UserspaceProxier::new(
             UserspaceConfig::default(),
             FakeRelay::default(),
-            NftRedirects::new(kube_proxy_nftables::RecordingRunner::default()),
+            NftRedirects::new(
+                kube_proxy_nftables::RecordingRunner::default(),
+                // Read back only after the verify interval (30 s): never in this test.
+                Box::new(|_| Err("not read in this test".into())),
+            ),
         ));
     let t = "add rule ip kube-proxy-userspace";
     let c = "comment \"ns/web:http\"";
@@ -670,4 +674,120 @@ fn long_service_names_fit_nfts_comment_limit() {
         statement.starts_with("portals-container ip6 daddr 2001:db8::10 tcp dport 80 dnat to [2001:db8::1]:40000 comment"),
         "{statement}"
     );
+}
+
+/// Someone flushes a chain or deletes a jump: the next sync after the verify interval finds
+/// it, says so and writes everything again.
+#[test]
+fn foreign_edits_of_the_iptables_chains_are_found_and_repaired() {
+    let (mut proxier, mut state, mut plan, _, _) = synced_load_balancer(UserspaceProxier::new(
+        UserspaceConfig {
+            verify_interval: std::time::Duration::ZERO,
+            ..Default::default()
+        },
+        FakeRelay::default(),
+        IptablesRedirects::new(Iptables::default()),
+    ));
+    let before = chain(&proxier, "nat", "KUBE-PORTALS-CONTAINER");
+    assert_eq!(before.len(), 4);
+    // Untouched: nothing to say, nothing written.
+    let report = try_sync(&mut proxier, &mut state, &mut plan, false).unwrap();
+    assert!(!report.full && proxier.take_warnings().is_empty());
+
+    for edit in ["flush", "jump"] {
+        let nat = proxier
+            .redirects_mut()
+            .restorer
+            .fake
+            .families
+            .get_mut(&IpFamily::V4)
+            .unwrap()
+            .get_mut("nat")
+            .unwrap();
+        match edit {
+            "flush" => nat.get_mut("KUBE-PORTALS-CONTAINER").unwrap().clear(),
+            _ => nat
+                .get_mut("PREROUTING")
+                .unwrap()
+                .retain(|r| !r.contains("KUBE-PORTALS-CONTAINER")),
+        }
+        let report = try_sync(&mut proxier, &mut state, &mut plan, false).unwrap();
+        assert!(report.full, "{edit}");
+        let warnings = proxier.take_warnings();
+        assert!(
+            warnings.len() == 1 && warnings[0].contains("someone else changed it"),
+            "{edit}: {warnings:?}"
+        );
+        assert_eq!(chain(&proxier, "nat", "KUBE-PORTALS-CONTAINER"), before);
+        assert!(chain(&proxier, "nat", "PREROUTING")
+            .iter()
+            .any(|r| r.ends_with("-j KUBE-PORTALS-CONTAINER")));
+    }
+}
+
+/// The nftables path reads its table back: a missing rule, chain or table is found.
+#[test]
+fn foreign_edits_of_the_nftables_table_are_found() {
+    let listing = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let read = listing.clone();
+    let (mut proxier, mut state, mut plan, cluster, _) =
+        synced_load_balancer(UserspaceProxier::new(
+            UserspaceConfig {
+                verify_interval: std::time::Duration::ZERO,
+                ..Default::default()
+            },
+            FakeRelay::default(),
+            NftRedirects::new(
+                kube_proxy_nftables::RecordingRunner::default(),
+                Box::new(move |_| Ok(read.lock().unwrap().clone())),
+            ),
+        ));
+    // What nft lists for the table as written (rules in the order of the transaction).
+    let script = proxier.redirects().runner.scripts[0].clone();
+    let mut text = String::from("table ip kube-proxy-userspace {\n");
+    for chain in [
+        "portals-container",
+        "portals-host",
+        "nodeports-container",
+        "nodeports-host",
+    ] {
+        text.push_str(&format!("\tchain {chain} {{\n\t\ttype nat hook prerouting priority dstnat - 5; policy accept;\n"));
+        let prefix = format!("add rule ip kube-proxy-userspace {chain} ");
+        for rule in script.lines().filter_map(|l| l.strip_prefix(&prefix)) {
+            text.push_str(&format!("\t\t{rule}\n"));
+        }
+        text.push_str("\t}\n");
+    }
+    text.push_str("}\n");
+    assert_eq!(
+        crate::redirect::nft::listed_rules(&text),
+        vec![
+            ("portals-container".to_string(), 4),
+            ("portals-host".to_string(), 3),
+            ("nodeports-container".to_string(), 1),
+            ("nodeports-host".to_string(), 1),
+        ]
+    );
+    *listing.lock().unwrap() = Some(text.clone());
+    let report = try_sync(&mut proxier, &mut state, &mut plan, false).unwrap();
+    assert!(!report.full && proxier.take_warnings().is_empty());
+
+    let without_one = text.replace(
+        &format!("\t\tip daddr 198.19.0.10 tcp dport 80 redirect to :{cluster} comment \"ns/web:http\"\n"),
+        "",
+    );
+    assert_ne!(without_one, text);
+    for (edit, listed, says) in [
+        ("a rule deleted", Some(without_one), "portals-container"),
+        ("the table deleted", None, "is gone"),
+    ] {
+        *listing.lock().unwrap() = listed;
+        let report = try_sync(&mut proxier, &mut state, &mut plan, false).unwrap();
+        assert!(report.full, "{edit}");
+        let warnings = proxier.take_warnings();
+        assert!(
+            warnings.len() == 1 && warnings[0].contains(says),
+            "{edit}: {warnings:?}"
+        );
+    }
 }

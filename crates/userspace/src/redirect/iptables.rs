@@ -10,7 +10,7 @@ use kube_proxy_iptables::proxier::{saved_jump, Restorer};
 use kube_proxy_model::IpFamily;
 
 use super::{Change, Redirects, Written};
-use crate::rules::{restore_input, table_of};
+use crate::rules::{restore_input, table_of, Rule, CHAINS, JUMPS};
 
 pub struct IptablesRedirects<R: Restorer> {
     pub restorer: R,
@@ -74,5 +74,34 @@ impl<R: Restorer> Redirects for IptablesRedirects<R> {
             rules: written,
             transactions: 1,
         })
+    }
+
+    /// Each of our chains holds as many rules as we wrote, and every jump to them is there.
+    fn verify(&mut self, family: IpFamily, applied: &[&Rule]) -> Result<Option<String>, String> {
+        for (table, chain) in CHAINS {
+            let want = applied.iter().filter(|r| r.chain == chain).count();
+            let found = self
+                .restorer
+                .chain_rules(family, table, chain)
+                .map_err(|e| format!("reading {chain}: {e}"))?;
+            if found != Some(want) {
+                return Ok(Some(format!(
+                    "{chain} in the {family} {table} table holds {} rules instead of {want}: someone else changed it",
+                    found.map_or("no chain and no".to_string(), |n| n.to_string())
+                )));
+            }
+        }
+        let saved = self
+            .restorer
+            .save(family)
+            .map_err(|e| format!("iptables-save: {e}"))?;
+        for (table, from, to, _, _) in JUMPS {
+            if !saved_jump(&saved, table, from, to) {
+                return Ok(Some(format!(
+                    "the jump from {from} to {to} in the {family} {table} table is gone: someone else changed it"
+                )));
+            }
+        }
+        Ok(None)
     }
 }

@@ -33,6 +33,9 @@ pub trait Redirects: Send {
     /// Makes the kernel hold the rules `change` describes, atomically: on error nothing
     /// changed.
     fn apply(&mut self, family: IpFamily, change: &Change<'_>) -> Result<Written, String>;
+    /// Whether the kernel still holds `applied` (what the last apply left): `Ok(None)` when
+    /// it does, else what someone else changed (the next apply then writes everything).
+    fn verify(&mut self, family: IpFamily, applied: &[&Rule]) -> Result<Option<String>, String>;
 }
 
 /// What one apply wrote.

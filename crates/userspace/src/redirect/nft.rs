@@ -117,15 +117,38 @@ pub fn script(family: IpFamily, rules: &[&Rule]) -> (String, usize) {
     (text, written)
 }
 
-/// The nftables path over a [`Runner`] (`nft -f -` in the binary).
+/// Reads our table of a family back (`nft list table`); `Ok(None)` when it does not exist.
+pub type ListTable = Box<dyn FnMut(IpFamily) -> Result<Option<String>, String> + Send>;
+
+/// The nftables path over a [`Runner`] (`nft -f -` in the binary), reading its table back
+/// with `list` to find what someone else changed.
 pub struct NftRedirects<N: Runner> {
     pub runner: N,
+    list: ListTable,
 }
 
 impl<N: Runner> NftRedirects<N> {
-    pub fn new(runner: N) -> Self {
-        NftRedirects { runner }
+    pub fn new(runner: N, list: ListTable) -> Self {
+        NftRedirects { runner, list }
     }
+}
+
+/// The rules of each chain in an `nft list table` text: (chain, rules).
+pub fn listed_rules(listing: &str) -> Vec<(String, usize)> {
+    let mut chains: Vec<(String, usize)> = Vec::new();
+    for line in listing.lines().map(str::trim) {
+        if let Some(name) = line
+            .strip_prefix("chain ")
+            .and_then(|rest| rest.strip_suffix(" {"))
+        {
+            chains.push((name.to_string(), 0));
+        } else if line.is_empty() || line == "}" || line.starts_with("type ") {
+            continue;
+        } else if let Some((_, rules)) = chains.last_mut() {
+            *rules += 1;
+        }
+    }
+    chains
 }
 
 impl<N: Runner> Redirects for NftRedirects<N> {
@@ -145,5 +168,30 @@ impl<N: Runner> Redirects for NftRedirects<N> {
             rules,
             transactions: 1,
         })
+    }
+
+    /// Our table exists with its four chains, each holding as many rules as we wrote.
+    fn verify(&mut self, family: IpFamily, applied: &[&Rule]) -> Result<Option<String>, String> {
+        let name = family_name(family);
+        let Some(listing) = (self.list)(family)? else {
+            return Ok(Some(format!(
+                "table {name} {TABLE} is gone: someone else deleted it"
+            )));
+        };
+        let listed = listed_rules(&listing);
+        for (upstream, chain, _, _) in CHAINS {
+            let want = applied
+                .iter()
+                .filter(|r| r.chain == upstream && statement(r).is_some())
+                .count();
+            let found = listed.iter().find(|(c, _)| c == chain).map(|(_, n)| *n);
+            if found != Some(want) {
+                return Ok(Some(format!(
+                    "chain {chain} of table {name} {TABLE} holds {} rules instead of {want}: someone else changed it",
+                    found.map_or("no chain and no".to_string(), |n| n.to_string())
+                )));
+            }
+        }
+        Ok(None)
     }
 }
