@@ -111,6 +111,9 @@ impl FrontendKind {
 pub enum Verdict {
     /// DNAT to one of `endpoints`.
     Dnat,
+    /// Redirected to the proxy's own listener, which connects to one of `endpoints`
+    /// (userspace mode).
+    Relay,
     /// Dropped silently (the client times out).
     Drop,
     /// Refused: ICMP port unreachable (TCP clients see "connection refused").
@@ -134,6 +137,12 @@ pub struct ModeRules {
     /// their traffic policy alone; without a detector the node's own ClusterIP connections,
     /// which leave from the ClusterIP on kube-ipvs0).
     pub ipvs: bool,
+    /// userspace mode: a listener per service port and class of frontend relays to the
+    /// plan's endpoints for that class (external frontends: those for outside clients, for
+    /// every client), endpoints see the node, a listener without endpoints refuses, sources
+    /// outside `loadBalancerSourceRanges` are not redirected, NodePorts are every local
+    /// address's, SCTP is not relayed.
+    pub userspace: bool,
 }
 
 /// One endpoint the packet may be sent to.
@@ -310,10 +319,19 @@ fn find_frontend<'a>(
     ctx: &FamilyContext,
     local_addresses: &[IpAddr],
     packet: &Packet,
+    userspace: bool,
 ) -> Option<(&'a ServicePortPlan, Frontend, FrontendKind, Vec<String>)> {
     let address = Frontend::Address(packet.to, packet.protocol, packet.port);
     let node_port = Frontend::NodePort(packet.protocol, packet.port);
-    let node_port_destination = is_node_port_destination(ctx, local_addresses, packet.to);
+    // userspace mode's NodePort rules match every local destination (`--dst-type LOCAL`).
+    let node_port_destination = match userspace {
+        true => {
+            packet.to.is_loopback()
+                || local_addresses.contains(&packet.to)
+                || ctx.node_ips.contains(&packet.to)
+        }
+        false => is_node_port_destination(ctx, local_addresses, packet.to),
+    };
     let mut found = None;
     let mut others = Vec::new();
     for plan in plan.services.values() {
@@ -373,7 +391,7 @@ pub fn explain(
         reply_lost: false,
     };
     let Some((port_plan, frontend, kind, others)) =
-        find_frontend(plan, ctx, local_addresses, packet)
+        find_frontend(plan, ctx, local_addresses, packet, unmatched.userspace)
     else {
         explain_unmatched(plan, ctx, packet, unmatched, &mut out);
         return out;
@@ -383,6 +401,10 @@ pub fn explain(
     out.frontend = Some(frontend);
     out.frontend_kind = Some(kind);
     out.also_claimed_by = others;
+    if unmatched.userspace {
+        explain_userspace(port_plan, kind, packet, &mut out);
+        return out;
+    }
 
     // loadBalancerSourceRanges filter new connections to load-balancer IPs before any NAT.
     if kind == FrontendKind::LoadBalancerIp && !port.load_balancer_source_ranges.is_empty() {
@@ -436,17 +458,7 @@ pub fn explain(
                 },
                 if endpoints.len() == 1 { "" } else { "s" }
             );
-            let percent = 100.0 / endpoints.len() as f64;
-            out.endpoints = endpoints
-                .iter()
-                .map(|ep| ChosenEndpoint {
-                    address: std::net::SocketAddr::new(ep.ip, ep.port).to_string(),
-                    percent: format!("{percent:.2}"),
-                    node: ep.node_name.as_ref().map(|n| n.to_string()),
-                    local: ep.is_local,
-                    terminating: ep.terminating,
-                })
-                .collect();
+            out.endpoints = chosen(endpoints);
             out.affinity_timeout_seconds = port.session_affinity_timeout;
             let decided = match unmatched.ipvs {
                 true => ipvs_masquerade(ctx, plan, port_plan, kind, origin, packet),
@@ -478,6 +490,92 @@ pub fn explain(
         }
     }
     out
+}
+
+/// `endpoints`, each as likely as the others for a new connection.
+fn chosen(endpoints: &[std::sync::Arc<crate::endpoints::Endpoint>]) -> Vec<ChosenEndpoint> {
+    let percent = 100.0 / endpoints.len() as f64;
+    endpoints
+        .iter()
+        .map(|ep| ChosenEndpoint {
+            address: std::net::SocketAddr::new(ep.ip, ep.port).to_string(),
+            percent: format!("{percent:.2}"),
+            node: ep.node_name.as_ref().map(|n| n.to_string()),
+            local: ep.is_local,
+            terminating: ep.terminating,
+        })
+        .collect()
+}
+
+/// userspace mode's answer for a packet that hit `kind` of `port_plan` (see
+/// [`ModeRules::userspace`]).
+fn explain_userspace(
+    port_plan: &ServicePortPlan,
+    kind: FrontendKind,
+    packet: &Packet,
+    out: &mut Explanation,
+) {
+    let port = &port_plan.port;
+    if port.protocol == Protocol::Sctp {
+        out.verdict = Verdict::NotHandled;
+        out.reason = "SCTP is not relayed in userspace mode (upstream's never was)".into();
+        return;
+    }
+    let ranges = &port.load_balancer_source_ranges;
+    if kind == FrontendKind::LoadBalancerIp
+        && !ranges.is_empty()
+        && !ranges.iter().any(|r| r.contains(&packet.from))
+    {
+        out.verdict = Verdict::NotHandled;
+        out.reason = format!(
+            "{} is outside loadBalancerSourceRanges ({}): not redirected to the relay, routed like any other packet",
+            packet.from,
+            join(ranges.iter().map(IpNet::to_string))
+        );
+        return;
+    }
+    let (target, why) = match (kind, &port_plan.external) {
+        (FrontendKind::ClusterIp, _) | (_, None) => (
+            port_plan.internal,
+            if port.internal_policy_local {
+                "the ClusterIP listener, internalTrafficPolicy: Local"
+            } else {
+                "the ClusterIP listener, internalTrafficPolicy: Cluster"
+            },
+        ),
+        (_, Some(ext)) => (
+            ext.from_outside,
+            if ext.policy_local {
+                "the listener of external frontends (every client alike), externalTrafficPolicy: Local"
+            } else {
+                "the listener of external frontends, externalTrafficPolicy: Cluster"
+            },
+        ),
+    };
+    let Target::Endpoints(set) = target else {
+        out.verdict = Verdict::Reject;
+        out.reason = match target {
+            Target::Drop => format!(
+                "{why}: this node has no local endpoint, so the listener has nothing to relay to and refuses"
+            ),
+            _ => format!("{why}: the Service has no usable endpoint, so the listener refuses"),
+        };
+        return;
+    };
+    let endpoints = port_plan.endpoints_for(target);
+    out.verdict = Verdict::Relay;
+    out.endpoint_set = Some(set);
+    out.reason = format!(
+        "{why}: redirected to the proxy, which relays to one of {} endpoint{} in turn (round robin; a failed connect moves on to the next)",
+        endpoints.len(),
+        if endpoints.len() == 1 { "" } else { "s" }
+    );
+    out.endpoints = chosen(endpoints);
+    out.affinity_timeout_seconds = port.session_affinity_timeout;
+    out.masquerade = Some(Masquerade {
+        masquerade: true,
+        reason: "the proxy connects to the endpoint itself: the endpoint sees this node's address, never the client's".into(),
+    });
 }
 
 /// ipvs mode's masquerade decision (upstream's ipset rules in `KUBE-SERVICES`,

@@ -100,34 +100,31 @@ impl<L: ListenerControl, D: Redirects> UserspaceProxier<L, D> {
             .map(|s| s.applied.iter().map(|(k, a)| (k.clone(), a.port)).collect())
             .unwrap_or_default()
     }
+}
 
-    /// Where the node's own traffic is DNATed: a node IP the host holds, else (a node
-    /// whose InternalIP is not on an interface, as behind some NATs) the host's first
-    /// address of the family that is not loopback or link-local, as upstream's
-    /// `ChooseHostInterface`; else the node IP.
-    fn addressing(&self, family: IpFamily, node: &NodeView) -> Addressing {
-        let listen_ip = self
-            .config
-            .listen_ip
-            .filter(|ip| IpFamily::of(ip) == family);
-        let of_family = |ip: &&IpAddr| IpFamily::of(ip) == family;
-        let usable = |ip: &&IpAddr| {
-            !ip.is_loopback()
-                && match ip {
-                    IpAddr::V4(v4) => !v4.is_link_local(),
-                    IpAddr::V6(v6) => !v6.is_unicast_link_local(),
-                }
-        };
-        let host_ip = node
-            .node_ips
-            .iter()
-            .filter(of_family)
-            .find(|ip| node.local_addresses.contains(ip))
-            .or_else(|| node.local_addresses.iter().filter(of_family).find(usable))
-            .or_else(|| node.node_ips.iter().find(of_family))
-            .copied();
-        Addressing { listen_ip, host_ip }
-    }
+/// Where the node's own traffic is DNATed: a node IP the host holds, else (a node
+/// whose InternalIP is not on an interface, as behind some NATs) the host's first
+/// address of the family that is not loopback or link-local, as upstream's
+/// `ChooseHostInterface`; else the node IP.
+pub fn addressing(listen_ip: Option<IpAddr>, family: IpFamily, node: &NodeView) -> Addressing {
+    let listen_ip = listen_ip.filter(|ip| IpFamily::of(ip) == family);
+    let of_family = |ip: &&IpAddr| IpFamily::of(ip) == family;
+    let usable = |ip: &&IpAddr| {
+        !ip.is_loopback()
+            && match ip {
+                IpAddr::V4(v4) => !v4.is_link_local(),
+                IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+            }
+    };
+    let host_ip = node
+        .node_ips
+        .iter()
+        .filter(of_family)
+        .find(|ip| node.local_addresses.contains(ip))
+        .or_else(|| node.local_addresses.iter().filter(of_family).find(usable))
+        .or_else(|| node.node_ips.iter().find(of_family))
+        .copied();
+    Addressing { listen_ip, host_ip }
 }
 
 /// Opens, updates and replaces listeners so that `state` serves `want`; returns the keys no
@@ -200,7 +197,7 @@ impl<L: ListenerControl, D: Redirects> Dataplane for UserspaceProxier<L, D> {
 
     fn sync(&mut self, input: SyncInput<'_>) -> Result<SyncReport, SyncError> {
         let family = input.family;
-        let addressing = self.addressing(family, input.node);
+        let addressing = addressing(self.config.listen_ip, family, input.node);
         let range = self.config.port_range;
         let state = self.families.entry(family).or_insert_with(|| FamilyState {
             ports: PortAllocator::new(range),

@@ -138,6 +138,16 @@ impl Rule {
     /// The rule as upstream wrote it: the rest of its `-A <chain>` line
     /// (`iptablesCommonPortalArgs` and the target).
     pub fn iptables(&self) -> String {
+        self.iptables_text(None)
+    }
+
+    /// [`Rule::iptables`] with `<listener port>` where the listener's port goes (for
+    /// `explain`, which runs apart from the proxy: ports are chosen at run time).
+    pub fn iptables_without_port(&self) -> String {
+        self.iptables_text(Some("<listener port>"))
+    }
+
+    fn iptables_text(&self, listener: Option<&str>) -> String {
         let protocol = self.protocol.lower();
         let mut args = format!(
             "-m comment --comment \"{}\" -p {protocol} -m {protocol} --dport {}",
@@ -155,12 +165,26 @@ impl Rule {
         if let Some(range) = self.source {
             let _ = write!(args, " -s {range}");
         }
+        let port = |port: u16| listener.map_or_else(|| port.to_string(), str::to_string);
         match self.action {
-            Action::Redirect(port) => {
-                let _ = write!(args, " -j REDIRECT --to-ports {port}");
+            Action::Redirect(to) => {
+                let _ = write!(args, " -j REDIRECT --to-ports {}", port(to));
             }
-            Action::Dnat(to) => {
-                let _ = write!(args, " -j DNAT --to-destination {to}");
+            Action::Dnat(SocketAddr::V4(to)) => {
+                let _ = write!(
+                    args,
+                    " -j DNAT --to-destination {}:{}",
+                    to.ip(),
+                    port(to.port())
+                );
+            }
+            Action::Dnat(SocketAddr::V6(to)) => {
+                let _ = write!(
+                    args,
+                    " -j DNAT --to-destination [{}]:{}",
+                    to.ip(),
+                    port(to.port())
+                );
             }
             Action::AcceptNew => args.push_str(" -m state --state NEW -j ACCEPT"),
         }

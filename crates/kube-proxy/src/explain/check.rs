@@ -50,6 +50,8 @@ pub fn check(objects: &Objects, ip: &str, iptables: &str) -> Vec<Checked> {
                 .collect()
         }
         Objects::Ipvs(objects) => check_ipvs(objects),
+        // The listener's port is chosen at run time: nothing to ask the kernel for by name.
+        Objects::Userspace(_) => Vec::new(),
         Objects::Iptables(rules) => {
             let mut checked: Vec<Checked> = rules
                 .iter()

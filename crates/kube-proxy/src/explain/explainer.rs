@@ -15,6 +15,8 @@ pub enum Objects {
     Nftables(Vec<kube_proxy_nftables::explain::Object>),
     Iptables(Vec<kube_proxy_iptables::explain::Rule>),
     Ipvs(Vec<kube_proxy_ipvs::explain::Object>),
+    /// The redirect rules to the listener (its port chosen at run time, left open).
+    Userspace(Vec<String>),
 }
 
 /// What explain found, before the kernel is checked.
@@ -30,11 +32,14 @@ pub enum Mode {
     Nftables,
     Iptables,
     Ipvs,
+    Userspace,
 }
 
 pub struct Explainer {
     pub mode: Mode,
     pub policy: ProxyPolicy,
+    /// `bindAddress` (userspace mode's listeners and DNAT targets).
+    pub bind_address: Option<std::net::IpAddr>,
     /// ipvs mode's scheduler (the virtual servers' settings).
     pub scheduling: kube_proxy_ipvs::desired::Scheduling,
     pub packet: Packet,
@@ -62,12 +67,16 @@ impl Dataplane for Explainer {
             Mode::Nftables => ModeRules {
                 reject_unknown_cluster_ip_ports: true,
                 drop_unallocated_service_ips: true,
-                ipvs: false,
+                ..Default::default()
             },
             Mode::Iptables => ModeRules::default(),
             Mode::Ipvs => ModeRules {
                 reject_unknown_cluster_ip_ports: true,
                 ipvs: true,
+                ..Default::default()
+            },
+            Mode::Userspace => ModeRules {
+                userspace: true,
                 ..Default::default()
             },
         };
@@ -107,7 +116,20 @@ impl Dataplane for Explainer {
                     &frontend,
                 ))
             }
+            (Mode::Userspace, Some(plan), Some(frontend)) => {
+                Objects::Userspace(kube_proxy_userspace::explain::redirect_rules(
+                    input.plan,
+                    kube_proxy_userspace::proxier::addressing(
+                        self.bind_address,
+                        input.family,
+                        input.node,
+                    ),
+                    &plan.port.name.to_string(),
+                    &frontend,
+                ))
+            }
             (Mode::Ipvs, ..) => Objects::Ipvs(Vec::new()),
+            (Mode::Userspace, ..) => Objects::Userspace(Vec::new()),
             (Mode::Nftables, ..) => Objects::Nftables(Vec::new()),
             (Mode::Iptables, ..) => Objects::Iptables(Vec::new()),
         };

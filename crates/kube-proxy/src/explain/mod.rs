@@ -130,10 +130,7 @@ pub fn main(args: &[OsString]) -> ExitCode {
         ProxyMode::Nftables => Mode::Nftables,
         ProxyMode::Iptables => Mode::Iptables,
         ProxyMode::Ipvs => Mode::Ipvs,
-        ProxyMode::Userspace => {
-            eprintln!("kube-proxy explain: userspace mode is not explained yet: its listeners are in `ss -tlnp` and the proxy's log at -v=2 (\"Opened listener\"), its redirects in `iptables -t nat -L KUBE-PORTALS-CONTAINER -n` (see docs/userspace.md)");
-            return ExitCode::FAILURE;
-        }
+        ProxyMode::Userspace => Mode::Userspace,
     };
     // Logs go to stderr at the configured verbosity (quiet by default), the answer to stdout.
     crate::telemetry::logging::init(settings.verbosity.min(1));
@@ -252,7 +249,7 @@ async fn compute(
     // No Starting event: explain is not the proxy starting.
     crate::app::start_source(flags, settings, &node_name, tx, false).await?;
     let policy = match mode {
-        Mode::Iptables => crate::app::iptables_policy(settings),
+        Mode::Iptables | Mode::Userspace => crate::app::iptables_policy(settings),
         Mode::Nftables => crate::app::nftables_config(settings).policy(),
         Mode::Ipvs => crate::app::ipvs_config(settings).policy,
     };
@@ -260,6 +257,7 @@ async fn compute(
     let explainer = Explainer {
         mode,
         policy,
+        bind_address: settings.bind_address,
         scheduling: kube_proxy_ipvs::desired::Scheduling::new(&settings.ipvs.scheduler),
         packet,
         hints,

@@ -51,6 +51,7 @@ pub fn text(found: &Found, checked: Option<&[Checked]>) -> String {
     }
     let verdict = match e.verdict {
         Verdict::Dnat => "DNAT",
+        Verdict::Relay => "RELAY",
         Verdict::Drop => "DROP",
         Verdict::Reject => "REJECT",
         Verdict::NotHandled => "not handled",
@@ -61,10 +62,11 @@ pub fn text(found: &Found, checked: Option<&[Checked]>) -> String {
             Some(EndpointSet::Local) => "local",
             _ => "cluster",
         };
-        let _ = writeln!(
-            out,
-            "Endpoints   ({set} set, each new connection picks one at random)"
-        );
+        let how = match e.verdict {
+            Verdict::Relay => "the proxy takes them in turn",
+            _ => "each new connection picks one at random",
+        };
+        let _ = writeln!(out, "Endpoints   ({set} set, {how})");
         for ep in &e.endpoints {
             let _ = writeln!(
                 out,
@@ -92,6 +94,10 @@ pub fn text(found: &Found, checked: Option<&[Checked]>) -> String {
         Objects::Nftables(o) => ("nftables, table kube-proxy", o.len()),
         Objects::Iptables(r) => ("iptables", r.len()),
         Objects::Ipvs(o) => ("ipvs: IPVS, ipsets, kube-ipvs0", o.len()),
+        Objects::Userspace(r) => (
+            "userspace: the redirects to the proxy's listener, iptables path; the nftables path has the same in table kube-proxy-userspace",
+            r.len(),
+        ),
     };
     if count > 0 {
         let _ = writeln!(out, "Kernel      ({mode}; shared chains not listed)");
@@ -122,6 +128,7 @@ pub fn text(found: &Found, checked: Option<&[Checked]>) -> String {
                 .map(|r| format!("-t {} {}", r.table, r.line()))
                 .collect(),
             Objects::Ipvs(objects) => objects.iter().map(ipvs_line).collect(),
+            Objects::Userspace(rules) => rules.clone(),
         };
         for (i, line) in lines.iter().enumerate() {
             let mark = match checked.and_then(|c| c.get(i)) {
@@ -131,6 +138,13 @@ pub fn text(found: &Found, checked: Option<&[Checked]>) -> String {
             };
             let _ = writeln!(out, "          {mark}{line}");
         }
+    }
+    if let (Some(_), Objects::Userspace(_)) = (checked, &found.kernel_objects) {
+        let _ = writeln!(
+            out,
+            "Check       not in userspace mode: its listener ports are chosen at run time (see `ss -tlnp` and the proxy's log at -v=2)"
+        );
+        return out;
     }
     if let Some(checked) = checked {
         let missing: Vec<&Checked> = checked.iter().filter(|c| !c.present).collect();

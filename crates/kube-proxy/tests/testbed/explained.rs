@@ -87,9 +87,7 @@ impl TestBed {
         outcome: &Outcome,
         resend: impl Fn() -> Outcome,
     ) {
-        // explain does not answer for userspace mode (yet).
         if !self.proxy_args.iter().any(|a| a.starts_with("--manifests"))
-            || self.mode.is_userspace()
             || std::env::var("KP_EXPLAIN_PACKETS").as_deref() == Ok("0")
             || matches!(outcome, Outcome::Other(_))
         {
@@ -151,7 +149,8 @@ impl TestBed {
 fn disagreement(e: &Value, client: IpAddr, outcome: &Outcome) -> Option<String> {
     let verdict = e["verdict"].as_str().unwrap_or_default();
     match (verdict, outcome) {
-        ("dnat", Outcome::Answered { pod, source: seen }) => {
+        // userspace mode: relayed from the node (explain says masquerade).
+        ("dnat" | "relay", Outcome::Answered { pod, source: seen }) => {
             let ips = pod_ips(pod);
             let endpoints: Vec<&str> = e["endpoints"]
                 .as_array()

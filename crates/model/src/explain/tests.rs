@@ -16,6 +16,11 @@ const NODE_IP: &str = "192.0.2.10";
 /// Plans a Service `s` (spec merged over a ClusterIP 198.19.0.10 port 80) with endpoints
 /// `(ip, node)` on port 8080.
 fn plan(spec: Value, endpoints: &[(&str, &str)]) -> FamilyPlan {
+    plan_with_status(spec, json!({}), endpoints)
+}
+
+/// [`plan`] with the Service's `status`.
+fn plan_with_status(spec: Value, status: Value, endpoints: &[(&str, &str)]) -> FamilyPlan {
     let mut spec = spec;
     let obj = spec.as_object_mut().unwrap();
     obj.entry("clusterIP").or_insert(json!("198.19.0.10"));
@@ -24,7 +29,7 @@ fn plan(spec: Value, endpoints: &[(&str, &str)]) -> FamilyPlan {
     let mut state = ClusterState::new("node-a");
     state.apply_service(
         &serde_json::from_value(
-            json!({"metadata": {"namespace": "ns", "name": "s"}, "spec": spec}),
+            json!({"metadata": {"namespace": "ns", "name": "s"}, "spec": spec, "status": status}),
         )
         .unwrap(),
     );
@@ -68,6 +73,30 @@ fn cluster_cidr() -> FamilyContext {
 }
 
 fn run(plan: &FamilyPlan, ctx: &FamilyContext, from: &str, to: &str) -> Explanation {
+    let nft = ModeRules {
+        reject_unknown_cluster_ip_ports: true,
+        drop_unallocated_service_ips: true,
+        ..Default::default()
+    };
+    run_with(plan, ctx, from, to, nft)
+}
+
+/// [`run`] in userspace mode (cluster-CIDR detector).
+fn run_userspace(plan: &FamilyPlan, from: &str, to: &str) -> Explanation {
+    let userspace = ModeRules {
+        userspace: true,
+        ..Default::default()
+    };
+    run_with(plan, &cluster_cidr(), from, to, userspace)
+}
+
+fn run_with(
+    plan: &FamilyPlan,
+    ctx: &FamilyContext,
+    from: &str,
+    to: &str,
+    rules: ModeRules,
+) -> Explanation {
     let (ip, port, protocol) = Packet::parse_destination(to).unwrap();
     let packet = Packet {
         from: from.parse().unwrap(),
@@ -75,18 +104,13 @@ fn run(plan: &FamilyPlan, ctx: &FamilyContext, from: &str, to: &str) -> Explanat
         port,
         protocol,
     };
-    let nft = ModeRules {
-        reject_unknown_cluster_ip_ports: true,
-        drop_unallocated_service_ips: true,
-        ipvs: false,
-    };
     explain(
         plan,
         ctx,
         &[NODE_IP.parse().unwrap()],
         &packet,
         &SourceHints::default(),
-        nft,
+        rules,
     )
 }
 
@@ -384,4 +408,60 @@ fn ipvs_mode_fallback_loses_replies_and_masquerades_by_ipsets() {
     assert_eq!(node.masquerade.as_ref().map(|m| m.masquerade), Some(true));
     let pod = ask(&none, "198.18.1.3", "198.19.0.10:80");
     assert_eq!(pod.masquerade.as_ref().map(|m| m.masquerade), Some(false));
+}
+
+/// userspace mode: a listener per class of frontend relays to the plan's endpoints for that
+/// class, seen from the node; no endpoint refuses; sources outside the ranges and SCTP are
+/// not handled.
+#[test]
+fn userspace_mode_relays_refuses_or_leaves_alone() {
+    let lb_plan = plan_with_status(
+        json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+            "loadBalancerSourceRanges": ["203.0.113.0/25"]}),
+        json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}),
+        TWO,
+    );
+
+    // The ClusterIP: every endpoint, taken in turn, the endpoint sees the node.
+    let e = run_userspace(&lb_plan, "198.18.1.3", "198.19.0.10:80");
+    assert_eq!(e.verdict, Verdict::Relay, "{}", e.reason);
+    assert_eq!(e.endpoints.len(), 2);
+    assert_eq!(e.masquerade.as_ref().map(|m| m.masquerade), Some(true));
+    // The NodePort, from a pod too: the listener of external frontends has the local
+    // endpoint only (no short-circuit for pods, unlike the kernel modes).
+    for from in ["198.18.1.3", "203.0.113.5"] {
+        let e = run_userspace(&lb_plan, from, "192.0.2.10:30080");
+        assert_eq!(e.verdict, Verdict::Relay, "{}", e.reason);
+        let endpoints: Vec<&str> = e.endpoints.iter().map(|ep| ep.address.as_str()).collect();
+        assert_eq!(endpoints, ["198.18.1.2:8080"], "{from}");
+    }
+    // The load-balancer IP from inside and outside the source ranges.
+    let e = run_userspace(&lb_plan, "203.0.113.5", "198.51.100.1:80");
+    assert_eq!(e.verdict, Verdict::Relay, "{}", e.reason);
+    let e = run_userspace(&lb_plan, "203.0.113.200", "198.51.100.1:80");
+    assert_eq!(e.verdict, Verdict::NotHandled);
+    assert!(e.reason.contains("not redirected"), "{}", e.reason);
+
+    // No local endpoint under externalTrafficPolicy: Local: the listener refuses.
+    let remote_only = plan_with_lb_remote_only();
+    let e = run_userspace(&remote_only, "203.0.113.5", "192.0.2.10:30080");
+    assert_eq!(e.verdict, Verdict::Reject, "{}", e.reason);
+    assert!(e.reason.contains("refuses"), "{}", e.reason);
+
+    // SCTP is not relayed.
+    let sctp = plan(
+        json!({"ports": [{"name": "p", "port": 80, "protocol": "SCTP"}]}),
+        TWO,
+    );
+    let e = run_userspace(&sctp, "198.18.1.3", "198.19.0.10:80/sctp");
+    assert_eq!(e.verdict, Verdict::NotHandled);
+    assert!(e.reason.contains("SCTP"), "{}", e.reason);
+}
+
+/// A NodePort Service under externalTrafficPolicy: Local whose endpoints are all remote.
+fn plan_with_lb_remote_only() -> FamilyPlan {
+    plan(
+        json!({"type": "NodePort", "externalTrafficPolicy": "Local"}),
+        &[("198.18.2.2", "node-b")],
+    )
 }
