@@ -574,6 +574,15 @@ fn measure(
     }
 }
 
+/// The targets `KP_BENCH_TARGETS` may name.
+const TARGETS: [&str; 5] = [
+    "userspace",
+    "userspace-listener",
+    "haproxy",
+    "haproxy-defer",
+    "nftables",
+];
+
 fn main() {
     if !nix::unistd::geteuid().is_root() {
         println!("userspace_relay: needs root (it creates its own network namespaces); skipped");
@@ -600,8 +609,16 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3)
         .max(1);
-    let targets = std::env::var("KP_BENCH_TARGETS")
-        .unwrap_or_else(|_| "userspace,userspace-listener,haproxy,nftables".into());
+    let targets: Vec<&'static str> = std::env::var("KP_BENCH_TARGETS")
+        .unwrap_or_else(|_| "userspace,userspace-listener,haproxy,nftables".into())
+        .split(',')
+        .map(|asked| {
+            *TARGETS
+                .iter()
+                .find(|t| **t == asked)
+                .unwrap_or_else(|| panic!("unknown target {asked}: one of {TARGETS:?}"))
+        })
+        .collect();
     let bed = Bed::new();
     let sunk = Arc::new(AtomicU64::new(0));
     let held: Held = Arc::default();
@@ -619,14 +636,10 @@ fn main() {
     let mut rounds: Vec<Vec<Figures>> = Vec::new();
     for round in 0..rounds_wanted {
         let mut this = Vec::new();
-        for name in targets.split(',') {
+        for &name in &targets {
             let target = match name {
                 "userspace" | "nftables" => Target {
-                    name: if name == "userspace" {
-                        "userspace"
-                    } else {
-                        "nftables"
-                    },
+                    name,
                     bulk: cluster(0),
                     echo: cluster(1),
                     idle: cluster(2),
@@ -655,17 +668,13 @@ fn main() {
                     continue;
                 }
                 "haproxy" | "haproxy-defer" => Target {
-                    name: if name == "haproxy" {
-                        "haproxy"
-                    } else {
-                        "haproxy-defer"
-                    },
+                    name,
                     bulk: node(9000),
                     echo: node(9001),
                     idle: node(9002),
                     child: Some(haproxy(&bed, name == "haproxy-defer")),
                 },
-                other => panic!("unknown target {other}"),
+                other => unreachable!("{other} is in TARGETS"),
             };
             let figures = measure(&bed, &target, seconds, idle, &sunk, &held, round);
             eprintln!(
