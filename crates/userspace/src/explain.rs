@@ -2,8 +2,6 @@
 //! packet's frontend to its listener (pure; the listener's port is chosen at run time, so
 //! it is left open).
 
-use std::net::IpAddr;
-
 use kube_proxy_model::frontends::Frontend;
 use kube_proxy_model::FamilyPlan;
 
@@ -11,18 +9,16 @@ use crate::desired::{self, Class};
 use crate::rules::{self, table_of, Action, Addressing, Redirect};
 
 /// The rules carrying `frontend` of service port `service_port` (`namespace/name:port`) to
-/// its listener, as `-t <table> -A <chain> <rule>` lines of the iptables path (the nftables
-/// path holds the same in table `kube-proxy-userspace`).
+/// its listener of `class` (the ClusterIP's, or that of the external frontends), as
+/// `-t <table> -A <chain> <rule>` lines of the iptables path (the nftables path holds the
+/// same in table `kube-proxy-userspace`).
 pub fn redirect_rules(
     plan: &FamilyPlan,
     addressing: Addressing,
     service_port: &str,
+    class: Class,
     frontend: &Frontend,
 ) -> Vec<String> {
-    let class = match frontend {
-        Frontend::Address(ip, ..) if is_cluster_ip(plan, service_port, *ip) => Class::Cluster,
-        _ => Class::External,
-    };
     let listeners = desired::listeners(plan);
     let Some((key, spec)) = listeners
         .listeners
@@ -52,10 +48,4 @@ pub fn redirect_rules(
             )
         })
         .collect()
-}
-
-fn is_cluster_ip(plan: &FamilyPlan, service_port: &str, ip: IpAddr) -> bool {
-    plan.services
-        .values()
-        .any(|p| p.port.name.to_string() == service_port && p.port.cluster_ip == ip)
 }

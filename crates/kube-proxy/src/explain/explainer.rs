@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use kube_proxy_model::context::{FamilyContext, ProxyPolicy};
 use kube_proxy_model::dataplane::{Dataplane, SyncError, SyncInput, SyncReport};
-use kube_proxy_model::explain::{explain, Explanation, ModeRules, Packet, SourceHints};
+use kube_proxy_model::explain::{
+    explain, Explanation, FrontendKind, ModeRules, Packet, SourceHints,
+};
+use kube_proxy_userspace::desired::Class;
 
 /// The kernel objects of the packet's path, per mode.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -125,6 +128,10 @@ impl Dataplane for Explainer {
                         input.node,
                     ),
                     &plan.port.name.to_string(),
+                    match explanation.frontend_kind {
+                        Some(FrontendKind::ClusterIp) => Class::Cluster,
+                        _ => Class::External,
+                    },
                     &frontend,
                 ))
             }
